@@ -1,0 +1,23 @@
+# One set-up for everything: `make setup` (idempotent), then demo / test / bench use .venv.
+.PHONY: setup test demo bench lint format clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+test: setup
+	@bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+demo: setup
+	@. .venv/bin/activate && python -m rnnpose_ros.tools.demo $(DEMO_ARGS)
+
+bench: setup
+	@. .venv/bin/activate && python -m rnnpose_ros.tools.bench $(BENCH_ARGS)
+
+lint: setup
+	@.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+format: setup
+	@.venv/bin/ruff format . && .venv/bin/ruff check --fix .
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache demo_output

@@ -1,0 +1,36 @@
+"""Suite-wide safety and locations.
+
+Every ROS process a test starts (in-process rclpy or a subprocess inheriting ``os.environ``) must
+keep DDS discovery on this machine: the settings are forced here, before anything imports rclpy,
+so running ``pytest`` directly is as safe as ``make test``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO_ROOT / "config" / "fastdds_localhost.xml")
+os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(100, 199)))
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+
+def golden_dir() -> Path:
+    """Fixtures of the published implementation: ``$RNNPOSE_GOLDEN_DIR`` or ``<repo>/../shared/golden``."""
+    return Path(os.environ.get("RNNPOSE_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+
+
+@pytest.fixture
+def golden() -> Path:
+    """The golden fixture folder; skips the test (saying where it looked) when it is absent."""
+    path = golden_dir()
+    if not path.is_dir():
+        pytest.skip(f"golden fixtures not found at {path} (set RNNPOSE_GOLDEN_DIR)")
+    return path
