@@ -90,7 +90,7 @@ for pkg in tf2_msgs vision_msgs; do
     fi
     say "generating $pkg into the venv (about a minute)"
     build="$ROOT/build/interfaces/$pkg"
-    rm -rf "$build"
+    rm -rf "$build" && mkdir -p "$build"
     {
         cmake -S "$src" -B "$build" -DCMAKE_INSTALL_PREFIX="$VENV" -DCMAKE_PREFIX_PATH="$VENV" \
             -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF \

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT
 from rnnpose_ros.core.checkpoint import (
     CheckpointError,
     ObjectMetadata,
@@ -18,6 +17,8 @@ from rnnpose_ros.core.checkpoint import (
     save_checkpoint,
 )
 from rnnpose_ros.core.model import RNNPoseNet, ours_to_published, published_to_ours
+
+from conftest import REPO_ROOT
 
 KEY_TABLE = REPO_ROOT.parent / "shared" / "design" / "rnnpose_state_dict.json"
 

@@ -70,7 +70,9 @@ def test_vision_msgs_and_tf_cross_processes() -> None:
     try:
         node = rclpy.create_node("plumbing_subscriber", context=context)
         got: dict[str, object] = {}
-        node.create_subscription(Detection3DArray, "plumbing/detections", lambda m: got.setdefault("det", m), 10)
+        node.create_subscription(
+            Detection3DArray, "plumbing/detections", lambda m: got.setdefault("det", m), 10
+        )
         node.create_subscription(TFMessage, "plumbing/tf", lambda m: got.setdefault("tf", m), 10)
         executor = rclpy.executors.SingleThreadedExecutor(context=context)
         executor.add_node(node)
