@@ -1,0 +1,567 @@
+"""Offscreen renderer: RGB, metric depth and a per-pixel surface lookup (face id + barycentrics).
+
+How it works. One OpenGL context per process comes from ``pyrender.OffscreenRenderer`` (EGL by default,
+OSMesa when ``PYOPENGL_PLATFORM=osmesa``; set the variable before the first import of this module to
+choose). A single rasterisation pass with a minimal shader writes ``gl_PrimitiveID`` into a 32-bit
+integer buffer without multisampling, so every foreground pixel carries the exact index of the visible
+triangle at its centre. Everything else is computed from that lookup in torch (float64):
+
+- barycentrics and depth by intersecting each pixel's ray with its triangle (exact, perspective
+  correct, metric camera z);
+- RGB by interpolating UVs and sampling the texture bilinearly (or interpolating vertex colours), lit
+  with the Phong model of spec §2.9: ``albedo·(ambient + diffuse·max(0, n·l)) + specular·max(0, r·v)^s``
+  with interpolated vertex normals and one point light fixed in the object frame (defaults: ambient 0.5,
+  diffuse 0.3, specular 0.2, shininess 0, light at (1, 1, −1) m). With shininess 0 the specular term is
+  the constant 0.2 wherever the light reaches (``0^0 = 1``), as in the published renderer.
+
+pyrender's own draw pass is not used because it always multisamples colour, which blends face ids at
+triangle edges. Meshes are uploaded once per model (cached by object identity).
+
+Conventions: poses are model→camera 4×4 (OpenCV camera: x right, y down, z forward), metres; K is the
+OpenCV intrinsic matrix; pixel (u, v) = (column, row) has its centre at integer coordinates.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")  # only if the user has not chosen a platform
+
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyrender
+import torch
+from OpenGL import GL
+
+from rnnpose_ros.core.objects import ObjectModel
+
+DEFAULT_ALBEDO = (0.7, 0.7, 0.7)
+MIN_NEAR_M = 1e-3
+
+_VERTEX_SHADER = """#version 330 core
+layout(location = 0) in vec3 position;
+uniform mat4 mvp;
+void main() { gl_Position = mvp * vec4(position, 1.0); }
+"""
+_FRAGMENT_SHADER = """#version 330 core
+layout(location = 0) out int face_id;
+void main() { face_id = gl_PrimitiveID; }
+"""
+
+
+class RenderError(RuntimeError):
+    """The rendering backend could not be initialised or failed."""
+
+
+@dataclass(frozen=True)
+class Lighting:
+    """Phong parameters; the light position is in the object frame (metres), as in spec §2.9."""
+
+    ambient: float = 0.5
+    diffuse: float = 0.3
+    specular: float = 0.2
+    shininess: float = 0.0
+    light_position: tuple[float, float, float] = (1.0, 1.0, -1.0)
+
+
+@dataclass
+class RenderOutput:
+    """Batched render result (numpy, host memory).
+
+    Attributes:
+        rgb: (B, H, W, 3) float32 in [0, 1], background 0.
+        depth: (B, H, W) float32 metric camera z in metres, background 0.
+        mask: (B, H, W) bool, True where the object covers the pixel centre.
+        face_index: (B, H, W) int64 triangle index into the model's faces, -1 on background.
+        barycentric: (B, H, W, 3) float32 perspective-correct weights of the triangle's vertices
+            (sum 1 on foreground, 0 on background).
+    """
+
+    rgb: np.ndarray
+    depth: np.ndarray
+    mask: np.ndarray
+    face_index: np.ndarray
+    barycentric: np.ndarray
+
+
+@dataclass
+class _GpuMesh:
+    vao: int
+    buffers: tuple[int, int]
+    num_indices: int
+
+
+@dataclass
+class _ModelTensors:
+    vertices: torch.Tensor  # (N, 3) float64
+    faces: torch.Tensor  # (F, 3) int64
+    normals: torch.Tensor  # (N, 3) float64, area-weighted, shared across UV-seam duplicates
+    uvs: torch.Tensor | None  # (N, 2) float64
+    texture: torch.Tensor | None  # (h, w, 3) float32 [0, 1]
+    colors: torch.Tensor | None  # (N, 3) float64 [0, 1]
+
+
+class Renderer:
+    """Offscreen renderer; create one per process and reuse it (meshes stay uploaded)."""
+
+    def __init__(self, lighting: Lighting | None = None) -> None:
+        self.lighting = lighting or Lighting()
+        self._lock = threading.Lock()
+        try:
+            self._offscreen = pyrender.OffscreenRenderer(1, 1)
+        except Exception as exc:
+            platform = os.environ.get("PYOPENGL_PLATFORM")
+            raise RenderError(
+                f"cannot create an OpenGL context (PYOPENGL_PLATFORM={platform}): {exc}"
+            ) from exc
+        self._make_current()
+        self._program = _link_program(_VERTEX_SHADER, _FRAGMENT_SHADER)
+        self._mvp_location = GL.glGetUniformLocation(self._program, "mvp")
+        self._meshes: weakref.WeakKeyDictionary[ObjectModel, _GpuMesh] = weakref.WeakKeyDictionary()
+        self._tensors: weakref.WeakKeyDictionary[ObjectModel, _ModelTensors] = weakref.WeakKeyDictionary()
+        self._framebuffer: tuple[int, int, int] | None = None  # (fbo, colour rb, depth rb)
+        self._framebuffer_size: tuple[int, int] | None = None
+
+    def _make_current(self) -> None:
+        self._offscreen._platform.make_current()  # pyrender exposes no public accessor for its context
+
+    def render(
+        self,
+        models: Sequence[ObjectModel],
+        poses: np.ndarray | torch.Tensor,
+        K: np.ndarray | torch.Tensor,
+        size: tuple[int, int],
+        lighting: Lighting | None = None,
+    ) -> RenderOutput:
+        """Render B views, one model per view.
+
+        Args:
+            models: B models (or one, used for every view).
+            poses: (B, 4, 4) or (4, 4) model→camera, metres.
+            K: (B, 3, 3) or (3, 3) OpenCV intrinsics in pixels.
+            size: (H, W) image size.
+            lighting: overrides the renderer's lighting for this call.
+
+        Poses behind the camera or outside the view give an empty (all background) image.
+        """
+        poses_np = _as_batch(poses, (4, 4), "poses")
+        batch = poses_np.shape[0]
+        K_np = _as_batch(K, (3, 3), "K")
+        if K_np.shape[0] == 1 and batch > 1:
+            K_np = np.repeat(K_np, batch, axis=0)
+        models = list(models)
+        if len(models) == 1 and batch > 1:
+            models = models * batch
+        if len(models) != batch or K_np.shape[0] != batch:
+            raise ValueError(
+                f"got {len(models)} models, {batch} poses and {K_np.shape[0]} K; they must match"
+            )
+        height, width = int(size[0]), int(size[1])
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive, got {size}")
+        lighting = lighting or self.lighting
+
+        face_index = np.full((batch, height, width), -1, dtype=np.int64)
+        with self._lock:
+            self._make_current()
+            self._bind_framebuffer(height, width)
+            for b in range(batch):
+                face_index[b] = self._rasterise(models[b], poses_np[b], K_np[b], height, width)
+            GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, 0)
+
+        rgb = np.zeros((batch, height, width, 3), dtype=np.float32)
+        depth = np.zeros((batch, height, width), dtype=np.float32)
+        bary = np.zeros((batch, height, width, 3), dtype=np.float32)
+        for b in range(batch):
+            fg = np.flatnonzero(face_index[b] >= 0)
+            if fg.size == 0:
+                continue
+            shaded = self._shade(
+                models[b], poses_np[b], K_np[b], width, fg, face_index[b].reshape(-1)[fg], lighting
+            )
+            valid, z, weights, colour = shaded
+            face_index[b].reshape(-1)[fg[~valid]] = -1
+            keep = fg[valid]
+            depth[b].reshape(-1)[keep] = z
+            bary[b].reshape(-1, 3)[keep] = weights
+            rgb[b].reshape(-1, 3)[keep] = colour
+        return RenderOutput(
+            rgb=rgb, depth=depth, mask=face_index >= 0, face_index=face_index, barycentric=bary
+        )
+
+    # --- OpenGL pass -------------------------------------------------------------------------------
+
+    def _bind_framebuffer(self, height: int, width: int) -> None:
+        if self._framebuffer_size != (height, width):
+            if self._framebuffer is not None:
+                fbo, colour, depth = self._framebuffer
+                GL.glDeleteFramebuffers(1, [fbo])
+                GL.glDeleteRenderbuffers(2, [colour, depth])
+            fbo = GL.glGenFramebuffers(1)
+            colour, depth = GL.glGenRenderbuffers(2)
+            GL.glBindRenderbuffer(GL.GL_RENDERBUFFER, colour)
+            GL.glRenderbufferStorage(GL.GL_RENDERBUFFER, GL.GL_R32I, width, height)
+            GL.glBindRenderbuffer(GL.GL_RENDERBUFFER, depth)
+            GL.glRenderbufferStorage(GL.GL_RENDERBUFFER, GL.GL_DEPTH_COMPONENT32F, width, height)
+            GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, fbo)
+            GL.glFramebufferRenderbuffer(
+                GL.GL_FRAMEBUFFER, GL.GL_COLOR_ATTACHMENT0, GL.GL_RENDERBUFFER, colour
+            )
+            GL.glFramebufferRenderbuffer(GL.GL_FRAMEBUFFER, GL.GL_DEPTH_ATTACHMENT, GL.GL_RENDERBUFFER, depth)
+            status = GL.glCheckFramebufferStatus(GL.GL_FRAMEBUFFER)
+            if status != GL.GL_FRAMEBUFFER_COMPLETE:
+                raise RenderError(f"framebuffer {width}x{height} incomplete (status {status:#x})")
+            self._framebuffer = (fbo, colour, depth)
+            self._framebuffer_size = (height, width)
+        GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, self._framebuffer[0])
+        GL.glDrawBuffers(1, [GL.GL_COLOR_ATTACHMENT0])
+        GL.glViewport(0, 0, width, height)
+        GL.glDisable(GL.GL_MULTISAMPLE)
+        GL.glDisable(GL.GL_BLEND)
+        GL.glDisable(GL.GL_CULL_FACE)
+        GL.glEnable(GL.GL_DEPTH_TEST)
+        GL.glDepthMask(GL.GL_TRUE)
+        GL.glDepthFunc(GL.GL_LESS)
+
+    def _upload(self, model: ObjectModel) -> _GpuMesh:
+        mesh = self._meshes.get(model)
+        if mesh is None:
+            vao = GL.glGenVertexArrays(1)
+            vbo, ebo = GL.glGenBuffers(2)
+            GL.glBindVertexArray(vao)
+            positions = np.ascontiguousarray(model.vertices, dtype=np.float32)
+            GL.glBindBuffer(GL.GL_ARRAY_BUFFER, vbo)
+            GL.glBufferData(GL.GL_ARRAY_BUFFER, positions.nbytes, positions, GL.GL_STATIC_DRAW)
+            GL.glEnableVertexAttribArray(0)
+            GL.glVertexAttribPointer(0, 3, GL.GL_FLOAT, GL.GL_FALSE, 0, None)
+            indices = np.ascontiguousarray(model.faces, dtype=np.uint32)
+            GL.glBindBuffer(GL.GL_ELEMENT_ARRAY_BUFFER, ebo)
+            GL.glBufferData(GL.GL_ELEMENT_ARRAY_BUFFER, indices.nbytes, indices, GL.GL_STATIC_DRAW)
+            GL.glBindVertexArray(0)
+            mesh = _GpuMesh(vao=vao, buffers=(vbo, ebo), num_indices=indices.size)
+            self._meshes[model] = mesh
+        return mesh
+
+    def _rasterise(
+        self, model: ObjectModel, pose: np.ndarray, K: np.ndarray, height: int, width: int
+    ) -> np.ndarray:
+        """(H, W) int64 visible triangle per pixel centre, -1 for background."""
+        GL.glClearBufferiv(GL.GL_COLOR, 0, np.array([-1, 0, 0, 0], dtype=np.int32))
+        GL.glClearBufferfv(GL.GL_DEPTH, 0, np.array([1.0], dtype=np.float32))
+        centre_z = float(pose[2, :3] @ model.center + pose[2, 3])
+        radius = model.bounding_radius * 1.01 + 1e-4
+        far = centre_z + radius
+        if far <= MIN_NEAR_M or not np.isfinite(pose).all():
+            return np.full((height, width), -1, dtype=np.int64)
+        near = max(centre_z - radius, MIN_NEAR_M)
+        mvp = opencv_projection_matrix(K, height, width, near, far) @ pose
+        mesh = self._upload(model)
+        GL.glUseProgram(self._program)
+        GL.glUniformMatrix4fv(self._mvp_location, 1, GL.GL_TRUE, mvp.astype(np.float32))
+        GL.glBindVertexArray(mesh.vao)
+        GL.glDrawElements(GL.GL_TRIANGLES, mesh.num_indices, GL.GL_UNSIGNED_INT, None)
+        GL.glBindVertexArray(0)
+        GL.glUseProgram(0)
+        GL.glReadBuffer(GL.GL_COLOR_ATTACHMENT0)
+        data = GL.glReadPixels(0, 0, width, height, GL.GL_RED_INTEGER, GL.GL_INT)
+        ids = np.frombuffer(data, dtype=np.int32).reshape(height, width)
+        return np.flipud(ids).astype(np.int64)  # GL rows start at the bottom
+
+    # --- torch post-processing ---------------------------------------------------------------------
+
+    def model_tensors(self, model: ObjectModel) -> _ModelTensors:
+        """Per-model float64 CPU tensors used for shading (cached)."""
+        cached = self._tensors.get(model)
+        if cached is None:
+            vertices = torch.from_numpy(model.vertices.astype(np.float64))
+            faces = torch.from_numpy(model.faces.astype(np.int64))
+            cached = _ModelTensors(
+                vertices=vertices,
+                faces=faces,
+                normals=_vertex_normals(model.vertices.astype(np.float64), model.faces),
+                uvs=torch.from_numpy(model.uvs.astype(np.float64)) if model.uvs is not None else None,
+                texture=torch.from_numpy(model.texture.astype(np.float32) / 255.0)
+                if model.texture is not None
+                else None,
+                colors=(
+                    torch.from_numpy(model.vertex_colors.astype(np.float64) / 255.0)
+                    if model.vertex_colors is not None
+                    else None
+                ),
+            )
+            self._tensors[model] = cached
+        return cached
+
+    def _shade(
+        self,
+        model: ObjectModel,
+        pose: np.ndarray,
+        K: np.ndarray,
+        width: int,
+        pixels: np.ndarray,
+        face_ids: np.ndarray,
+        lighting: Lighting,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For foreground pixels (flat indices): validity, depth (M,), barycentrics (M,3), rgb (M,3)."""
+        data = self.model_tensors(model)
+        pose_t = torch.from_numpy(pose.astype(np.float64))
+        faces = data.faces[torch.from_numpy(face_ids)]  # (M, 3)
+        tri = data.vertices[faces]  # (M, 3, 3) model frame
+        tri_cam = tri @ pose_t[:3, :3].T + pose_t[:3, 3]
+        pix = torch.from_numpy(pixels)
+        uv1 = torch.stack(
+            [(pix % width).double(), (pix // width).double(), torch.ones(len(pix), dtype=torch.float64)], 1
+        )
+        rays = uv1 @ torch.linalg.inv(torch.from_numpy(K.astype(np.float64))).T  # (M, 3), z = 1
+        weights, distance, valid = _ray_triangle(rays, tri_cam)
+        depth = distance * rays[:, 2]
+
+        bary = weights[..., None]
+        normals = _normalise((data.normals[faces] * bary).sum(1))
+        points = (tri * bary).sum(1)
+        if data.texture is not None and data.uvs is not None:
+            albedo = _sample_texture(data.texture, (data.uvs[faces] * bary).sum(1)).double()
+        elif data.colors is not None:
+            albedo = (data.colors[faces] * bary).sum(1)
+        else:
+            albedo = torch.tensor(DEFAULT_ALBEDO, dtype=torch.float64).expand(len(pix), 3)
+        camera_in_model = -pose_t[:3, :3].T @ pose_t[:3, 3]
+        colour = _phong(albedo, points, normals, camera_in_model, lighting)
+        keep = valid.numpy()
+        return (
+            keep,
+            depth.numpy()[keep].astype(np.float32),
+            weights.numpy()[keep].astype(np.float32),
+            colour.numpy()[keep].astype(np.float32),
+        )
+
+    def close(self) -> None:
+        """Release the OpenGL context (the renderer cannot be used afterwards)."""
+        with self._lock:
+            if self._offscreen is not None:
+                self._offscreen.delete()
+                self._offscreen = None
+
+
+def opencv_projection_matrix(K: np.ndarray, height: int, width: int, near: float, far: float) -> np.ndarray:
+    """4×4 clip matrix taking OpenCV camera points (z forward) to OpenGL clip space.
+
+    Pixel centres are at integer coordinates: u = −0.5 maps to NDC x = −1 and u = W − 0.5 to +1; rows
+    are counted from the top (the read-back image is flipped), so v = −0.5 maps to NDC y = +1.
+    """
+    fx, fy, cx, cy, skew = K[0, 0], K[1, 1], K[0, 2], K[1, 2], K[0, 1]
+    proj = np.zeros((4, 4), dtype=np.float64)
+    proj[0] = [2 * fx / width, 2 * skew / width, (2 * cx + 1) / width - 1, 0]
+    proj[1] = [0, -2 * fy / height, 1 - (2 * cy + 1) / height, 0]
+    proj[2] = [0, 0, (far + near) / (far - near), -2 * far * near / (far - near)]
+    proj[3] = [0, 0, 1, 0]
+    return proj
+
+
+def _ray_triangle(rays: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Möller–Trumbore for rays from the origin.
+
+    rays (M, 3), tri (M, 3, 3) -> weights (M, 3), ray parameter t (M,), valid (M,) bool.
+    """
+    p0, e1, e2 = tri[:, 0], tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+    pvec = torch.linalg.cross(rays, e2)
+    det = (e1 * pvec).sum(-1)
+    scale = e1.norm(dim=-1) * e2.norm(dim=-1) * rays.norm(dim=-1)
+    valid = det.abs() > 1e-12 * scale
+    inv = torch.where(valid, 1.0 / torch.where(valid, det, torch.ones_like(det)), torch.zeros_like(det))
+    tvec = -p0
+    b1 = (tvec * pvec).sum(-1) * inv
+    qvec = torch.linalg.cross(tvec, e1)
+    b2 = (rays * qvec).sum(-1) * inv
+    t = (e2 * qvec).sum(-1) * inv
+    weights = torch.stack([1 - b1 - b2, b1, b2], -1)
+    # The rasteriser says the pixel centre is inside; clamp round-off at edges and renormalise.
+    weights = weights.clamp(min=0.0)
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+    valid = valid & (t > 0)
+    return weights, t, valid
+
+
+def _normalise(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> torch.Tensor:
+    """(N,3) area-weighted vertex normals; copies of one position (UV seams) share one normal."""
+    _, group, _ = np.unique(vertices, axis=0, return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    tri = vertices[faces]
+    face_normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2·area
+    accum = np.zeros((group.max() + 1, 3))
+    for corner in range(3):
+        np.add.at(accum, group[faces[:, corner]], face_normals)
+    normals = accum[group]
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(normals)
+
+
+def _sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear, wrapping lookup. texture (h,w,3) float32, uv (M,2) OpenGL convention -> (M,3)."""
+    h, w = texture.shape[:2]
+    x = uv[:, 0] * w - 0.5
+    y = (1.0 - uv[:, 1]) * h - 0.5
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = (x - x0).float()[:, None], (y - y0).float()[:, None]
+    x0, y0 = x0.long(), y0.long()
+    xs, ys = (x0 % w, (x0 + 1) % w), (y0 % h, (y0 + 1) % h)
+    top = texture[ys[0], xs[0]] * (1 - fx) + texture[ys[0], xs[1]] * fx
+    bottom = texture[ys[1], xs[0]] * (1 - fx) + texture[ys[1], xs[1]] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _phong(
+    albedo: torch.Tensor,
+    points: torch.Tensor,
+    normals: torch.Tensor,
+    camera: torch.Tensor,
+    lighting: Lighting,
+) -> torch.Tensor:
+    """Point-light Phong in the object frame; (M,3) inputs, output clipped to [0, 1]."""
+    light = torch.tensor(lighting.light_position, dtype=points.dtype)
+    to_light = _normalise(light - points)
+    cos_light = (normals * to_light).sum(-1)
+    diffuse = lighting.diffuse * cos_light.clamp(min=0.0)
+    reflected = 2 * cos_light[:, None] * normals - to_light
+    to_camera = _normalise(camera - points)
+    alpha = (reflected * to_camera).sum(-1).clamp(min=0.0) * (cos_light > 0)
+    specular = lighting.specular * torch.pow(alpha, lighting.shininess)
+    colour = albedo * (lighting.ambient + diffuse)[:, None] + specular[:, None]
+    return colour.clamp(0.0, 1.0)
+
+
+def _link_program(vertex_src: str, fragment_src: str) -> int:
+    shaders = []
+    for kind, src in ((GL.GL_VERTEX_SHADER, vertex_src), (GL.GL_FRAGMENT_SHADER, fragment_src)):
+        shader = GL.glCreateShader(kind)
+        GL.glShaderSource(shader, src)
+        GL.glCompileShader(shader)
+        if not GL.glGetShaderiv(shader, GL.GL_COMPILE_STATUS):
+            raise RenderError(f"shader compilation failed: {GL.glGetShaderInfoLog(shader)!r}")
+        shaders.append(shader)
+    program = GL.glCreateProgram()
+    for shader in shaders:
+        GL.glAttachShader(program, shader)
+    GL.glLinkProgram(program)
+    if not GL.glGetProgramiv(program, GL.GL_LINK_STATUS):
+        raise RenderError(f"shader link failed: {GL.glGetProgramInfoLog(program)!r}")
+    for shader in shaders:
+        GL.glDeleteShader(shader)
+    return program
+
+
+def _as_batch(value: np.ndarray | torch.Tensor, shape: tuple[int, int], name: str) -> np.ndarray:
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    array = array.astype(np.float64)
+    if array.shape == shape:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1:] != shape:
+        raise ValueError(f"{name} must have shape (B, {shape[0]}, {shape[1]}) or {shape}, got {array.shape}")
+    return array
+
+
+# --- torch helpers (any device) ----------------------------------------------------------------------
+
+
+def interpolate_vertex_attributes(
+    face_index: torch.Tensor | np.ndarray,
+    barycentric: torch.Tensor | np.ndarray,
+    faces: torch.Tensor | np.ndarray,
+    attributes: torch.Tensor,
+) -> torch.Tensor:
+    """Interpolate per-vertex attributes at every pixel; only foreground pixels are gathered.
+
+    Args:
+        face_index: (B, H, W) int64, -1 on background.
+        barycentric: (B, H, W, 3) float.
+        faces: (F, 3) int64 vertex indices of the rendered model.
+        attributes: (N, C) float tensor on the output device (e.g. 288 learned channels).
+
+    Returns:
+        (B, C, H, W) tensor of ``attributes.dtype`` on ``attributes.device``, 0 on background.
+    """
+    device, dtype = attributes.device, attributes.dtype
+    face_index = torch.as_tensor(face_index, device=device)
+    barycentric = torch.as_tensor(barycentric, device=device, dtype=dtype)
+    faces = torch.as_tensor(faces, device=device, dtype=torch.int64)
+    batch, height, width = face_index.shape
+    flat_faces = face_index.reshape(-1)
+    fg = torch.nonzero(flat_faces >= 0, as_tuple=True)[0]
+    corners = faces[flat_faces[fg]]  # (M, 3)
+    weights = barycentric.reshape(-1, 3)[fg]  # (M, 3)
+    values = (attributes[corners] * weights[..., None]).sum(1)  # (M, C)
+    out = torch.zeros(batch * height * width, attributes.shape[1], device=device, dtype=dtype)
+    out[fg] = values
+    return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+def nearest_vertex_depth(
+    face_index: torch.Tensor | np.ndarray,
+    barycentric: torch.Tensor | np.ndarray,
+    faces: torch.Tensor | np.ndarray,
+    vertices: torch.Tensor | np.ndarray,
+    poses: torch.Tensor | np.ndarray,
+) -> torch.Tensor:
+    """Published depth (spec §1.4.3): camera z of the face vertex with the largest barycentric weight.
+
+    Args:
+        face_index: (B, H, W) int64, -1 on background; barycentric: (B, H, W, 3).
+        faces: (F, 3) int64; vertices: (N, 3) model frame, metres; poses: (B, 4, 4) model→camera.
+
+    Returns:
+        (B, H, W) float32 metres, 0 on background, on the device of ``vertices``.
+    """
+    vertices = torch.as_tensor(vertices)
+    device = vertices.device
+    face_index = torch.as_tensor(face_index, device=device)
+    barycentric = torch.as_tensor(barycentric, device=device)
+    faces = torch.as_tensor(faces, device=device, dtype=torch.int64)
+    poses = torch.as_tensor(poses, device=device, dtype=torch.float64).reshape(-1, 4, 4)
+    batch, height, width = face_index.shape
+    out = torch.zeros(batch, height * width, dtype=torch.float32, device=device)
+    verts = vertices.to(torch.float64)
+    for b in range(batch):
+        ids = face_index[b].reshape(-1)
+        fg = torch.nonzero(ids >= 0, as_tuple=True)[0]
+        corner = barycentric[b].reshape(-1, 3)[fg].argmax(-1)
+        vertex = faces[ids[fg], corner]
+        z = verts[vertex] @ poses[b, 2, :3] + poses[b, 2, 3]
+        out[b, fg] = z.float()
+    return out.reshape(batch, height, width)
+
+
+def project_vertex_mask(
+    vertices: torch.Tensor | np.ndarray,
+    poses: torch.Tensor | np.ndarray,
+    K: torch.Tensor | np.ndarray,
+    size: tuple[int, int],
+    min_depth: float = 0.01,
+) -> torch.Tensor:
+    """Sparse vertex mask (spec §2.9 "crop mask"): projected vertices rounded to the nearest pixel.
+
+    Args: vertices (N, 3) metres; poses (B, 4, 4); K (B, 3, 3) or (3, 3); size (H, W).
+    Returns: (B, H, W) bool on the device of ``vertices``; vertices with z < min_depth are ignored.
+    """
+    vertices = torch.as_tensor(vertices).to(torch.float64)
+    device = vertices.device
+    poses = torch.as_tensor(poses, device=device, dtype=torch.float64).reshape(-1, 4, 4)
+    K = torch.as_tensor(K, device=device, dtype=torch.float64).reshape(-1, 3, 3).expand(poses.shape[0], 3, 3)
+    height, width = size
+    cam = vertices @ poses[:, :3, :3].transpose(1, 2) + poses[:, None, :3, 3]  # (B, N, 3)
+    z = cam[..., 2]
+    pix = cam @ K.transpose(1, 2)
+    u = torch.round(pix[..., 0] / z.clamp(min=min_depth))
+    v = torch.round(pix[..., 1] / z.clamp(min=min_depth))
+    ok = (z >= min_depth) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    mask = torch.zeros(poses.shape[0], height * width, dtype=torch.bool, device=device)
+    b_idx = torch.arange(poses.shape[0], device=device)[:, None].expand_as(u)
+    mask[b_idx[ok], (v[ok] * width + u[ok]).long()] = True
+    return mask.reshape(-1, height, width)
