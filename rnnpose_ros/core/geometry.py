@@ -10,14 +10,21 @@ Every function accepts any leading batch dimensions ``...`` and never synchronis
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Below this rotation angle the exp/log coefficients use their Taylor series (spec §2.10).
 SE3_TAYLOR_THRESHOLD = 1e-4
 # Default minimum depth of the projection (spec §1.7): Z is clamped to at least this, metres.
 PROJECTION_MIN_DEPTH = 0.01
+
+
+class GeometryInputError(ValueError):
+    """Inputs of a geometry function have inconsistent shapes."""
 
 
 def skew(v: Tensor) -> Tensor:
@@ -223,3 +230,299 @@ def backproject_depth(depth: Tensor, K: Tensor) -> Tensor:
     X = depth * (grid[..., 0] - cx) / fx
     Y = depth * (grid[..., 1] - cy) / fy
     return torch.stack((X, Y, depth), -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crop windows (spec §1.3 first crop, §1.4 zoom crop)
+# ---------------------------------------------------------------------------------------------
+
+FIRST_CROP_SIZE = 320
+FIRST_CROP_MARGIN_RATIO = 0.85
+ZOOM_CROP_SIZE = 240
+ZOOM_CROP_MARGIN = 0.4
+# Mask vertices need positive depth; projecting them with this tiny clamp keeps the pixels finite.
+_MASK_MIN_DEPTH = 1e-6
+# Smallest zoom window side, source pixels: keeps the crop intrinsics finite for a one-pixel mask.
+_MIN_ZOOM_SIDE = 1.0
+
+
+class CropStatus(IntEnum):
+    """Why a crop window is (not) usable; stored per instance as an int64 tensor."""
+
+    OK = 0
+    BEHIND_CAMERA = 1  # no model vertex (first crop) or the model origin (zoom) has positive depth
+    OUTSIDE_IMAGE = 2  # no vertex in front of the camera projects inside the source image
+
+
+@dataclass
+class CropWindow:
+    """A square window of a source image resampled to ``size × size`` pixels, one per instance.
+
+    Output pixel (j, i) samples the source at ``origin + step·(j, i)`` with
+    origin = top_left + step/2 − 1/2: the window covers the source coordinates
+    [top_left − ½, top_left − ½ + side] (pixel centres at integers) and the output pixels divide it
+    evenly — OpenCV's resize and ``grid_sample(align_corners=False)`` geometry.
+
+    Attributes:
+        top_left: (B, 2) window corner (x, y), source pixels: the first covered pixel's centre for
+            the first crop (integer x0, y0), c − S/2 for the zoom crop (published convention).
+        side: (B,) window side in source pixels (L of §1.3, S of §1.4).
+        K: (B, 3, 3) intrinsics of the crop. With ``published_conventions`` these are the
+            published formulas, which disagree with the sampling by up to a pixel (spec §1.8).
+        status: (B,) int64 :class:`CropStatus` codes; windows of invalid instances are finite.
+        size: output side, pixels.
+        source_size: (H, W) of the source image.
+        clamp_to_window: sample the window like a zero-padded canvas resized by OpenCV: sample
+            positions are clamped to the window (edge replication of the canvas) — first crop.
+        published_conventions: the window was built with the published conventions.
+    """
+
+    top_left: Tensor
+    side: Tensor
+    K: Tensor
+    status: Tensor
+    size: int
+    source_size: tuple[int, int]
+    clamp_to_window: bool
+    published_conventions: bool
+
+    @property
+    def step(self) -> Tensor:
+        """(B,) source pixels per output pixel."""
+        return self.side / self.size
+
+    @property
+    def origin(self) -> Tensor:
+        """(B, 2) source position sampled by output pixel (0, 0)."""
+        return self.top_left + (0.5 * self.step - 0.5)[:, None]
+
+    @property
+    def valid(self) -> Tensor:
+        """(B,) bool: status is OK."""
+        return self.status == CropStatus.OK
+
+
+def _vertex_mask_bbox(
+    vertices: Tensor, poses: Tensor, K: Tensor, image_size: tuple[int, int], vertex_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bounding box of the sparse vertex mask (spec §1.3.1): projected vertices with positive depth,
+    rounded to pixels and clamped into the image.
+
+    Returns:
+        bbox_min (B, 2), bbox_max (B, 2) inclusive pixel coordinates (0 where nothing is in
+        front of the camera), any_in_front (B,) bool, any_inside (B,) bool (some vertex in front of
+        the camera projects inside the image before clamping).
+    """
+    height, width = image_size
+    camera_points = transform_points(poses, vertices.expand(poses.shape[0], -1, -1))
+    in_front = camera_points[..., 2] > 0
+    if vertex_mask is not None:
+        in_front = in_front & vertex_mask
+    pixels = torch.round(project_points(camera_points, K, min_depth=_MASK_MIN_DEPTH))
+    limit = torch.tensor([width - 1, height - 1], dtype=pixels.dtype, device=pixels.device)
+    inside = in_front & ((pixels >= 0) & (pixels <= limit)).all(-1)
+    clamped = torch.minimum(pixels.clamp_min(0), limit)
+    big = torch.full_like(clamped, float("inf"))
+    bbox_min = torch.where(in_front[..., None], clamped, big).amin(-2)
+    bbox_max = torch.where(in_front[..., None], clamped, -big).amax(-2)
+    any_in_front = in_front.any(-1)
+    bbox_min = torch.where(any_in_front[:, None], bbox_min, torch.zeros_like(bbox_min))
+    bbox_max = torch.where(any_in_front[:, None], bbox_max, torch.zeros_like(bbox_max))
+    return bbox_min, bbox_max, any_in_front, inside.any(-1)
+
+
+def _check_crop_inputs(vertices: Tensor, poses: Tensor, K: Tensor, vertex_mask: Tensor | None) -> None:
+    batch = poses.shape[0]
+    if poses.ndim != 3 or poses.shape[-2:] != (4, 4):
+        raise GeometryInputError(f"poses must be (B, 4, 4), got {tuple(poses.shape)}")
+    if K.shape != (batch, 3, 3):
+        raise GeometryInputError(f"K must be ({batch}, 3, 3), got {tuple(K.shape)}")
+    if vertices.ndim != 3 or vertices.shape[-1] != 3 or vertices.shape[0] not in (1, batch):
+        raise GeometryInputError(f"vertices must be (B or 1, N, 3), got {tuple(vertices.shape)}")
+    if vertex_mask is not None and vertex_mask.shape != (batch, vertices.shape[1]):
+        raise GeometryInputError(f"vertex_mask must be ({batch}, N), got {tuple(vertex_mask.shape)}")
+
+
+def first_crop_window(
+    vertices: Tensor,
+    poses: Tensor,
+    K: Tensor,
+    image_size: tuple[int, int],
+    *,
+    size: int = FIRST_CROP_SIZE,
+    margin_ratio: float = FIRST_CROP_MARGIN_RATIO,
+    vertex_mask: Tensor | None = None,
+    published_conventions: bool = False,
+) -> CropWindow:
+    """First square crop around each instance (spec §1.3), computed on the device.
+
+    Sparse vertex mask → bbox (x, y, w, h) with w, h the inclusive pixel extents → centre
+    c = (x + w/2, y + h/2) → side L = ⌊max(w, h)·(1 + 2·margin_ratio)⌋ → top-left
+    (max(0, ⌊c_x − L/2⌋), max(0, ⌊c_y − L/2⌋)). The in-image part of the L×L window is resampled
+    to size×size, zero beyond the image (so windows leaving on the right/bottom are padded, those
+    leaving on the left/top are shifted).
+
+    Sampling follows OpenCV's bilinear resize of the zero-padded canvas. Intrinsics: published
+    fx' = s·fx, cx' = s·(cx − x0) with s = size/L (half a pixel off that sampling, up to
+    0.5·(s − 1) px); default cx' = s·(cx − x0 + 0.5) − 0.5, which matches it.
+
+    Args:
+        vertices: (B or 1, N, 3) model vertices, metres (pad unequal clouds and pass vertex_mask).
+        poses: (B, 4, 4) model→camera poses.
+        K: (B, 3, 3) image intrinsics.
+        image_size: (H, W) of the image.
+        size: output side, pixels.
+        margin_ratio: relative margin on each side of the bbox.
+        vertex_mask: optional (B, N) bool, False for padding vertices.
+        published_conventions: published intrinsics and nearest-neighbour sampling (see above).
+
+    Returns:
+        :class:`CropWindow` with ``clamp_to_window=True``. Status BEHIND_CAMERA when no vertex has
+        positive depth, OUTSIDE_IMAGE when none of those projects inside the image.
+    """
+    _check_crop_inputs(vertices, poses, K, vertex_mask)
+    bbox_min, bbox_max, in_front, inside = _vertex_mask_bbox(vertices, poses, K, image_size, vertex_mask)
+    extent = bbox_max - bbox_min + 1.0  # (w, h)
+    centre = bbox_min + 0.5 * extent
+    side = torch.floor(extent.amax(-1) * (1.0 + 2.0 * margin_ratio)).clamp_min(1.0)
+    top_left = torch.floor(centre - 0.5 * side[:, None]).clamp_min(0.0)
+
+    scale = size / side
+    K_crop = K.clone()
+    K_crop[:, 0, 0] = K[:, 0, 0] * scale
+    K_crop[:, 1, 1] = K[:, 1, 1] * scale
+    shift = 0.0 if published_conventions else 0.5
+    K_crop[:, 0, 2] = scale * (K[:, 0, 2] - top_left[:, 0] + shift) - shift
+    K_crop[:, 1, 2] = scale * (K[:, 1, 2] - top_left[:, 1] + shift) - shift
+    status = _status(in_front, inside)
+    return CropWindow(top_left, side, K_crop, status, size, tuple(image_size), True, published_conventions)
+
+
+def zoom_crop_window(
+    vertices: Tensor,
+    poses: Tensor,
+    K: Tensor,
+    source_size: tuple[int, int] = (FIRST_CROP_SIZE, FIRST_CROP_SIZE),
+    *,
+    size: int = ZOOM_CROP_SIZE,
+    margin: float = ZOOM_CROP_MARGIN,
+    vertex_mask: Tensor | None = None,
+    published_conventions: bool = False,
+) -> CropWindow:
+    """Zoom crop inside the first crop (spec §1.4.2), recomputed at every render iteration.
+
+    Centre c = projection of the model origin (K·t)/t_z; half-extent h = largest distance from c
+    to the four edges of the sparse-vertex-mask bbox (edges x and x + w); side S = 2·h·(1 + margin).
+    Output pixel j samples c − S/2 + S·(j + 0.5)/size − 0.5 (bilinear, zeros outside), as the
+    published ``affine_grid``/``grid_sample`` with align_corners=False does.
+
+    Intrinsics: published K = A⁻¹·K_src with output pixels 0 and size−1 on the window edges, i.e.
+    fx' = fx·(size − 1)/S, cx' = (cx − c_x + S/2)·(size − 1)/S (inconsistent with the sampling by
+    up to 0.5 px and a size/(size−1) scale, spec §1.8); default fx' = fx·size/S,
+    cx' = (cx − c_x + S/2 + 0.5)·size/S − 0.5, consistent with it.
+
+    Args:
+        vertices: (B or 1, N, 3) model vertices, metres.
+        poses: (B, 4, 4) model→camera poses (current estimate Ti).
+        K: (B, 3, 3) intrinsics of the source (first-crop) image.
+        source_size: (H, W) of the source image.
+        size: output side, pixels.
+        margin: relative margin (published 0.4, not configurable there).
+        vertex_mask: optional (B, N) bool, False for padding vertices.
+        published_conventions: published intrinsics (see above).
+
+    Returns:
+        :class:`CropWindow` with ``clamp_to_window=False``. Status BEHIND_CAMERA when the model
+        origin or every vertex is not in front of the camera, OUTSIDE_IMAGE when no vertex projects
+        into the source image. The window stays finite in both cases.
+    """
+    _check_crop_inputs(vertices, poses, K, vertex_mask)
+    bbox_min, bbox_max, in_front, inside = _vertex_mask_bbox(vertices, poses, K, source_size, vertex_mask)
+    bbox_end = bbox_max + 1.0  # right/bottom edge x + w
+    origin_in_front = poses[:, 2, 3] > 0
+    # An origin behind the camera has no meaningful projection: fall back to the bbox centre.
+    origin_pixel = project_points(poses[:, None, :3, 3], K, min_depth=_MASK_MIN_DEPTH)[:, 0]
+    centre = torch.where(origin_in_front[:, None], origin_pixel, 0.5 * (bbox_min + bbox_end))
+    distances = torch.cat((centre - bbox_min, bbox_end - centre), -1)
+    side = (2.0 * distances.amax(-1) * (1.0 + margin)).clamp_min(_MIN_ZOOM_SIDE)
+    top_left = centre - 0.5 * side[:, None]
+
+    span = (size - 1) if published_conventions else size
+    shift = 0.0 if published_conventions else 0.5
+    scale = span / side
+    K_crop = K.clone()
+    K_crop[:, 0, 0] = K[:, 0, 0] * scale
+    K_crop[:, 1, 1] = K[:, 1, 1] * scale
+    K_crop[:, 0, 2] = (K[:, 0, 2] - top_left[:, 0] + shift) * scale - shift
+    K_crop[:, 1, 2] = (K[:, 1, 2] - top_left[:, 1] + shift) * scale - shift
+    status = _status(in_front & origin_in_front, inside)
+    return CropWindow(top_left, side, K_crop, status, size, tuple(source_size), False, published_conventions)
+
+
+def _status(in_front: Tensor, inside: Tensor) -> Tensor:
+    """(B,) int64 CropStatus codes from the two visibility tests."""
+    status = torch.full(in_front.shape, int(CropStatus.OK), dtype=torch.int64, device=in_front.device)
+    status = torch.where(inside, status, torch.full_like(status, int(CropStatus.OUTSIDE_IMAGE)))
+    return torch.where(in_front, status, torch.full_like(status, int(CropStatus.BEHIND_CAMERA)))
+
+
+def crop_sampling_grid(window: CropWindow, mode: str = "bilinear") -> Tensor:
+    """Sampling grid of a crop for ``F.grid_sample(..., align_corners=True)``.
+
+    Args:
+        window: the crop.
+        mode: "bilinear" or "nearest". Nearest positions are rounded here (published first crop:
+            OpenCV's ⌊j·L/size⌋, otherwise the bilinear position rounded), so grid_sample's own
+            rounding never sees a tie.
+
+    Returns:
+        (B, size, size, 2) normalised coordinates (x then y), dtype of ``window.side``.
+    """
+    if mode not in ("bilinear", "nearest"):
+        raise GeometryInputError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    j = torch.arange(window.size, dtype=window.side.dtype, device=window.side.device)
+    step = window.step[:, None, None]
+    if mode == "nearest" and window.published_conventions and window.clamp_to_window:
+        positions = window.top_left[:, :, None] + torch.floor(j * step)  # (B, 2, size)
+    else:
+        positions = window.origin[:, :, None] + j * step
+        if mode == "nearest":
+            positions = torch.floor(positions + 0.5)
+    if window.clamp_to_window:
+        low = window.top_left[:, :, None]
+        positions = torch.minimum(torch.maximum(positions, low), low + window.side[:, None, None] - 1.0)
+    height, width = window.source_size
+    extent = torch.tensor(
+        [max(width - 1, 1), max(height - 1, 1)], dtype=positions.dtype, device=positions.device
+    )
+    normalised = 2.0 * positions / extent[None, :, None] - 1.0
+    gx = normalised[:, 0][:, None, :].expand(-1, window.size, -1)
+    gy = normalised[:, 1][:, :, None].expand(-1, -1, window.size)
+    return torch.stack((gx, gy), -1)
+
+
+def sample_crop(images: Tensor, window: CropWindow, mode: str = "bilinear") -> Tensor:
+    """Resample a crop from each instance's source image.
+
+    Args:
+        images: (B or 1, C, H, W) source images/maps (one image shared by all instances is
+            broadcast without a copy).
+        window: crop windows of the B instances.
+        mode: "bilinear" (images, descriptor maps) or "nearest" (depth, masks).
+
+    Returns:
+        (B, C, size, size), zeros where the window leaves the source image.
+    """
+    batch = window.side.shape[0]
+    if images.ndim != 4 or images.shape[0] not in (1, batch):
+        raise GeometryInputError(
+            f"images must be (B or 1, C, H, W) with B={batch}, got {tuple(images.shape)}"
+        )
+    if tuple(images.shape[-2:]) != tuple(window.source_size):
+        raise GeometryInputError(
+            f"images are {tuple(images.shape[-2:])}, window expects {window.source_size}"
+        )
+    grid = crop_sampling_grid(window, mode).to(images.dtype)
+    return F.grid_sample(
+        images.expand(batch, -1, -1, -1), grid, mode=mode, padding_mode="zeros", align_corners=True
+    )
