@@ -178,14 +178,21 @@ def bilinear_sample_pixels(images: torch.Tensor, xy: torch.Tensor) -> torch.Tens
         xy: (N, h, w, 2) pixel coordinates (x, y).
 
     Returns:
-        (N, C, h, w). Uses ``grid_sample(align_corners=True)`` on 2·x/(W−1)−1, as RAFT does.
+        (N, C, h, w). Uses ``grid_sample(align_corners=True)`` on 2·x/(W−1)−1, as RAFT does (this
+        keeps published results bit for bit). A map with a size-1 axis has no such normalisation,
+        so it uses the equivalent align_corners=False form (2·x+1)/W−1 instead.
     """
     height, width = images.shape[-2:]
-    # A size-1 axis has a single sample position; avoid 0/0 by keeping its normaliser at 1.
-    gx = 2.0 * xy[..., 0] / max(width - 1, 1) - 1.0
-    gy = 2.0 * xy[..., 1] / max(height - 1, 1) - 1.0
+    if height > 1 and width > 1:
+        gx = 2 * xy[..., 0] / (width - 1) - 1
+        gy = 2 * xy[..., 1] / (height - 1) - 1
+        align_corners = True
+    else:
+        gx = (2 * xy[..., 0] + 1) / width - 1
+        gy = (2 * xy[..., 1] + 1) / height - 1
+        align_corners = False
     grid = torch.stack([gx, gy], dim=-1)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
 
 
 class CorrPyramid:
@@ -220,6 +227,10 @@ class CorrPyramid:
         level = volume.reshape(batch * height1 * width1, 1, *fmap2.shape[-2:])
         self.levels: list[torch.Tensor] = [level]
         for _ in range(num_levels - 1):
+            if min(level.shape[-2:]) < 2:
+                raise CorrelationInputError(
+                    f"a {tuple(fmap2.shape[-2:])} feature map is too small for {num_levels} pyramid levels"
+                )
             level = F.avg_pool2d(level, kernel_size=2, stride=2)
             self.levels.append(level)
 
