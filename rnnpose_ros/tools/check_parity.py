@@ -37,6 +37,7 @@ PARITY_MODULES = (
     "rnnpose_ros.tools.parity_nets2d",
     "rnnpose_ros.tools.parity_kpconv",
     "rnnpose_ros.tools.parity_geometry",
+    "rnnpose_ros.tools.parity_refine",
 )
 PARITY_THREADS = 2
 REFERENCE_ONEDNN_ISA = "AVX2"
