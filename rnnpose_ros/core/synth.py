@@ -1,0 +1,423 @@
+"""Synthetic scenes: textured meshes rendered at random plausible poses over real photographs.
+
+A scene holds one or more object instances (the same class may appear twice), each rendered with
+:class:`~rnnpose_ros.core.render.Renderer` at a random pose (object centre 0.3–1.0 m ahead, mostly in
+view, uniform random rotation), composited by depth over a photograph from ``skimage.data`` (random
+crop, scale and flip), optionally partly hidden by random occluder patches, then degraded with blur and
+noise. Rendering is 2× supersampled so that silhouettes are anti-aliased like a camera image. The
+lighting varies per scene (one point light fixed in the camera frame, random strengths and colour gain).
+
+Ground truth per instance: pose (model→camera, metres), visible mask, visible fraction; the initial
+pose is drawn with :func:`perturb_pose` (the standard RNNPose/DeepIM noise model). Everything is
+deterministic given the seed (or ``numpy.random.Generator``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from rnnpose_ros.core.objects import ObjectModel
+from rnnpose_ros.core.render import Lighting, Renderer
+
+DEFAULT_SIZE = (480, 640)
+DEFAULT_K = np.array([[572.0, 0.0, 320.0], [0.0, 572.0, 240.0], [0.0, 0.0, 1.0]])
+#: Real photographs shipped with scikit-image (no download needed).
+BACKGROUNDS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+)
+
+
+class SceneError(ValueError):
+    """A scene could not be generated with the requested constraints."""
+
+
+@dataclass
+class SceneInstance:
+    """One object in a synthetic scene.
+
+    Attributes:
+        class_id: registry class of the object.
+        pose_gt: (4, 4) float64 model→camera ground truth, metres.
+        pose_init: (4, 4) float64 perturbed initial pose (:func:`perturb_pose`).
+        instance_id: unique within the scene ("<class_id>_<index>").
+        mask: (H, W) bool pixels where this object is visible (not hidden by others or occluders).
+        visible_fraction: visible pixels / pixels the object would cover alone in the image, in [0, 1]
+            (the part outside the image is not counted).
+    """
+
+    class_id: str
+    pose_gt: np.ndarray
+    pose_init: np.ndarray
+    instance_id: str = ""
+    mask: np.ndarray | None = None
+    visible_fraction: float = 1.0
+
+    @property
+    def occlusion_fraction(self) -> float:
+        return 1.0 - self.visible_fraction
+
+
+@dataclass
+class Scene:
+    """A synthetic image with ground truth.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB.
+        K: (3, 3) float64 intrinsics (OpenCV, pixel centres at integer coordinates).
+        instances: the objects, in generation order.
+        background: name of the ``skimage.data`` photograph used.
+        seed: the integer seed when one was given, else None.
+    """
+
+    image: np.ndarray
+    K: np.ndarray
+    instances: list[SceneInstance] = field(default_factory=list)
+    background: str = ""
+    seed: int | None = None
+
+    @property
+    def visible_fraction(self) -> list[float]:
+        """Per-instance visible fraction (see :class:`SceneInstance`)."""
+        return [inst.visible_fraction for inst in self.instances]
+
+
+# --- initial-pose noise ----------------------------------------------------------------------------
+
+
+def rotation_angle_deg(R: np.ndarray) -> float:
+    """Rotation angle of a 3×3 rotation matrix, degrees in [0, 180]."""
+    return float(np.degrees(np.linalg.norm(Rotation.from_matrix(R).as_rotvec())))
+
+
+def perturb_pose(
+    T: np.ndarray,
+    rng: np.random.Generator,
+    rot_sigma_deg: float = 15.0,
+    trans_sigma: Sequence[float] = (0.01, 0.01, 0.05),
+    max_angle_deg: float = 45.0,
+) -> np.ndarray:
+    """Standard initial-pose noise: returns a (4, 4) float64 perturbed copy of the model→camera pose T.
+
+    Euler angles (x, y, z, extrinsic, in the camera axes) are drawn from N(0, rot_sigma_deg) each and the
+    draw is repeated while the total rotation angle exceeds ``max_angle_deg`` (degrees throughout — the
+    published code mixes radians in after the first redraw, so its cap is not enforced; spec §6.9).
+    R_init = R_delta · R_gt rotates the object about its own origin; t_init = t_gt + N(0, trans_sigma)
+    per camera axis, metres.
+    """
+    T = np.asarray(T, dtype=np.float64)
+    if T.shape != (4, 4):
+        raise ValueError(f"pose must be 4x4, got {T.shape}")
+    if max_angle_deg <= 0:
+        raise ValueError("max_angle_deg must be > 0")
+    while True:
+        angles = rng.normal(0.0, rot_sigma_deg, size=3)
+        delta = Rotation.from_euler("xyz", angles, degrees=True)
+        if np.degrees(delta.magnitude()) <= max_angle_deg:
+            break
+    out = T.copy()
+    out[:3, :3] = delta.as_matrix() @ T[:3, :3]
+    out[:3, 3] = T[:3, 3] + rng.normal(0.0, 1.0, size=3) * np.asarray(trans_sigma, dtype=np.float64)
+    return out
+
+
+# --- backgrounds -----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+
+
+def random_background(
+    rng: np.random.Generator, size: tuple[int, int], names: Sequence[str] = BACKGROUNDS
+) -> tuple[np.ndarray, str]:
+    """A random crop (random scale, position, horizontal flip) of a photograph resized to (H, W) uint8."""
+    name = names[int(rng.integers(len(names)))]
+    photo = _photo(name)
+    height, width = size
+    ph, pw = photo.shape[:2]
+    # largest window of the output aspect ratio that fits, then a random 50-100 % of it
+    side = min(pw / width, ph / height) * rng.uniform(0.5, 1.0)
+    cw, ch = max(int(width * side), 1), max(int(height * side), 1)
+    x0 = int(rng.integers(0, pw - cw + 1))
+    y0 = int(rng.integers(0, ph - ch + 1))
+    crop = photo[y0 : y0 + ch, x0 : x0 + cw]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return cv2.resize(np.ascontiguousarray(crop), (width, height), interpolation=cv2.INTER_AREA), name
+
+
+# --- poses -----------------------------------------------------------------------------------------
+
+
+def sample_object_pose(
+    model: ObjectModel,
+    rng: np.random.Generator,
+    K: np.ndarray,
+    size: tuple[int, int],
+    distance: tuple[float, float] = (0.3, 1.0),
+    min_in_view: float = 0.9,
+    max_tries: int = 100,
+) -> np.ndarray:
+    """Random (4, 4) pose: uniform rotation, bbox centre at a depth in ``distance`` (m) and at a random
+    pixel, with at least ``min_in_view`` of the model's evaluation points projecting inside the image."""
+    height, width = size
+    K_inv = np.linalg.inv(K)
+    for _ in range(max_tries):
+        R = Rotation.random(random_state=rng).as_matrix()
+        z = rng.uniform(*distance)
+        radius_px = K[0, 0] * model.bounding_radius / z
+        margin = min(0.5 * radius_px, 0.45 * min(width, height))
+        u = rng.uniform(margin, width - 1 - margin)
+        v = rng.uniform(margin, height - 1 - margin)
+        centre = z * (K_inv @ np.array([u, v, 1.0]))
+        T = np.eye(4)
+        T[:3, :3] = R
+        T[:3, 3] = centre - R @ model.center
+        if _fraction_in_view(model.eval_points, T, K, size) >= min_in_view:
+            return T
+    raise SceneError(f"no pose of {model.class_id!r} with {min_in_view:.0%} in view after {max_tries} tries")
+
+
+def _fraction_in_view(points: np.ndarray, T: np.ndarray, K: np.ndarray, size: tuple[int, int]) -> float:
+    cam = points.astype(np.float64) @ T[:3, :3].T + T[:3, 3]
+    z = cam[:, 2]
+    uv = (cam @ K.T)[:, :2] / np.maximum(z, 1e-6)[:, None]
+    inside = (z > 0.01) & (uv[:, 0] >= -0.5) & (uv[:, 0] < size[1] - 0.5) & (uv[:, 1] >= -0.5)
+    inside &= uv[:, 1] < size[0] - 0.5
+    return float(inside.mean())
+
+
+def supersampled_intrinsics(K: np.ndarray, factor: int) -> np.ndarray:
+    """K for an image ``factor`` times larger whose factor×factor blocks average to the original pixels.
+
+    With pixel centres at integer coordinates, u_hi = factor·u + (factor − 1)/2.
+    """
+    S = np.array([[factor, 0, (factor - 1) / 2], [0, factor, (factor - 1) / 2], [0, 0, 1.0]])
+    return S @ K
+
+
+def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return image
+    # INTER_AREA with an integer factor is the exact block mean
+    size = (image.shape[1] // factor, image.shape[0] // factor)
+    return cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+
+
+# --- scenes ----------------------------------------------------------------------------------------
+
+
+def random_lighting(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
+    """(light position in the camera frame (3,), Lighting strengths, RGB colour gain (3,))."""
+    direction = np.array([rng.uniform(-1, 1), rng.uniform(-1, 0.2), rng.uniform(-1, -0.2)])
+    position = direction / np.linalg.norm(direction) * rng.uniform(1.0, 2.0)
+    strengths = {
+        "ambient": rng.uniform(0.4, 0.7),
+        "diffuse": rng.uniform(0.2, 0.5),
+        "specular": rng.uniform(0.0, 0.15),
+    }
+    gain = rng.uniform(0.85, 1.1, size=3)
+    return position, strengths, gain
+
+
+def _add_occluders(
+    image: np.ndarray,
+    occluder_mask: np.ndarray,
+    object_masks: list[np.ndarray],
+    rng: np.random.Generator,
+    count: int,
+    max_occlusion: float,
+    factor: int,
+) -> None:
+    """Draw up to ``count`` random patches (photo texture or flat colour) over objects, in place, keeping
+    every object's occluded share <= max_occlusion."""
+    height, width = occluder_mask.shape
+    alone = [max(int(m.sum()), 1) for m in object_masks]
+    for _ in range(count):
+        for _attempt in range(10):
+            target = object_masks[int(rng.integers(len(object_masks)))]
+            ys, xs = np.nonzero(target)
+            if len(xs) == 0:
+                break
+            k = int(rng.integers(len(xs)))
+            extent = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+            patch = np.zeros((height, width), dtype=np.uint8)
+            if rng.random() < 0.5:
+                axes = (int(extent * rng.uniform(0.1, 0.35)) + 1, int(extent * rng.uniform(0.1, 0.35)) + 1)
+                angle = float(rng.uniform(0, 180))
+                cv2.ellipse(patch, (int(xs[k]), int(ys[k])), axes, angle, 0, 360, 1, thickness=-1)
+            else:
+                n = int(rng.integers(3, 7))
+                angles = np.sort(rng.uniform(0, 2 * np.pi, size=n))
+                radii = extent * rng.uniform(0.1, 0.4, size=n)
+                pts = np.stack([xs[k] + radii * np.cos(angles), ys[k] + radii * np.sin(angles)], 1)
+                cv2.fillPoly(patch, [pts.astype(np.int32)], 1)
+            new = occluder_mask | patch.astype(bool)
+            if all((m & new).sum() / a <= max_occlusion for m, a in zip(object_masks, alone, strict=True)):
+                break
+        else:
+            continue
+        if len(xs) == 0:
+            break
+        region = patch.astype(bool)
+        if rng.random() < 0.5:
+            texture, _ = random_background(rng, (height // factor, width // factor))
+            texture = cv2.resize(texture, (width, height), interpolation=cv2.INTER_LINEAR)
+            image[region] = texture[region].astype(np.float32) / 255.0
+        else:
+            image[region] = rng.uniform(0, 1, size=3).astype(np.float32)
+        occluder_mask |= region
+
+
+def make_scene(
+    models: Sequence[ObjectModel],
+    rng: np.random.Generator | int,
+    renderer: Renderer,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    K: np.ndarray | None = None,
+    distance: tuple[float, float] = (0.3, 1.0),
+    min_in_view: float = 0.9,
+    min_visible: float = 0.5,
+    occluders: int = 0,
+    max_occlusion: float = 0.4,
+    noise_std: float = 0.02,
+    blur_sigma: float = 1.0,
+    rot_sigma_deg: float = 15.0,
+    trans_sigma: Sequence[float] = (0.01, 0.01, 0.05),
+    max_angle_deg: float = 45.0,
+    backgrounds: Sequence[str] = BACKGROUNDS,
+    supersample: int = 2,
+    max_tries: int = 20,
+) -> Scene:
+    """Generate one scene; each entry of ``models`` becomes one instance (repeat a model for two copies).
+
+    Args:
+        models: objects to place (at least one).
+        rng: a seed or a numpy Generator; the same seed gives the same scene.
+        renderer: the process's renderer.
+        size: (H, W) of the image; K: (3, 3) intrinsics (default: a 640×480 camera, fx = fy = 572,
+            principal point at the image centre of ``size``).
+        distance: range (m) of the object centre's depth.
+        min_in_view: minimum share of each object's evaluation points projecting into the image.
+        min_visible: minimum visible fraction of each instance after inter-object occlusion and occluders.
+        occluders: number of random occluder patches to try; max_occlusion: cap of the share of an
+            instance's pixels that occluders may hide.
+        noise_std: maximum std of the additive Gaussian image noise (image in [0, 1]; drawn uniformly up
+            to it); blur_sigma: maximum Gaussian blur sigma in pixels (applied with probability 0.5).
+        rot_sigma_deg, trans_sigma, max_angle_deg: initial-pose noise (:func:`perturb_pose`).
+        backgrounds: ``skimage.data`` photograph names.
+        supersample: rendering supersampling factor (1 disables anti-aliasing).
+        max_tries: attempts at a placement meeting ``min_visible``.
+    """
+    seed = int(rng) if isinstance(rng, int | np.integer) else None
+    rng = np.random.default_rng(rng) if seed is not None else rng
+    models = list(models)
+    if not models:
+        raise SceneError("make_scene needs at least one model")
+    height, width = size
+    if K is None:
+        K = DEFAULT_K.copy()
+        K[0, 2], K[1, 2] = (width - 1) / 2, (height - 1) / 2
+    K = np.asarray(K, dtype=np.float64)
+    factor = max(int(supersample), 1)
+    K_hi = supersampled_intrinsics(K, factor)
+    size_hi = (height * factor, width * factor)
+
+    background, background_name = random_background(rng, size, backgrounds)
+    light_cam, strengths, gain = random_lighting(rng)
+    for _ in range(max_tries):
+        poses = np.stack([sample_object_pose(m, rng, K, size, distance, min_in_view) for m in models])
+        rgb_hi, masks_hi, alone_hi = _render_instances(
+            renderer, models, poses, K_hi, size_hi, light_cam, strengths
+        )
+        if all(m.sum() >= min_visible * max(a.sum(), 1) for m, a in zip(masks_hi, alone_hi, strict=True)):
+            break
+    else:
+        raise SceneError(
+            f"could not place {len(models)} objects with {min_visible:.0%} visible in {max_tries} tries"
+        )
+
+    image_hi = np.repeat(np.repeat(background.astype(np.float32) / 255.0, factor, 0), factor, 1)
+    covered = np.zeros(size_hi, dtype=bool)
+    for rgb, mask in zip(rgb_hi, masks_hi, strict=True):
+        image_hi[mask] = np.clip(rgb[mask] * gain, 0.0, 1.0)
+        covered |= mask
+    occluder_hi = np.zeros(size_hi, dtype=bool)
+    if occluders > 0:
+        _add_occluders(image_hi, occluder_hi, masks_hi, rng, occluders, max_occlusion, factor)
+
+    image = _downsample(image_hi, factor)
+    if blur_sigma > 0 and rng.random() < 0.5:
+        sigma = rng.uniform(0.3, blur_sigma)
+        image = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma)
+    if noise_std > 0:
+        image = image + rng.normal(0.0, rng.uniform(0.0, noise_std), size=image.shape).astype(np.float32)
+    image_u8 = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+
+    instances = []
+    for i, (model, pose) in enumerate(zip(models, poses, strict=True)):
+        visible_hi = masks_hi[i] & ~occluder_hi
+        visible = _downsample(visible_hi.astype(np.float32), factor) >= 0.5
+        fraction = float(visible_hi.sum() / max(alone_hi[i].sum(), 1))
+        pose_init = perturb_pose(pose, rng, rot_sigma_deg, trans_sigma, max_angle_deg)
+        instances.append(
+            SceneInstance(
+                class_id=model.class_id,
+                pose_gt=pose,
+                pose_init=pose_init,
+                instance_id=f"{model.class_id}_{i}",
+                mask=visible,
+                visible_fraction=fraction,
+            )
+        )
+    return Scene(image=image_u8, K=K, instances=instances, background=background_name, seed=seed)
+
+
+def _render_instances(
+    renderer: Renderer,
+    models: list[ObjectModel],
+    poses: np.ndarray,
+    K: np.ndarray,
+    size: tuple[int, int],
+    light_cam: np.ndarray,
+    strengths: dict[str, float],
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Render each instance alone and resolve mutual occlusion by depth.
+
+    Returns per instance: rgb (H, W, 3), visible mask (H, W) and the mask it would have alone.
+    """
+    rgbs, alone, depths = [], [], []
+    for model, pose in zip(models, poses, strict=True):
+        light_obj = pose[:3, :3].T @ (light_cam - pose[:3, 3])  # the scene light in this object's frame
+        lighting = Lighting(light_position=tuple(float(x) for x in light_obj), **strengths)
+        out = renderer.render([model], pose, K, size, lighting=lighting)
+        rgbs.append(out.rgb[0])
+        alone.append(out.mask[0])
+        depths.append(np.where(out.mask[0], out.depth[0], np.inf))
+    if len(models) == 1:
+        return rgbs, alone, alone
+    nearest = np.argmin(np.stack(depths), axis=0)
+    visible = [a & (nearest == i) for i, a in enumerate(alone)]
+    return rgbs, visible, alone
