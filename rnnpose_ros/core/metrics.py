@@ -1,0 +1,169 @@
+"""Pose-accuracy metrics (NumPy): ADD, ADD-S, ADD(-S), 2D projection, n cm n°, MSSD, MSPD.
+
+Definitions follow spec §5.1 (LINEMOD protocol) and the BOP challenge (MSSD, MSPD). Inputs are
+model points (N, 3) in metres in the model frame and 4×4 (or 3×4) model→camera poses (OpenCV
+camera frame, metres). Errors are returned as floats; thresholds are applied by the ``*_passed``
+helpers so that recall curves can be computed from the raw errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+ArrayLike = np.ndarray
+
+
+class MetricsInputError(ValueError):
+    """Points, poses or intrinsics given to a metric have the wrong shape or are not finite."""
+
+
+def _pose(pose: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(R (3, 3), t (3,)) float64 from a 4×4 or 3×4 pose."""
+    pose = np.asarray(pose, dtype=np.float64)
+    if pose.shape not in ((4, 4), (3, 4)):
+        raise MetricsInputError(f"{name} must be 4×4 or 3×4, got {pose.shape}")
+    if not np.isfinite(pose).all():
+        raise MetricsInputError(f"{name} is not finite")
+    return pose[:3, :3], pose[:3, 3]
+
+
+def _points(points: ArrayLike) -> np.ndarray:
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
+        raise MetricsInputError(f"points must be (N, 3) with N ≥ 1, got {points.shape}")
+    return points
+
+
+def transform(points: ArrayLike, pose: ArrayLike) -> np.ndarray:
+    """R·x + t for model points (N, 3) → (N, 3) float64 camera-frame points, metres."""
+    R, t = _pose(pose, "pose")
+    return _points(points) @ R.T + t
+
+
+def project(points_camera: ArrayLike, K: ArrayLike) -> np.ndarray:
+    """Pinhole projection (N, 3) camera-frame points → (N, 2) pixels (no depth clamp)."""
+    K = np.asarray(K, dtype=np.float64)
+    if K.shape != (3, 3):
+        raise MetricsInputError(f"K must be 3×3, got {K.shape}")
+    uvw = np.asarray(points_camera, dtype=np.float64) @ K.T
+    return uvw[:, :2] / uvw[:, 2:3]
+
+
+def add(points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLike) -> float:
+    """ADD: mean ‖(R_e x + t_e) − (R_g x + t_g)‖ over the model points, metres."""
+    return float(np.linalg.norm(transform(points, pose_est) - transform(points, pose_gt), axis=1).mean())
+
+
+def add_s(points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLike) -> float:
+    """ADD-S: mean over GT-posed points of the distance to the nearest estimate-posed point, metres."""
+    estimated = transform(points, pose_est)
+    distances, _ = cKDTree(estimated).query(transform(points, pose_gt), k=1)
+    return float(np.mean(distances))
+
+
+def add_or_add_s(points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLike, symmetric: bool) -> float:
+    """ADD(-S): ADD-S for symmetric objects, ADD otherwise, metres."""
+    return add_s(points, pose_est, pose_gt) if symmetric else add(points, pose_est, pose_gt)
+
+
+def add_passed(error: float, diameter: float, fraction: float = 0.1) -> bool:
+    """ADD / ADD-S test: error < fraction·diameter (0.1 d standard; 0.02 d and 0.05 d also used)."""
+    return bool(error < fraction * diameter)
+
+
+def projection_error_2d(points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLike, K: ArrayLike) -> float:
+    """Mean pixel distance between the model points projected with the two poses and the given K.
+
+    (The published code hard-codes the LINEMOD K; pass it explicitly for LINEMOD.)
+    """
+    est = project(transform(points, pose_est), K)
+    gt = project(transform(points, pose_gt), K)
+    return float(np.linalg.norm(est - gt, axis=1).mean())
+
+
+def projection_2d_passed(error_px: float, threshold_px: float = 5.0) -> bool:
+    """2D projection test: mean error below ``threshold_px`` (5 px standard)."""
+    return bool(error_px < threshold_px)
+
+
+def rotation_error_deg(pose_est: ArrayLike, pose_gt: ArrayLike) -> float:
+    """Angle of R_e·R_gᵀ in degrees, arccos((tr − 1)/2) with the cosine clipped to [−1, 1]."""
+    R_e, _ = _pose(pose_est, "pose_est")
+    R_g, _ = _pose(pose_gt, "pose_gt")
+    cos = np.clip((np.trace(R_e @ R_g.T) - 1.0) / 2.0, -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos)))
+
+
+def translation_error(pose_est: ArrayLike, pose_gt: ArrayLike) -> float:
+    """‖t_e − t_g‖, metres."""
+    _, t_e = _pose(pose_est, "pose_est")
+    _, t_g = _pose(pose_gt, "pose_gt")
+    return float(np.linalg.norm(t_e - t_g))
+
+
+def cm_deg_passed(pose_est: ArrayLike, pose_gt: ArrayLike, max_cm: float = 5.0, max_deg: float = 5.0) -> bool:
+    """n cm n° test (5 cm 5° by default): translation error < max_cm and rotation error < max_deg."""
+    return (
+        translation_error(pose_est, pose_gt) < max_cm / 100.0
+        and rotation_error_deg(pose_est, pose_gt) < max_deg
+    )
+
+
+def _symmetries(symmetries: Sequence[ArrayLike] | None) -> list[np.ndarray]:
+    """4×4 float64 model-frame symmetry transforms; identity only by default."""
+    if symmetries is None or len(symmetries) == 0:
+        return [np.eye(4)]
+    result = []
+    for S in symmetries:
+        S = np.asarray(S, dtype=np.float64)
+        if S.shape != (4, 4):
+            raise MetricsInputError(f"symmetry transforms must be 4×4, got {S.shape}")
+        result.append(S)
+    return result
+
+
+def mssd(
+    points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLike, symmetries: Sequence[ArrayLike] | None = None
+) -> float:
+    """BOP Maximum Symmetry-aware Surface Distance, metres.
+
+    min over symmetries S of max over points x of ‖P_e·x − P_g·S·x‖, with S a model-frame 4×4
+    transform that maps the object onto itself (identity only by default).
+    """
+    estimated = transform(points, pose_est)
+    pose_gt = _as_4x4(pose_gt)
+    errors = [
+        np.linalg.norm(estimated - transform(points, pose_gt @ S), axis=1).max()
+        for S in _symmetries(symmetries)
+    ]
+    return float(min(errors))
+
+
+def mspd(
+    points: ArrayLike,
+    pose_est: ArrayLike,
+    pose_gt: ArrayLike,
+    K: ArrayLike,
+    symmetries: Sequence[ArrayLike] | None = None,
+) -> float:
+    """BOP Maximum Symmetry-aware Projection Distance, pixels.
+
+    min over symmetries S of max over points x of ‖π(K, P_e·x) − π(K, P_g·S·x)‖.
+    """
+    estimated = project(transform(points, pose_est), K)
+    pose_gt = _as_4x4(pose_gt)
+    errors = [
+        np.linalg.norm(estimated - project(transform(points, pose_gt @ S), K), axis=1).max()
+        for S in _symmetries(symmetries)
+    ]
+    return float(min(errors))
+
+
+def _as_4x4(pose: ArrayLike) -> np.ndarray:
+    R, t = _pose(pose, "pose")
+    full = np.eye(4)
+    full[:3, :3], full[:3, 3] = R, t
+    return full
