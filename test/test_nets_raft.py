@@ -137,7 +137,7 @@ def test_lookup_at_integer_coords_matches_dot_products_and_channel_order() -> No
     fmap1, fmap2 = torch.randn(batch, channels, height, width), torch.randn(batch, channels, height, width)
     radius = 2
     pyramid = CorrPyramid(fmap1, fmap2, num_levels=1, radius=radius)
-    coords = coords_grid(batch, height, width).clone()
+    coords = coords_grid(batch, height, width)
     coords[:, 0] += 1.0  # shift x so that windows reach outside the map on the right
     corr = pyramid.lookup(coords)
     side = 2 * radius + 1

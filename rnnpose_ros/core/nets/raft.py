@@ -9,10 +9,13 @@
   relative to ``motion_net.cf_net.update_block.``.
 * :func:`convex_upsample`: learned convex 8× upsampling of a coarse flow.
 
-Mixed precision (``mixed_precision=True``, spec §1.8): on CUDA the encoder and the update block run
-under ``torch.autocast('cuda', dtype=torch.float16)`` as the published code does, while the
-correlation volume, lookup coordinates and convex upsampling stay float32 (their outputs are cast
-back to float32). On any other device the flag has no effect: autocast is never entered on CPU.
+Mixed precision (``mixed_precision=True``, spec §1.8): on CUDA the encoder
+(:func:`encode_image_pair`) and the update block (:func:`run_update_block`) run under
+``torch.autocast('cuda', dtype=torch.float16)``, and their outputs are cast back to float32; the
+correlation volume, lookup coordinates and convex upsampling always stay float32. The published
+code always autocasts the encoder and autocasts the update block when ``mixed_precision: True``
+(the LINEMOD config), so ``mixed_precision=True`` for both reproduces it. On any other device the
+flag has no effect: autocast is never entered on CPU, where results are plain float32.
 """
 
 from __future__ import annotations
@@ -149,6 +152,8 @@ def encode_image_pair(
     Returns:
         ``(f_rendered, f_observed)``, each (B, 256, H/8, W/8) float32.
     """
+    if rendered.shape != observed.shape:
+        raise ValueError(f"crop shapes differ: {tuple(rendered.shape)} vs {tuple(observed.shape)}")
     images = encoder_input(torch.cat([rendered, observed], dim=0), published_conventions)
     with autocast_context(images.device, mixed_precision):
         features = encoder(images)
@@ -167,7 +172,7 @@ def coords_grid(batch: int, height: int, width: int, device=None, dtype=torch.fl
         torch.arange(width, device=device, dtype=dtype),
         indexing="ij",
     )
-    return torch.stack([xs, ys], dim=0).unsqueeze(0).expand(batch, -1, -1, -1)
+    return torch.stack([xs, ys], dim=0).unsqueeze(0).repeat(batch, 1, 1, 1)
 
 
 def bilinear_sample_pixels(images: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
