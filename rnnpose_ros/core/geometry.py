@@ -201,7 +201,9 @@ def project_points(points: Tensor, K: Tensor, min_depth: float = PROJECTION_MIN_
     return torch.stack((fx * (X / Z) + cx, fy * (Y / Z) + cy), -1)
 
 
-def pixel_grid(height: int, width: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+def pixel_grid(
+    height: int, width: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
     """(H, W, 2) integer pixel coordinates, channel 0 = x (column), channel 1 = y (row)."""
     ys = torch.arange(height, dtype=dtype, device=device)
     xs = torch.arange(width, dtype=dtype, device=device)
@@ -319,9 +321,10 @@ def _vertex_mask_bbox(
     if vertex_mask is not None:
         in_front = in_front & vertex_mask
     pixels = torch.round(project_points(camera_points, K, min_depth=_MASK_MIN_DEPTH))
-    limit = torch.tensor([width - 1, height - 1], dtype=pixels.dtype, device=pixels.device)
-    inside = in_front & ((pixels >= 0) & (pixels <= limit)).all(-1)
-    clamped = torch.minimum(pixels.clamp_min(0), limit)
+    # Per-axis scalar bounds: no host-to-device tensor is created (no sync on the GPU path).
+    px, py = pixels.unbind(-1)
+    inside = in_front & (px >= 0) & (px <= width - 1) & (py >= 0) & (py <= height - 1)
+    clamped = torch.stack((px.clamp(0, width - 1), py.clamp(0, height - 1)), -1)
     big = torch.full_like(clamped, float("inf"))
     bbox_min = torch.where(in_front[..., None], clamped, big).amin(-2)
     bbox_max = torch.where(in_front[..., None], clamped, -big).amax(-2)
@@ -492,12 +495,10 @@ def crop_sampling_grid(window: CropWindow, mode: str = "bilinear") -> Tensor:
         low = window.top_left[:, :, None]
         positions = torch.minimum(torch.maximum(positions, low), low + window.side[:, None, None] - 1.0)
     height, width = window.source_size
-    extent = torch.tensor(
-        [max(width - 1, 1), max(height - 1, 1)], dtype=positions.dtype, device=positions.device
-    )
-    normalised = 2.0 * positions / extent[None, :, None] - 1.0
-    gx = normalised[:, 0][:, None, :].expand(-1, window.size, -1)
-    gy = normalised[:, 1][:, :, None].expand(-1, -1, window.size)
+    gx = 2.0 * positions[:, 0] / max(width - 1, 1) - 1.0
+    gy = 2.0 * positions[:, 1] / max(height - 1, 1) - 1.0
+    gx = gx[:, None, :].expand(-1, window.size, -1)
+    gy = gy[:, :, None].expand(-1, -1, window.size)
     return torch.stack((gx, gy), -1)
 
 
