@@ -100,7 +100,7 @@ def run_check(check: FixtureCheck, path: Path) -> list[Comparison]:
 def format_comparison(fixture_name: str, comparison: Comparison) -> str:
     verdict = "PASS" if comparison.passed else "FAIL"
     line = (
-        f"{verdict}  {fixture_name}:{comparison.name:<36} max_abs={comparison.max_abs:.3e} "
+        f"{verdict}  {fixture_name + ':' + comparison.name:<56} max_abs={comparison.max_abs:.3e} "
         f"max_rel={comparison.max_rel:.3e}  (atol={comparison.atol:g}, rtol={comparison.rtol:g})"
     )
     return f"{line}  {comparison.detail}" if comparison.detail else line
