@@ -160,8 +160,9 @@ def radius_neighbors(queries: np.ndarray, supports: np.ndarray, radius: float) -
         return np.full((len(queries), 1), num_supports, dtype=np.int64)
     radius32 = np.float32(radius)
     radius_sq = radius32 * radius32
-    # Candidates from a float64 search with a margin, then the exact float32 test.
-    candidates = cKDTree(supports).query_ball_point(queries, float(radius32) * (1 + 1e-5))
+    # Candidates from a float64 search with a margin (rows in order, columns ascending), then
+    # the exact float32 test.
+    candidates = cKDTree(supports).query_ball_point(queries, float(radius32) * (1 + 1e-5), return_sorted=True)
     lengths = np.fromiter((len(c) for c in candidates), dtype=np.int64, count=len(candidates))
     rows = np.repeat(np.arange(len(queries)), lengths)
     cols = np.fromiter((j for c in candidates for j in c), dtype=np.int64, count=int(lengths.sum()))
@@ -169,10 +170,13 @@ def radius_neighbors(queries: np.ndarray, supports: np.ndarray, radius: float) -
     dist_sq = (diff[:, 0] * diff[:, 0] + diff[:, 1] * diff[:, 1]) + diff[:, 2] * diff[:, 2]
     inside = dist_sq < radius_sq
     rows, cols, dist_sq = rows[inside], cols[inside], dist_sq[inside]
-    order = np.lexsort((cols, dist_sq, rows))
+    # Non-negative float32 values order like their bit patterns: one exact int64 key (row, d²);
+    # the stable sort keeps ties in increasing support index.
+    key = (rows << 32) | dist_sq.view(np.int32).astype(np.int64)
+    order = np.argsort(key, kind="stable")
     rows, cols = rows[order], cols[order]
     counts = np.bincount(rows, minlength=len(queries))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = np.cumsum(counts) - counts
     slots = np.arange(len(rows)) - starts[rows]
     result = np.full((len(queries), max(1, int(counts.max()))), num_supports, dtype=np.int64)
     result[rows, slots] = cols
