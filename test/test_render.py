@@ -204,3 +204,53 @@ def test_textured_duck_renders_colour(renderer):
     assert out.mask[0].sum() > 2000
     mean = rgb.mean(0)
     assert mean[0] > 0.5 and mean[1] > 0.4 and mean[2] < 0.3  # a yellow duck
+
+
+def test_texture_orientation(renderer):
+    """uv v = 1 is the top row of the texture image (OpenGL convention, as trimesh loads OBJ files)."""
+    plate = square(0.1)
+    plate.uvs = np.array(
+        [[0, 1], [1, 1], [1, 0], [0, 0]], dtype=np.float32
+    )  # model y = -h (image top) -> v = 1
+    texture = np.zeros((8, 8, 3), dtype=np.uint8)
+    texture[:4, :, 0] = 255  # top half red
+    texture[4:, :, 1] = 255  # bottom half green
+    plate.texture = texture
+    out = renderer.render([plate], pose(t=(0.0, 0.0, 0.5)), intrinsics(cx=50, cy=50), (100, 100))
+    rows = np.nonzero(out.mask[0].any(1))[0]
+    top, bottom = out.rgb[0, rows[2], 50], out.rgb[0, rows[-3], 50]
+    assert top[0] > 0.5 > top[1] and bottom[1] > 0.5 > bottom[0]
+
+
+def test_render_from_another_thread(renderer, box):
+    import threading
+
+    results = []
+    thread = threading.Thread(
+        target=lambda: results.append(renderer.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80)))
+    )
+    thread.start()
+    thread.join()
+    assert results and results[0].mask.any()
+    assert renderer.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80)).mask.any()
+
+
+def test_interpolate_many_channels_and_released_models(renderer):
+    sphere = model_from_trimesh(trimesh.creation.icosphere(subdivisions=1, radius=0.05), "tmp")
+    out = renderer.render(
+        [sphere, sphere], np.stack([pose(), pose(t=(0.01, 0, 0.6))]), intrinsics(cx=50, cy=40), (80, 100)
+    )
+    features = torch.randn(len(sphere.vertices), 288, dtype=torch.float64)
+    dense = interpolate_vertex_attributes(out.face_index, out.barycentric, sphere.faces, features)
+    assert dense.shape == (2, 288, 80, 100)
+    b, v, u = (int(x[0]) for x in np.nonzero(out.mask))
+    corners = sphere.faces[out.face_index[b, v, u]]
+    expected = (features[corners] * torch.from_numpy(out.barycentric[b, v, u]).double()[:, None]).sum(0)
+    torch.testing.assert_close(dense[b, :, v, u], expected)
+    del sphere, out  # its GL buffers are freed at the next render
+    import gc
+
+    gc.collect()
+    assert renderer.render(
+        [model_from_trimesh(trimesh.creation.box(), "b")], pose(t=(0, 0, 3.0)), intrinsics(), (40, 40)
+    ).mask.any()

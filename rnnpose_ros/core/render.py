@@ -99,10 +99,10 @@ class _GpuMesh:
 class _ModelTensors:
     vertices: torch.Tensor  # (N, 3) float64
     faces: torch.Tensor  # (F, 3) int64
-    normals: torch.Tensor  # (N, 3) float64, area-weighted, shared across UV-seam duplicates
-    uvs: torch.Tensor | None  # (N, 2) float64
+    normals: torch.Tensor  # (N, 3) float32, area-weighted, shared across UV-seam duplicates
+    uvs: torch.Tensor | None  # (N, 2) float32
     texture: torch.Tensor | None  # (h, w, 3) float32 [0, 1]
-    colors: torch.Tensor | None  # (N, 3) float64 [0, 1]
+    colors: torch.Tensor | None  # (N, 3) float32 [0, 1]
 
 
 class Renderer:
@@ -121,6 +121,9 @@ class Renderer:
         self._make_current()
         self._program = _link_program(_VERTEX_SHADER, _FRAGMENT_SHADER)
         self._mvp_location = GL.glGetUniformLocation(self._program, "mvp")
+        self._release_context()
+        # GL buffers of garbage-collected models, deleted at the next render (needs the context)
+        self._released: list[tuple[int, tuple[int, int]]] = []
         self._meshes: weakref.WeakKeyDictionary[ObjectModel, _GpuMesh] = weakref.WeakKeyDictionary()
         self._tensors: weakref.WeakKeyDictionary[ObjectModel, _ModelTensors] = weakref.WeakKeyDictionary()
         self._framebuffer: tuple[int, int, int] | None = None  # (fbo, colour rb, depth rb)
@@ -128,6 +131,26 @@ class Renderer:
 
     def _make_current(self) -> None:
         self._offscreen._platform.make_current()  # pyrender exposes no public accessor for its context
+
+    def _release_context(self) -> None:
+        """Un-bind the context from this thread so that another thread can render next.
+
+        pyrender's EGL platform makes this a no-op, so EGL is released directly.
+        """
+        platform = self._offscreen._platform
+        display = getattr(platform, "_egl_display", None)
+        if display is not None:
+            from OpenGL import EGL
+
+            EGL.eglMakeCurrent(display, EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE, EGL.EGL_NO_CONTEXT)
+        else:
+            platform.make_uncurrent()
+
+    def _delete_released_meshes(self) -> None:
+        while self._released:
+            vao, buffers = self._released.pop()
+            GL.glDeleteVertexArrays(1, [vao])
+            GL.glDeleteBuffers(2, list(buffers))
 
     def render(
         self,
@@ -167,11 +190,17 @@ class Renderer:
 
         face_index = np.full((batch, height, width), -1, dtype=np.int64)
         with self._lock:
+            if self._offscreen is None:
+                raise RenderError("renderer is closed")
             self._make_current()
-            self._bind_framebuffer(height, width)
-            for b in range(batch):
-                face_index[b] = self._rasterise(models[b], poses_np[b], K_np[b], height, width)
-            GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, 0)
+            try:
+                self._delete_released_meshes()
+                self._bind_framebuffer(height, width)
+                for b in range(batch):
+                    face_index[b] = self._rasterise(models[b], poses_np[b], K_np[b], height, width)
+                GL.glBindFramebuffer(GL.GL_FRAMEBUFFER, 0)
+            finally:
+                self._release_context()
 
         rgb = np.zeros((batch, height, width, 3), dtype=np.float32)
         depth = np.zeros((batch, height, width), dtype=np.float32)
@@ -244,6 +273,7 @@ class Renderer:
             GL.glBindVertexArray(0)
             mesh = _GpuMesh(vao=vao, buffers=(vbo, ebo), num_indices=indices.size)
             self._meshes[model] = mesh
+            weakref.finalize(model, self._released.append, (vao, (vbo, ebo)))
         return mesh
 
     def _rasterise(
@@ -283,12 +313,12 @@ class Renderer:
                 vertices=vertices,
                 faces=faces,
                 normals=_vertex_normals(model.vertices.astype(np.float64), model.faces),
-                uvs=torch.from_numpy(model.uvs.astype(np.float64)) if model.uvs is not None else None,
+                uvs=torch.from_numpy(model.uvs.astype(np.float32)) if model.uvs is not None else None,
                 texture=torch.from_numpy(model.texture.astype(np.float32) / 255.0)
                 if model.texture is not None
                 else None,
                 colors=(
-                    torch.from_numpy(model.vertex_colors.astype(np.float64) / 255.0)
+                    torch.from_numpy(model.vertex_colors.astype(np.float32) / 255.0)
                     if model.vertex_colors is not None
                     else None
                 ),
@@ -320,16 +350,17 @@ class Renderer:
         weights, distance, valid = _ray_triangle(rays, tri_cam)
         depth = distance * rays[:, 2]
 
-        bary = weights[..., None]
+        # shading needs no float64: everything below is float32
+        bary = weights.float()[..., None]
         normals = _normalise((data.normals[faces] * bary).sum(1))
-        points = (tri * bary).sum(1)
+        points = (tri.float() * bary).sum(1)
         if data.texture is not None and data.uvs is not None:
-            albedo = _sample_texture(data.texture, (data.uvs[faces] * bary).sum(1)).double()
+            albedo = _sample_texture(data.texture, (data.uvs[faces] * bary).sum(1))
         elif data.colors is not None:
             albedo = (data.colors[faces] * bary).sum(1)
         else:
-            albedo = torch.tensor(DEFAULT_ALBEDO, dtype=torch.float64).expand(len(pix), 3)
-        camera_in_model = -pose_t[:3, :3].T @ pose_t[:3, 3]
+            albedo = torch.tensor(DEFAULT_ALBEDO, dtype=torch.float32).expand(len(pix), 3)
+        camera_in_model = (-pose_t[:3, :3].T @ pose_t[:3, 3]).float()
         colour = _phong(albedo, points, normals, camera_in_model, lighting)
         keep = valid.numpy()
         return (
@@ -343,8 +374,9 @@ class Renderer:
         """Release the OpenGL context (the renderer cannot be used afterwards)."""
         with self._lock:
             if self._offscreen is not None:
-                self._offscreen.delete()
+                self._offscreen.delete()  # destroys the context and every buffer in it
                 self._offscreen = None
+                self._meshes.clear()
 
 
 def opencv_projection_matrix(K: np.ndarray, height: int, width: int, near: float, far: float) -> np.ndarray:
@@ -401,7 +433,7 @@ def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> torch.Tensor:
         np.add.at(accum, group[faces[:, corner]], face_normals)
     normals = accum[group]
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-    return torch.from_numpy(normals)
+    return torch.from_numpy(normals.astype(np.float32))
 
 
 def _sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -410,7 +442,7 @@ def _sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     x = uv[:, 0] * w - 0.5
     y = (1.0 - uv[:, 1]) * h - 0.5
     x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = (x - x0).float()[:, None], (y - y0).float()[:, None]
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
     x0, y0 = x0.long(), y0.long()
     xs, ys = (x0 % w, (x0 + 1) % w), (y0 % h, (y0 + 1) % h)
     top = texture[ys[0], xs[0]] * (1 - fx) + texture[ys[0], xs[1]] * fx
@@ -497,10 +529,14 @@ def interpolate_vertex_attributes(
     fg = torch.nonzero(flat_faces >= 0, as_tuple=True)[0]
     corners = faces[flat_faces[fg]]  # (M, 3)
     weights = barycentric.reshape(-1, 3)[fg]  # (M, 3)
-    values = (attributes[corners] * weights[..., None]).sum(1)  # (M, C)
-    out = torch.zeros(batch * height * width, attributes.shape[1], device=device, dtype=dtype)
-    out[fg] = values
-    return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+    out = torch.zeros(batch, height * width, attributes.shape[1], device=device, dtype=dtype)
+    flat_out = out.view(-1, attributes.shape[1])
+    # one corner at a time: peak memory (M, C) instead of (M, 3, C) for the 288 learned channels
+    values = attributes[corners[:, 0]] * weights[:, 0:1]
+    values.addcmul_(attributes[corners[:, 1]], weights[:, 1:2])
+    values.addcmul_(attributes[corners[:, 2]], weights[:, 2:3])
+    flat_out[fg] = values
+    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 def nearest_vertex_depth(
