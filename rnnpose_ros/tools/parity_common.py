@@ -52,7 +52,9 @@ def compare(name: str, actual, expected, atol: float, rtol: float) -> Comparison
     if not expected.is_floating_point():
         equal = bool(torch.equal(actual.to(expected.dtype), expected))
         mismatches = int((actual.to(expected.dtype) != expected).sum())
-        return Comparison(name, float(mismatches), 0.0, 0.0, 0.0, equal, "" if equal else f"{mismatches} differ")
+        return Comparison(
+            name, float(mismatches), 0.0, 0.0, 0.0, equal, "" if equal else f"{mismatches} differ"
+        )
     a = actual.detach().to(torch.float64)
     e = expected.detach().to(torch.float64)
     if a.numel() == 0:
@@ -63,7 +65,9 @@ def compare(name: str, actual, expected, atol: float, rtol: float) -> Comparison
     max_abs = float(diff.max())
     max_rel = float((diff / e.abs().clamp_min(1e-12)).max())
     passed = not nan_mismatch and bool((diff <= atol + rtol * e.abs()).all())
-    return Comparison(name, max_abs, max_rel, atol, rtol, passed, "NaN pattern differs" if nan_mismatch else "")
+    return Comparison(
+        name, max_abs, max_rel, atol, rtol, passed, "NaN pattern differs" if nan_mismatch else ""
+    )
 
 
 def load_fixture(path: Path) -> dict:
@@ -73,4 +77,6 @@ def load_fixture(path: Path) -> dict:
 
 def float_state_dict(state_dict: dict) -> dict:
     """Fixture weights are stored as float16 copies of fp16-exact values: widen them losslessly."""
-    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in state_dict.items()}
+    return {
+        k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in state_dict.items()
+    }
