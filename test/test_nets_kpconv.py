@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rnnpose_ros.core.nets.kpconv import KPConvFeatureNet
+from rnnpose_ros.core.nets import kpconv
+from rnnpose_ros.core.nets.kpconv import KPConv, KPConvFeatureNet
 from rnnpose_ros.core.nets.kpconv_pyramid import (
     PointPyramid,
     PointPyramidError,
@@ -127,7 +128,7 @@ def _net(out_dim: int, normalize: bool) -> KPConvFeatureNet:
 
 @pytest.mark.parametrize(("out_dim", "normalize"), [(32, True), (256, False)])
 def test_nets_are_permutation_equivariant(out_dim: int, normalize: bool) -> None:
-    cloud = bumpy_cloud(900, seed=2)
+    cloud = bumpy_cloud(600, seed=2)
     permutation = np.random.default_rng(3).permutation(len(cloud))
     pyramid = build_point_pyramid(cloud)
     permuted = build_point_pyramid(cloud[permutation], pyramid.neighbor_limits)
@@ -135,10 +136,10 @@ def test_nets_are_permutation_equivariant(out_dim: int, normalize: bool) -> None
     with torch.no_grad():
         output = net(pyramid)
         output_permuted = net(permuted)
-    assert output.shape == (900, out_dim)
+    assert output.shape == (600, out_dim)
     assert torch.isfinite(output).all()
     if normalize:
-        torch.testing.assert_close(output.norm(dim=1), torch.ones(900), atol=1e-5, rtol=0)
+        torch.testing.assert_close(output.norm(dim=1), torch.ones(600), atol=1e-5, rtol=0)
     torch.testing.assert_close(output_permuted, output[permutation], atol=1e-4, rtol=1e-4)
 
 
@@ -163,3 +164,16 @@ def test_pyramid_point_type() -> None:
     np.testing.assert_allclose(pyramid.points[0].numpy().mean(0), 0, atol=1e-6)
     extent = pyramid.points[0].max(0).values - pyramid.points[0].min(0).values
     assert float(extent.max()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_kpconv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    pyramid = build_point_pyramid(bumpy_cloud(400, seed=4))
+    torch.manual_seed(5)
+    conv = KPConv(4, 8, radius=0.0625)
+    features = torch.randn(400, 4)
+    points, neighbors = pyramid.points[0], pyramid.neighbors[0]
+    with torch.no_grad():
+        whole = conv(points, points, neighbors, features)
+        monkeypatch.setattr(kpconv, "CHUNK_ELEMENTS", 1000)
+        chunked = conv(points, points, neighbors, features)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)

@@ -53,19 +53,19 @@ def _instance_norm(features: torch.Tensor) -> torch.Tensor:
     return F.instance_norm(features.unsqueeze(2).transpose(0, 2), eps=NORM_EPS).transpose(0, 2).squeeze(2)
 
 
-def _initial_kernel_points(radius: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def _initial_kernel_points(radius: float) -> torch.Tensor:
     """Placeholder rigid kernel for training from scratch: (15, 3) float32, normalised units.
 
     One centre point plus 14 points on a sphere of radius 0.66·r (Fibonacci directions) under a
-    random rotation. Published weights always bring their own kernel points (loaded with the
-    state dict), which replace these.
+    random rotation (global torch RNG). Published weights always bring their own kernel points
+    (loaded with the state dict), which replace these.
     """
     count = NUM_KERNEL_POINTS - 1
     index = torch.arange(count, dtype=torch.float64) + 0.5
     polar = torch.acos(1 - 2 * index / count)
     azimuth = math.pi * (1 + math.sqrt(5)) * index
     directions = torch.stack([polar.sin() * azimuth.cos(), polar.sin() * azimuth.sin(), polar.cos()], dim=1)
-    rotation, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=generator))
+    rotation, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
     shell = 0.66 * radius * directions @ rotation.T
     return torch.cat([shell.new_zeros(1, 3), shell]).float()
 
@@ -120,8 +120,10 @@ class KPConv(nn.Module):
         supports = torch.cat([support_points, support_points.new_full((1, 3), SHADOW_COORDINATE)])
         padded = _pad_shadow(features)
         width = neighbors.shape[1]
+        # Largest per-row temporaries: influence terms (K·H, two alive), gathered features (H·Cin),
+        # per-kernel products (K·Cin, K·Cout).
         per_row = max(
-            width * 3 * num_kernel, width * in_channels, num_kernel * max(in_channels, out_channels)
+            2 * num_kernel * width, width * in_channels, num_kernel * max(in_channels, out_channels)
         )
         outputs = []
         for rows in _chunks(len(neighbors), per_row):
