@@ -4,7 +4,9 @@ How it works. One OpenGL context per process comes from ``pyrender.OffscreenRend
 OSMesa when ``PYOPENGL_PLATFORM=osmesa``; set the variable before the first import of this module to
 choose). A single rasterisation pass with a minimal shader writes ``gl_PrimitiveID`` into a 32-bit
 integer buffer without multisampling, so every foreground pixel carries the exact index of the visible
-triangle at its centre. Everything else is computed from that lookup in torch (float64):
+triangle at its centre. Everything else is computed from that lookup on the host with NumPy (float64
+geometry; NumPy rather than torch because torch's CPU thread pool competes with llvmpipe's rasteriser
+threads and slows both down badly on a shared machine):
 
 - barycentrics and depth by intersecting each pixel's ray with its triangle (exact, perspective
   correct, metric camera z);
@@ -96,13 +98,14 @@ class _GpuMesh:
 
 
 @dataclass
-class _ModelTensors:
-    vertices: torch.Tensor  # (N, 3) float64
-    faces: torch.Tensor  # (F, 3) int64
-    normals: torch.Tensor  # (N, 3) float32, area-weighted, shared across UV-seam duplicates
-    uvs: torch.Tensor | None  # (N, 2) float32
-    texture: torch.Tensor | None  # (h, w, 3) float32 [0, 1]
-    colors: torch.Tensor | None  # (N, 3) float32 [0, 1]
+class _ModelArrays:
+    vertices: np.ndarray  # (N, 3) float64
+    vertices32: np.ndarray  # (N, 3) float32
+    faces: np.ndarray  # (F, 3) int64
+    normals: np.ndarray  # (N, 3) float32, area-weighted, shared across UV-seam duplicates
+    uvs: np.ndarray | None  # (N, 2) float32
+    texture: np.ndarray | None  # (h, w, 3) float32 [0, 1]
+    colors: np.ndarray | None  # (N, 3) float32 [0, 1]
 
 
 class Renderer:
@@ -125,7 +128,7 @@ class Renderer:
         # GL buffers of garbage-collected models, deleted at the next render (needs the context)
         self._released: list[tuple[int, tuple[int, int]]] = []
         self._meshes: weakref.WeakKeyDictionary[ObjectModel, _GpuMesh] = weakref.WeakKeyDictionary()
-        self._tensors: weakref.WeakKeyDictionary[ObjectModel, _ModelTensors] = weakref.WeakKeyDictionary()
+        self._arrays: weakref.WeakKeyDictionary[ObjectModel, _ModelArrays] = weakref.WeakKeyDictionary()
         self._framebuffer: tuple[int, int, int] | None = None  # (fbo, colour rb, depth rb)
         self._framebuffer_size: tuple[int, int] | None = None
 
@@ -301,29 +304,24 @@ class Renderer:
         ids = np.frombuffer(data, dtype=np.int32).reshape(height, width)
         return np.flipud(ids).astype(np.int64)  # GL rows start at the bottom
 
-    # --- torch post-processing ---------------------------------------------------------------------
+    # --- host post-processing (NumPy: single-threaded, so it never fights the rasteriser for cores) --
 
-    def model_tensors(self, model: ObjectModel) -> _ModelTensors:
-        """Per-model float64 CPU tensors used for shading (cached)."""
-        cached = self._tensors.get(model)
+    def _model_arrays(self, model: ObjectModel) -> _ModelArrays:
+        """Per-model arrays used for shading (cached)."""
+        cached = self._arrays.get(model)
         if cached is None:
-            vertices = torch.from_numpy(model.vertices.astype(np.float64))
-            faces = torch.from_numpy(model.faces.astype(np.int64))
-            cached = _ModelTensors(
-                vertices=vertices,
-                faces=faces,
+            cached = _ModelArrays(
+                vertices=model.vertices.astype(np.float64),
+                vertices32=model.vertices.astype(np.float32),
+                faces=model.faces.astype(np.int64),
                 normals=_vertex_normals(model.vertices.astype(np.float64), model.faces),
-                uvs=torch.from_numpy(model.uvs.astype(np.float32)) if model.uvs is not None else None,
-                texture=torch.from_numpy(model.texture.astype(np.float32) / 255.0)
-                if model.texture is not None
+                uvs=model.uvs.astype(np.float32) if model.uvs is not None else None,
+                texture=model.texture.astype(np.float32) / 255.0 if model.texture is not None else None,
+                colors=model.vertex_colors.astype(np.float32) / 255.0
+                if model.vertex_colors is not None
                 else None,
-                colors=(
-                    torch.from_numpy(model.vertex_colors.astype(np.float32) / 255.0)
-                    if model.vertex_colors is not None
-                    else None
-                ),
             )
-            self._tensors[model] = cached
+            self._arrays[model] = cached
         return cached
 
     def _shade(
@@ -337,38 +335,31 @@ class Renderer:
         lighting: Lighting,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """For foreground pixels (flat indices): validity, depth (M,), barycentrics (M,3), rgb (M,3)."""
-        data = self.model_tensors(model)
-        pose_t = torch.from_numpy(pose.astype(np.float64))
-        faces = data.faces[torch.from_numpy(face_ids)]  # (M, 3)
-        tri = data.vertices[faces]  # (M, 3, 3) model frame
-        tri_cam = tri @ pose_t[:3, :3].T + pose_t[:3, 3]
-        pix = torch.from_numpy(pixels)
-        uv1 = torch.stack(
-            [(pix % width).double(), (pix // width).double(), torch.ones(len(pix), dtype=torch.float64)], 1
-        )
-        rays = uv1 @ torch.linalg.inv(torch.from_numpy(K.astype(np.float64))).T  # (M, 3), z = 1
-        weights, distance, valid = _ray_triangle(rays, tri_cam)
+        data = self._model_arrays(model)
+        faces = data.faces[face_ids]  # (M, 3)
+        vertices_cam = data.vertices @ pose[:3, :3].T + pose[:3, 3]
+        uv1 = np.stack([pixels % width, pixels // width, np.ones_like(pixels)], 1).astype(np.float64)
+        rays = uv1 @ np.linalg.inv(K).T  # (M, 3), z = 1
+        weights, distance, valid = _ray_triangle(rays, vertices_cam[faces])
         depth = distance * rays[:, 2]
 
         # shading needs no float64: everything below is float32
-        bary = weights.float()[..., None]
-        normals = _normalise((data.normals[faces] * bary).sum(1))
-        points = (tri.float() * bary).sum(1)
+        bary = weights.astype(np.float32)
+
+        def interpolate(values: np.ndarray) -> np.ndarray:
+            return np.einsum("mk,mkc->mc", bary, values[faces])
+
+        normals = _normalise(interpolate(data.normals))
+        points = interpolate(data.vertices32)
         if data.texture is not None and data.uvs is not None:
-            albedo = _sample_texture(data.texture, (data.uvs[faces] * bary).sum(1))
+            albedo = _sample_texture(data.texture, interpolate(data.uvs))
         elif data.colors is not None:
-            albedo = (data.colors[faces] * bary).sum(1)
+            albedo = interpolate(data.colors)
         else:
-            albedo = torch.tensor(DEFAULT_ALBEDO, dtype=torch.float32).expand(len(pix), 3)
-        camera_in_model = (-pose_t[:3, :3].T @ pose_t[:3, 3]).float()
+            albedo = np.broadcast_to(np.asarray(DEFAULT_ALBEDO, dtype=np.float32), (len(pixels), 3))
+        camera_in_model = (-pose[:3, :3].T @ pose[:3, 3]).astype(np.float32)
         colour = _phong(albedo, points, normals, camera_in_model, lighting)
-        keep = valid.numpy()
-        return (
-            keep,
-            depth.numpy()[keep].astype(np.float32),
-            weights.numpy()[keep].astype(np.float32),
-            colour.numpy()[keep].astype(np.float32),
-        )
+        return valid, depth[valid].astype(np.float32), weights[valid].astype(np.float32), colour[valid]
 
     def close(self) -> None:
         """Release the OpenGL context (the renderer cannot be used afterwards)."""
@@ -394,80 +385,72 @@ def opencv_projection_matrix(K: np.ndarray, height: int, width: int, near: float
     return proj
 
 
-def _ray_triangle(rays: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Möller–Trumbore for rays from the origin.
+def _ray_triangle(rays: np.ndarray, tri: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Möller–Trumbore for rays from the origin (float64).
 
     rays (M, 3), tri (M, 3, 3) -> weights (M, 3), ray parameter t (M,), valid (M,) bool.
     """
     p0, e1, e2 = tri[:, 0], tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
-    pvec = torch.linalg.cross(rays, e2)
-    det = (e1 * pvec).sum(-1)
-    scale = e1.norm(dim=-1) * e2.norm(dim=-1) * rays.norm(dim=-1)
-    valid = det.abs() > 1e-12 * scale
-    inv = torch.where(valid, 1.0 / torch.where(valid, det, torch.ones_like(det)), torch.zeros_like(det))
-    tvec = -p0
-    b1 = (tvec * pvec).sum(-1) * inv
-    qvec = torch.linalg.cross(tvec, e1)
-    b2 = (rays * qvec).sum(-1) * inv
-    t = (e2 * qvec).sum(-1) * inv
-    weights = torch.stack([1 - b1 - b2, b1, b2], -1)
+    pvec = np.cross(rays, e2)
+    det = np.einsum("ij,ij->i", e1, pvec)
+    scale = np.linalg.norm(e1, axis=1) * np.linalg.norm(e2, axis=1) * np.linalg.norm(rays, axis=1)
+    valid = np.abs(det) > 1e-12 * scale
+    inv = np.where(valid, 1.0 / np.where(valid, det, 1.0), 0.0)
+    qvec = np.cross(-p0, e1)
+    b1 = -np.einsum("ij,ij->i", p0, pvec) * inv
+    b2 = np.einsum("ij,ij->i", rays, qvec) * inv
+    t = np.einsum("ij,ij->i", e2, qvec) * inv
+    weights = np.stack([1 - b1 - b2, b1, b2], -1)
     # The rasteriser says the pixel centre is inside; clamp round-off at edges and renormalise.
-    weights = weights.clamp(min=0.0)
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
-    valid = valid & (t > 0)
-    return weights, t, valid
+    np.maximum(weights, 0.0, out=weights)
+    weights /= np.maximum(weights.sum(-1, keepdims=True), 1e-12)
+    return weights, t, valid & (t > 0)
 
 
-def _normalise(v: torch.Tensor) -> torch.Tensor:
-    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+def _normalise(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> torch.Tensor:
-    """(N,3) area-weighted vertex normals; copies of one position (UV seams) share one normal."""
-    _, group, _ = np.unique(vertices, axis=0, return_inverse=True, return_counts=True)
+def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """(N, 3) float32 area-weighted vertex normals; copies of one position (UV seams) share one normal."""
+    _, group = np.unique(vertices, axis=0, return_inverse=True)
     group = group.reshape(-1)
     tri = vertices[faces]
     face_normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2·area
     accum = np.zeros((group.max() + 1, 3))
     for corner in range(3):
         np.add.at(accum, group[faces[:, corner]], face_normals)
-    normals = accum[group]
-    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-    return torch.from_numpy(normals.astype(np.float32))
+    return _normalise(accum[group]).astype(np.float32)
 
 
-def _sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
-    """Bilinear, wrapping lookup. texture (h,w,3) float32, uv (M,2) OpenGL convention -> (M,3)."""
+def _sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Bilinear, wrapping lookup. texture (h, w, 3) float32, uv (M, 2) OpenGL convention -> (M, 3)."""
     h, w = texture.shape[:2]
     x = uv[:, 0] * w - 0.5
     y = (1.0 - uv[:, 1]) * h - 0.5
-    x0, y0 = torch.floor(x), torch.floor(y)
+    x0, y0 = np.floor(x), np.floor(y)
     fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    x0, y0 = x0.long(), y0.long()
-    xs, ys = (x0 % w, (x0 + 1) % w), (y0 % h, (y0 + 1) % h)
-    top = texture[ys[0], xs[0]] * (1 - fx) + texture[ys[0], xs[1]] * fx
-    bottom = texture[ys[1], xs[0]] * (1 - fx) + texture[ys[1], xs[1]] * fx
+    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    xa, xb, ya, yb = x0 % w, (x0 + 1) % w, y0 % h, (y0 + 1) % h
+    top = texture[ya, xa] * (1 - fx) + texture[ya, xb] * fx
+    bottom = texture[yb, xa] * (1 - fx) + texture[yb, xb] * fx
     return top * (1 - fy) + bottom * fy
 
 
 def _phong(
-    albedo: torch.Tensor,
-    points: torch.Tensor,
-    normals: torch.Tensor,
-    camera: torch.Tensor,
-    lighting: Lighting,
-) -> torch.Tensor:
-    """Point-light Phong in the object frame; (M,3) inputs, output clipped to [0, 1]."""
-    light = torch.tensor(lighting.light_position, dtype=points.dtype)
+    albedo: np.ndarray, points: np.ndarray, normals: np.ndarray, camera: np.ndarray, lighting: Lighting
+) -> np.ndarray:
+    """Point-light Phong in the object frame; (M, 3) float32 inputs, output clipped to [0, 1]."""
+    light = np.asarray(lighting.light_position, dtype=np.float32)
     to_light = _normalise(light - points)
-    cos_light = (normals * to_light).sum(-1)
-    diffuse = lighting.diffuse * cos_light.clamp(min=0.0)
+    cos_light = np.einsum("ij,ij->i", normals, to_light)
+    diffuse = lighting.diffuse * np.maximum(cos_light, 0.0)
     reflected = 2 * cos_light[:, None] * normals - to_light
     to_camera = _normalise(camera - points)
-    alpha = (reflected * to_camera).sum(-1).clamp(min=0.0) * (cos_light > 0)
-    specular = lighting.specular * torch.pow(alpha, lighting.shininess)
+    alpha = np.maximum(np.einsum("ij,ij->i", reflected, to_camera), 0.0) * (cos_light > 0)
+    specular = lighting.specular * np.power(alpha, np.float32(lighting.shininess))  # 0^0 = 1, as published
     colour = albedo * (lighting.ambient + diffuse)[:, None] + specular[:, None]
-    return colour.clamp(0.0, 1.0)
+    return np.clip(colour, 0.0, 1.0).astype(np.float32)
 
 
 def _link_program(vertex_src: str, fragment_src: str) -> int:
