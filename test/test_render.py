@@ -254,3 +254,9 @@ def test_interpolate_many_channels_and_released_models(renderer):
     assert renderer.render(
         [model_from_trimesh(trimesh.creation.box(), "b")], pose(t=(0, 0, 3.0)), intrinsics(), (40, 40)
     ).mask.any()
+
+
+def test_to_torch(renderer, box):
+    out = renderer.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80)).to_torch()
+    assert out["rgb"].shape == (1, 3, 60, 80) and out["face_index"].dtype == torch.int64
+    assert out["depth"].shape == (1, 60, 80) and out["barycentric"].shape == (1, 60, 80, 3)

@@ -89,6 +89,16 @@ class RenderOutput:
     face_index: np.ndarray
     barycentric: np.ndarray
 
+    def to_torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The same fields as torch tensors on ``device`` (rgb as (B, 3, H, W), NCHW like the networks)."""
+        return {
+            "rgb": torch.from_numpy(self.rgb).to(device).permute(0, 3, 1, 2).contiguous(),
+            "depth": torch.from_numpy(self.depth).to(device),
+            "mask": torch.from_numpy(self.mask).to(device),
+            "face_index": torch.from_numpy(self.face_index).to(device),
+            "barycentric": torch.from_numpy(self.barycentric).to(device),
+        }
+
 
 @dataclass
 class _GpuMesh:
