@@ -181,13 +181,13 @@ def check_kpconv_pyramid(fixture: dict, fixture_dir: Path | None = None) -> list
         levels.append(_LevelMatch(match, theirs.numpy(), deviation))
 
     for level, match in enumerate(levels):
-        untruncated = radius_neighbors(
-            pyramid.points[level].numpy(), pyramid.points[level].numpy(), config.radius(level)
-        )
-        expected = fixture["neighbors_untruncated"][level].numpy()
-        results += _compare_index_matrix(
-            f"neighbors_untruncated.{level}", untruncated, expected, match, match
-        )
+        if "neighbors_untruncated" in fixture:  # debug aid of the fixture: counts before truncation
+            points = pyramid.points[level].numpy()
+            untruncated = radius_neighbors(points, points, config.radius(level))
+            expected = fixture["neighbors_untruncated"][level].numpy()
+            results += _compare_index_matrix(
+                f"neighbors_untruncated.{level}", untruncated, expected, match, match
+            )
         expected = fixture["neighbors"][level].numpy()
         results += _compare_index_matrix(
             f"neighbors.{level}", pyramid.neighbors[level].numpy(), expected, match, match
