@@ -137,6 +137,18 @@ def test_vertex_coloured_ply(tmp_path):
     assert model.texture is None
 
 
+def test_from_arrays_validates():
+    box = trimesh.creation.box(extents=(0.1, 0.1, 0.1))
+    model = ObjectModel.from_arrays("b", box.vertices, box.faces)
+    assert model.diameter == pytest.approx(np.sqrt(0.03)) and model.mesh_path == Path()
+    with pytest.raises(ObjectModelError, match="face indices"):
+        ObjectModel.from_arrays("b", box.vertices, box.faces + 100)
+    with pytest.raises(ObjectModelError, match="faces must be"):
+        ObjectModel.from_arrays("b", box.vertices, np.zeros((0, 3)))
+    with pytest.raises(ObjectModelError, match="uvs"):
+        ObjectModel.from_arrays("b", box.vertices, box.faces, uvs=np.zeros((3, 2)))
+
+
 def test_diameter_exact():
     rng = np.random.default_rng(1)
     pts = rng.normal(size=(300, 3))

@@ -19,23 +19,7 @@ from rnnpose_ros.core.render import (
 
 
 def model_from_trimesh(mesh: trimesh.Trimesh, class_id: str = "m") -> ObjectModel:
-    vertices = np.asarray(mesh.vertices, dtype=np.float64)
-    lo, hi = vertices.min(0), vertices.max(0)
-    return ObjectModel(
-        class_id=class_id,
-        vertices=vertices.astype(np.float32),
-        faces=np.asarray(mesh.faces, dtype=np.int64),
-        uvs=None,
-        texture=None,
-        vertex_colors=None,
-        symmetric=False,
-        weights=None,
-        diameter=float(np.linalg.norm(hi - lo)),
-        extents=hi - lo,
-        center=(hi + lo) / 2,
-        eval_points=vertices.astype(np.float32),
-        mesh_path=None,
-    )
+    return ObjectModel.from_arrays(class_id, mesh.vertices, mesh.faces)
 
 
 @pytest.fixture(scope="module")

@@ -23,24 +23,8 @@ K_SMALL = np.array([[143.0, 0, 79.5], [0, 143.0, 59.5], [0, 0, 1]])
 
 def coloured_box(extents=(0.08, 0.06, 0.05), class_id="box") -> ObjectModel:
     mesh = trimesh.creation.box(extents=extents)
-    vertices = np.asarray(mesh.vertices, dtype=np.float64)
-    colours = (np.abs(vertices) / np.abs(vertices).max() * 255).astype(np.uint8)
-    lo, hi = vertices.min(0), vertices.max(0)
-    return ObjectModel(
-        class_id=class_id,
-        vertices=vertices.astype(np.float32),
-        faces=np.asarray(mesh.faces, dtype=np.int64),
-        uvs=None,
-        texture=None,
-        vertex_colors=colours,
-        symmetric=False,
-        weights=None,
-        diameter=float(np.linalg.norm(hi - lo)),
-        extents=hi - lo,
-        center=(hi + lo) / 2,
-        eval_points=vertices.astype(np.float32),
-        mesh_path=None,
-    )
+    colours = (np.abs(mesh.vertices) / np.abs(mesh.vertices).max() * 255).astype(np.uint8)
+    return ObjectModel.from_arrays(class_id, mesh.vertices, mesh.faces, vertex_colors=colours)
 
 
 @pytest.fixture(scope="module")

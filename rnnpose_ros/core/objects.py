@@ -116,26 +116,69 @@ class ObjectModel:
         if scale <= 0:
             raise ObjectModelError(f"{path}: scale must be > 0, got {scale}")
         mesh = _load_trimesh(path)
-        vertices = np.asarray(mesh.vertices, dtype=np.float64) * float(scale)
-        faces = np.asarray(mesh.faces, dtype=np.int64)
         uvs, texture, vertex_colors = _visuals(mesh, path)
-        diameter = mesh_diameter(vertices)
-        _check_units(path, diameter, float(scale))
-        lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-        return cls(
-            class_id=class_id if class_id is not None else path.stem,
-            vertices=vertices.astype(np.float32),
-            faces=faces,
+        vertices = np.asarray(mesh.vertices, dtype=np.float64) * float(scale)
+        _check_units(path, mesh_diameter(vertices), float(scale))
+        return cls.from_arrays(
+            class_id if class_id is not None else path.stem,
+            vertices,
+            np.asarray(mesh.faces, dtype=np.int64),
             uvs=uvs,
             texture=texture,
             vertex_colors=vertex_colors,
+            symmetric=symmetric,
+            weights=weights,
+            mesh_path=path,
+            num_eval_points=num_eval_points,
+        )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        class_id: str,
+        vertices: np.ndarray,
+        faces: np.ndarray,
+        uvs: np.ndarray | None = None,
+        texture: np.ndarray | None = None,
+        vertex_colors: np.ndarray | None = None,
+        symmetric: bool = False,
+        weights: str | Path | None = None,
+        mesh_path: str | Path = "",
+        num_eval_points: int = DEFAULT_EVAL_POINTS,
+    ) -> ObjectModel:
+        """Build a model from arrays already in metres (e.g. a trimesh primitive in a test).
+
+        vertices (N, 3), faces (F, 3), uvs (N, 2), texture (h, w, 3) uint8, vertex_colors (N, 3) uint8.
+        Derived fields (diameter, extents, centre, eval points) are computed; no unit check is made.
+        """
+        vertices = np.asarray(vertices, dtype=np.float64)
+        faces = np.asarray(faces, dtype=np.int64)
+        if vertices.ndim != 2 or vertices.shape[1] != 3 or len(vertices) == 0:
+            raise ObjectModelError(
+                f"{class_id}: vertices must be a non-empty (N, 3) array, got {vertices.shape}"
+            )
+        if faces.ndim != 2 or faces.shape[1] != 3 or len(faces) == 0:
+            raise ObjectModelError(f"{class_id}: faces must be a non-empty (F, 3) array, got {faces.shape}")
+        if faces.min() < 0 or faces.max() >= len(vertices):
+            raise ObjectModelError(f"{class_id}: face indices outside [0, {len(vertices)})")
+        for name, array in (("uvs", uvs), ("vertex_colors", vertex_colors)):
+            if array is not None and len(array) != len(vertices):
+                raise ObjectModelError(f"{class_id}: {name} must have one row per vertex ({len(vertices)})")
+        lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+        return cls(
+            class_id=class_id,
+            vertices=vertices.astype(np.float32),
+            faces=faces,
+            uvs=np.asarray(uvs, dtype=np.float32) if uvs is not None else None,
+            texture=np.asarray(texture, dtype=np.uint8) if texture is not None else None,
+            vertex_colors=np.asarray(vertex_colors, dtype=np.uint8) if vertex_colors is not None else None,
             symmetric=bool(symmetric),
             weights=Path(weights) if weights is not None else None,
-            diameter=diameter,
+            diameter=mesh_diameter(vertices),
             extents=hi - lo,
             center=(hi + lo) / 2.0,
             eval_points=sample_eval_points(vertices, num_eval_points),
-            mesh_path=path,
+            mesh_path=Path(mesh_path),
         )
 
 
