@@ -10,10 +10,13 @@ import pytest
 import trimesh
 
 from rnnpose_ros.core.objects import (
+    MIN_DIAMETER_M,
+    PYBULLET_TEXTURED_MESHES,
     ObjectModel,
     ObjectModelError,
     ObjectRegistry,
     UnknownObjectError,
+    load_pybullet_object,
     mesh_diameter,
     resolve_mesh_path,
 )
@@ -182,7 +185,13 @@ def test_shipped_registry_duck():
 
 @needs_pybullet
 def test_texture_outside_mesh_folder():
-    from rnnpose_ros.core.objects import load_pybullet_object
-
     torus = load_pybullet_object("torus")  # its MTL names ../cube.png
     assert torus.texture is not None
+
+
+@needs_pybullet
+@pytest.mark.parametrize("name", sorted(PYBULLET_TEXTURED_MESHES))
+def test_listed_pybullet_meshes_are_textured(name):
+    model = load_pybullet_object(name)
+    assert model.texture is not None and model.uvs is not None
+    assert MIN_DIAMETER_M <= model.diameter <= 0.6

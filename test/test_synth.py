@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import trimesh
@@ -119,4 +121,19 @@ def test_supersampled_intrinsics_align_with_native(renderer, box):
 
 
 def test_default_camera():
-    assert DEFAULT_K[0, 0] == pytest.approx(572.0) and DEFAULT_K[0, 2] == pytest.approx(320.0)
+    assert DEFAULT_K[0, 0] == pytest.approx(572.0) and DEFAULT_K[0, 2] == pytest.approx(319.5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pybullet_data") is None, reason="pybullet_data not installed")
+def test_duck_scene_default_camera(renderer):
+    from rnnpose_ros.core.objects import load_pybullet_object
+
+    duck = load_pybullet_object("duck")
+    scene = make_scene([duck], 5, renderer)
+    assert scene.image.shape == (480, 640, 3) and scene.background
+    np.testing.assert_allclose(scene.K, [[572, 0, 319.5], [0, 572, 239.5], [0, 0, 1]])
+    inst = scene.instances[0]
+    assert inst.class_id == "duck" and inst.mask.sum() > 100
+    # the duck's pixels differ from the bare background photo: it is really drawn there
+    ys, xs = np.nonzero(inst.mask)
+    assert scene.image[ys, xs].astype(float).std() > 5

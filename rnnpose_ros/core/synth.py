@@ -26,7 +26,8 @@ from rnnpose_ros.core.objects import ObjectModel
 from rnnpose_ros.core.render import Lighting, Renderer
 
 DEFAULT_SIZE = (480, 640)
-DEFAULT_K = np.array([[572.0, 0.0, 320.0], [0.0, 572.0, 240.0], [0.0, 0.0, 1.0]])
+#: A LINEMOD-like 640×480 camera; the principal point is the image centre (pixel centres at integers).
+DEFAULT_K = np.array([[572.0, 0.0, 319.5], [0.0, 572.0, 239.5], [0.0, 0.0, 1.0]])
 #: Real photographs shipped with scikit-image (no download needed).
 BACKGROUNDS = (
     "astronaut",
