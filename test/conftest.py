@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Every parameter of the published checkpoints with its shape (shared design folder).
+STATE_DICT_SPEC = REPO_ROOT.parent / "shared" / "design" / "rnnpose_state_dict.json"
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO_ROOT / "config" / "fastdds_localhost.xml")
@@ -34,3 +38,16 @@ def golden() -> Path:
     if not path.is_dir():
         pytest.skip(f"golden fixtures not found at {path} (set RNNPOSE_GOLDEN_DIR)")
     return path
+
+
+def run_check_parity(golden: Path, *kinds: str) -> subprocess.CompletedProcess:
+    """The CLI in its own process, so that its oneDNN kernel choice applies (see check_parity)."""
+    only = [arg for kind in kinds for arg in ("--only", kind)]
+    return subprocess.run(
+        [sys.executable, "-m", "rnnpose_ros.tools.check_parity", str(golden), *only],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"},
+    )

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,8 @@ import torch
 from rnnpose_ros.core.nets.confidence import descriptor_confidence
 from rnnpose_ros.tools import check_parity
 from rnnpose_ros.tools.check_parity import ParityRegistryError, collect_checks, main, resolve_kind
+
+from conftest import run_check_parity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NETS2D_KINDS = ["desc2d", "raft_encoder", "corr_lookup", "update_block", "confidence"]
@@ -106,15 +105,7 @@ def test_cli_usage_errors(tmp_path, monkeypatch, restore_threads) -> None:
 def test_golden_end_to_end(golden: Path) -> None:
     # The cheap kinds only: test_nets_desc2d / test_nets_raft run the CLI on the network fixtures.
     kinds = ["corr_lookup", "confidence"]
-    only = [arg for kind in kinds for arg in ("--only", kind)]
-    result = subprocess.run(
-        [sys.executable, "-m", "rnnpose_ros.tools.check_parity", str(golden), *only],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"},
-    )
+    result = run_check_parity(golden, *kinds)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     for kind in kinds:

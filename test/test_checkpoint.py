@@ -18,9 +18,9 @@ from rnnpose_ros.core.checkpoint import (
 )
 from rnnpose_ros.core.model import RNNPoseNet, ours_to_published, published_to_ours
 
-from conftest import REPO_ROOT
+from conftest import STATE_DICT_SPEC
 
-KEY_TABLE = REPO_ROOT.parent / "shared" / "design" / "rnnpose_state_dict.json"
+KEY_TABLE = STATE_DICT_SPEC
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,22 +10,9 @@ import torch
 
 from rnnpose_ros.core.nets.desc2d import Desc2DInputError, Desc2DNet
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-STATE_DICT_SPEC = REPO_ROOT.parent / "shared" / "design" / "rnnpose_state_dict.json"
+from conftest import STATE_DICT_SPEC, run_check_parity
+
 PREFIX = "hybrid_desc_net.corr_fea_extractor_2d."
-
-
-def run_check_parity(golden: Path, *kinds: str) -> subprocess.CompletedProcess:
-    """The CLI in its own process, so that its oneDNN kernel choice applies (see check_parity)."""
-    only = [arg for kind in kinds for arg in ("--only", kind)]
-    return subprocess.run(
-        [sys.executable, "-m", "rnnpose_ros.tools.check_parity", str(golden), *only],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,21 +31,7 @@ from rnnpose_ros.core.nets.raft import (
 from rnnpose_ros.tools.parity_common import load_fixture
 from rnnpose_ros.tools.parity_nets2d import check_corr_lookup
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-STATE_DICT_SPEC = REPO_ROOT.parent / "shared" / "design" / "rnnpose_state_dict.json"
-
-
-def run_check_parity(golden: Path, *kinds: str) -> subprocess.CompletedProcess:
-    """The CLI in its own process, so that its oneDNN kernel choice applies (see check_parity)."""
-    only = [arg for kind in kinds for arg in ("--only", kind)]
-    return subprocess.run(
-        [sys.executable, "-m", "rnnpose_ros.tools.check_parity", str(golden), *only],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"},
-    )
+from conftest import STATE_DICT_SPEC, run_check_parity
 
 
 def published_shapes(prefix: str) -> dict[str, list[int]]:
