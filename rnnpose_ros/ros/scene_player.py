@@ -1,0 +1,563 @@
+"""The ``scene_player`` node: synthetic camera frames with ground truth, for the demo and for trying the node.
+
+Each frame is a scene from :func:`rnnpose_ros.core.synth.make_scene` (the real textured mesh, e.g.
+pybullet's duck, rendered over a real ``skimage.data`` photograph) published as three messages with one
+shared header (stamp = publish time, ``frame_id`` = ``camera_color_optical_frame`` by default):
+
+    ``image``        sensor_msgs/Image, rgb8 (sensor-data QoS, like a camera driver)
+    ``camera_info``  sensor_msgs/CameraInfo of the same image (K = P, no distortion: rectified)
+    ``detections``   vision_msgs/Detection3DArray, one detection per object with a *noisy* pose, as a
+                     detector would give it (:func:`~rnnpose_ros.core.synth.perturb_pose`: 15° per Euler
+                     angle, 1 / 1 / 5 cm along x / y / z by default, seeded)
+
+It listens to the refiner's output (``result_topic``, default ``/rnnpose_refiner/detections``) and keeps
+every frame's ground truth with the answer, so a caller can score the refinement
+(:func:`score_frame`). Pacing: at most ``rate`` frames per second; with ``wait_for_result`` (default)
+the next frame is published only once the previous one is *settled* (answered, or ``result_timeout``
+seconds passed), so every frame is refined and the run measures accuracy; without it the player
+free-runs at ``rate`` and shows the node's drop policy (frames the node skipped never get an answer).
+A frame counts as answered when an output with its stamp arrives; an unanswered frame followed by an
+answered later one was dropped by the node (it works on frames in order).
+
+Scenes are generated ahead in a background thread (rendering never delays an answer's bookkeeping).
+Frame ``i`` of seed ``s`` is always the same scene and the same noisy detection.
+
+Standalone: ``scene_player --ros-args -p frames:=20 -p rate:=1.0`` next to a running ``refine_node``
+logs each frame's initial and refined ADD(-S) error. :mod:`rnnpose_ros.tools.demo` runs it in-process.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+import rclpy.executors
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
+
+from rnnpose_ros.core import metrics
+from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
+from rnnpose_ros.core.synth import Scene, SceneError, make_scene
+from rnnpose_ros.ros.conversions import (
+    ConversionError,
+    bounding_box,
+    matrix_to_pose,
+    pose_to_matrix,
+    rgb_to_image,
+)
+
+NODE_NAME = "scene_player"
+DEFAULT_FRAME_ID = "camera_color_optical_frame"
+DEFAULT_RESULT_TOPIC = "/rnnpose_refiner/detections"
+# Attempts at a scene for one frame index before giving up (make_scene can fail to place an object).
+SCENE_ATTEMPTS = 5
+# How often the pacing timer looks at the state (s); the publish rate itself is the ``rate`` parameter.
+POLL_PERIOD_S = 0.02
+# Thresholds of the standard metrics (LINEMOD protocol).
+ADD_FRACTION = 0.1
+CM_DEG = (5.0, 5.0)
+PROJ_PX = 5.0
+
+
+class ScenePlayerError(ValueError):
+    """A parameter value the player cannot run with (the message names the parameter)."""
+
+
+# ---------------------------------------------------------------- frames and scoring
+
+
+@dataclass
+class PlayedFrame:
+    """One published frame: its scene (ground truth included), header, and the refiner's answer.
+
+    Attributes:
+        index: frame number (0, 1, ...).
+        scene: the synthetic scene; ``scene.instances[i]`` holds ``pose_gt`` and ``pose_init`` (the
+            published noisy pose) of detection ``i``, (4, 4) float64 model→camera, metres.
+        header: the header shared by the frame's image, camera_info and detections.
+        published_at: ``time.monotonic()`` when the frame was published.
+        result: the refiner's ``Detection3DArray`` for this stamp, or None (not yet / never).
+        answered_at: ``time.monotonic()`` when ``result`` arrived, or None.
+    """
+
+    index: int
+    scene: Scene
+    header: Header
+    published_at: float
+    result: Detection3DArray | None = None
+    answered_at: float | None = None
+
+    @property
+    def stamp_ns(self) -> int:
+        return stamp_nanoseconds(self.header)
+
+    @property
+    def latency_s(self) -> float | None:
+        """Seconds from publishing the frame to receiving its refined detections (None if unanswered)."""
+        return None if self.answered_at is None else self.answered_at - self.published_at
+
+
+@dataclass
+class PoseErrors:
+    """Errors of one pose against the ground truth.
+
+    Attributes:
+        add_m: ADD (ADD-S for symmetric objects) in metres; add_fraction: the same / object diameter.
+        rotation_deg: angle of R_est·R_gtᵀ, degrees; translation_m: ‖t_est − t_gt‖, metres.
+        projection_px: mean 2D reprojection distance of the model points, pixels.
+    """
+
+    add_m: float
+    add_fraction: float
+    rotation_deg: float
+    translation_m: float
+    projection_px: float
+
+    @property
+    def add_passed(self) -> bool:
+        """ADD(-S) < 0.1 · diameter."""
+        return self.add_fraction < ADD_FRACTION
+
+    @property
+    def cm_deg_passed(self) -> bool:
+        """Translation < 5 cm and rotation < 5°."""
+        return self.translation_m * 100.0 < CM_DEG[0] and self.rotation_deg < CM_DEG[1]
+
+    @property
+    def projection_passed(self) -> bool:
+        """Mean 2D projection error < 5 px."""
+        return self.projection_px < PROJ_PX
+
+
+@dataclass
+class InstanceScore:
+    """Initial (detector) and refined errors of one object of a frame.
+
+    ``refined`` is None when the refiner's output lacks the detection or its pose cannot be read;
+    ``score`` is the refiner's score in [0, 1] (0 = passed through unrefined).
+    """
+
+    class_id: str
+    instance_id: str
+    initial: PoseErrors
+    refined: PoseErrors | None
+    score: float
+    symmetric: bool = False
+
+
+def pose_errors(model: ObjectModel, pose: np.ndarray, pose_gt: np.ndarray, K: np.ndarray) -> PoseErrors:
+    """Errors of ``pose`` (4, 4) against ``pose_gt`` (4, 4) for ``model``, with intrinsics K (3, 3)."""
+    points = model.eval_points
+    add_m = metrics.add_or_add_s(points, pose, pose_gt, model.symmetric)
+    return PoseErrors(
+        add_m=add_m,
+        add_fraction=add_m / model.diameter,
+        rotation_deg=metrics.rotation_error_deg(pose, pose_gt),
+        translation_m=metrics.translation_error(pose, pose_gt),
+        projection_px=metrics.projection_error_2d(points, pose, pose_gt, K),
+    )
+
+
+def score_frame(frame: PlayedFrame, registry: ObjectRegistry) -> list[InstanceScore]:
+    """Score every object of an answered ``frame``; output detection ``i`` answers input detection ``i``
+    (the node keeps the order). Returns an empty list for an unanswered frame."""
+    if frame.result is None:
+        return []
+    scores = []
+    K = frame.scene.K
+    for i, truth in enumerate(frame.scene.instances):
+        model = registry[truth.class_id]
+        refined, score = None, 0.0
+        if i < len(frame.result.detections) and frame.result.detections[i].results:
+            hypothesis = frame.result.detections[i].results[0]
+            score = float(hypothesis.hypothesis.score)
+            try:
+                pose, _ = pose_to_matrix(hypothesis.pose.pose)
+                refined = pose_errors(model, pose, truth.pose_gt, K)
+            except (ConversionError, metrics.MetricsInputError):
+                refined = None
+        scores.append(
+            InstanceScore(
+                class_id=truth.class_id,
+                instance_id=truth.instance_id,
+                initial=pose_errors(model, truth.pose_init, truth.pose_gt, K),
+                refined=refined,
+                score=score,
+                symmetric=model.symmetric,
+            )
+        )
+    return scores
+
+
+# ---------------------------------------------------------------- messages
+
+
+def stamp_nanoseconds(header: Header) -> int:
+    """``header.stamp`` as integer nanoseconds (the key that matches a frame with its answer)."""
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+def camera_info_message(K: np.ndarray, size: tuple[int, int], header: Header) -> CameraInfo:
+    """``CameraInfo`` of a rectified (H, W) = ``size`` image with intrinsics K (3, 3): K = P[:, :3],
+    identity R, plumb_bob with zero distortion."""
+    height, width = size
+    info = CameraInfo(header=header, height=int(height), width=int(width))
+    info.distortion_model = "plumb_bob"
+    info.d = [0.0] * 5
+    info.k = [float(v) for v in np.asarray(K, dtype=np.float64).ravel()]
+    info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    P = np.zeros((3, 4))
+    P[:, :3] = K
+    info.p = [float(v) for v in P.ravel()]
+    return info
+
+
+def detections_message(scene: Scene, registry: ObjectRegistry, header: Header) -> Detection3DArray:
+    """The detector's view of ``scene``: one ``Detection3D`` per instance with the noisy ``pose_init``
+    (``results[0]``: class id, score 1, pose of the mesh origin), the mesh box at that pose, ``id`` = the
+    instance's index so the refiner names it ``<class_id>_<index>``."""
+    array = Detection3DArray(header=header)
+    for index, instance in enumerate(scene.instances):
+        model = registry[instance.class_id]
+        hypothesis = ObjectHypothesisWithPose()
+        hypothesis.hypothesis.class_id = instance.class_id
+        hypothesis.hypothesis.score = 1.0
+        hypothesis.pose.pose = matrix_to_pose(instance.pose_init)
+        array.detections.append(
+            Detection3D(
+                header=header,
+                id=str(index),
+                results=[hypothesis],
+                bbox=bounding_box(instance.pose_init, model.center, model.extents),
+            )
+        )
+    return array
+
+
+# ---------------------------------------------------------------- scene generation
+
+
+class SceneSource:
+    """Scenes generated ahead in a background thread, in frame order, at most ``prefetch`` waiting.
+
+    Frame ``i`` uses ``numpy.random.default_rng([seed, i, attempt])`` (attempt > 0 only when the scene
+    could not be placed), so a run is reproducible frame by frame. ``frames = 0`` generates forever.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[ObjectModel],
+        seed: int,
+        frames: int,
+        scene_options: dict[str, Any],
+        prefetch: int = 2,
+    ):
+        self.models = list(models)
+        self.seed = seed
+        self.frames = frames
+        self.scene_options = scene_options
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[Scene] = queue.Queue(maxsize=max(prefetch, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._generate, name="scene_source", daemon=True)
+        self._thread.start()
+
+    def _generate(self) -> None:
+        from rnnpose_ros.core.render import Renderer  # heavy (OpenGL): only in the thread that renders
+
+        try:
+            renderer = Renderer()
+            index = 0
+            while not self._stop.is_set() and (self.frames == 0 or index < self.frames):
+                scene = self._scene(renderer, index)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(scene, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                index += 1
+            renderer.close()
+        except Exception as error:  # reported by the player, which then stops
+            self.error = error
+
+    def _scene(self, renderer: Any, index: int) -> Scene:
+        for attempt in range(SCENE_ATTEMPTS):
+            rng = np.random.default_rng([self.seed, index, attempt])
+            try:
+                return make_scene(self.models, rng, renderer, **self.scene_options)
+            except SceneError as error:
+                last = error
+        raise SceneError(f"frame {index}: {last}")
+
+    def get(self) -> Scene | None:
+        """The next scene if one is ready, else None (never blocks)."""
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10.0)
+
+
+# ---------------------------------------------------------------- the node
+
+
+@dataclass(frozen=True)
+class _Param:
+    default: Any
+    description: str
+    int_range: tuple[int, int] | None = None
+    float_range: tuple[float, float] | None = None
+
+
+PARAMETERS: dict[str, _Param] = {
+    "frames": _Param(10, "Frames to publish; 0 = forever.", int_range=(0, 1_000_000)),
+    "seed": _Param(
+        0, "Seed of the scenes and of the detector noise (frame i is always the same).", (0, 2**31 - 1)
+    ),
+    "rate": _Param(2.0, "Most frames per second.", float_range=(0.01, 100.0)),
+    "wait_for_result": _Param(
+        True, "Publish the next frame only once the refiner answered the previous one (or it timed out)."
+    ),
+    "result_timeout": _Param(
+        60.0,
+        "Seconds a frame may wait for its answer before it counts as unanswered.",
+        float_range=(0.1, 3600.0),
+    ),
+    "result_topic": _Param(DEFAULT_RESULT_TOPIC, "The refiner's output detections."),
+    "frame_id": _Param(DEFAULT_FRAME_ID, "frame_id of every published header (the camera optical frame)."),
+    "objects_file": _Param("", "Object registry YAML; empty = the package's config/objects.yaml."),
+    "objects": _Param(["duck"], "Class ids placed in every scene (repeat one for several copies)."),
+    "width": _Param(640, "Image width (px).", int_range=(32, 4096)),
+    "height": _Param(480, "Image height (px).", int_range=(32, 4096)),
+    "min_distance": _Param(0.3, "Nearest object centre depth (m).", float_range=(0.05, 100.0)),
+    "max_distance": _Param(1.0, "Farthest object centre depth (m).", float_range=(0.05, 100.0)),
+    "occluders": _Param(0, "Random occluder patches tried per scene.", int_range=(0, 20)),
+    "rot_sigma_deg": _Param(
+        15.0, "Detector noise: std of each Euler angle (degrees).", float_range=(0.0, 90.0)
+    ),
+    "max_angle_deg": _Param(
+        45.0, "Detector noise: largest total rotation error (degrees).", float_range=(0.1, 180.0)
+    ),
+    "trans_sigma": _Param([0.01, 0.01, 0.05], "Detector noise: std along camera x, y, z (m)."),
+    "autostart": _Param(True, "Start publishing as soon as the refiner subscribes (False: call start())."),
+}
+
+
+class ScenePlayer(Node):
+    """Publishes synthetic frames with noisy detections and records the refiner's answers (module docstring).
+
+    Attributes:
+        frames: every published frame, in order (ground truth + answer).
+        registry: the objects (for scoring with :func:`score_frame`).
+        on_published / on_answered: callbacks ``f(frame)`` run in the executor thread.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(NODE_NAME, **kwargs)
+        p = self._declare_parameters()
+        self.settings = p
+        from rnnpose_ros.ros.node import default_objects_file
+
+        objects_file = Path(p["objects_file"]).expanduser() if p["objects_file"] else default_objects_file()
+        self.registry = ObjectRegistry.from_yaml(objects_file)
+        models = [self.registry[class_id] for class_id in p["objects"]]
+        self.frames: list[PlayedFrame] = []
+        self._by_stamp: dict[int, PlayedFrame] = {}
+        self.on_published: list[Callable[[PlayedFrame], None]] = []
+        self.on_answered: list[Callable[[PlayedFrame], None]] = []
+        self.started = False
+        self.source = SceneSource(
+            models,
+            p["seed"],
+            p["frames"],
+            {
+                "size": (p["height"], p["width"]),
+                "distance": (p["min_distance"], p["max_distance"]),
+                "occluders": p["occluders"],
+                "rot_sigma_deg": p["rot_sigma_deg"],
+                "trans_sigma": tuple(p["trans_sigma"]),
+                "max_angle_deg": p["max_angle_deg"],
+            },
+        )
+        self.pub_image = self.create_publisher(Image, "image", qos_profile_sensor_data)
+        self.pub_info = self.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.pub_detections = self.create_publisher(Detection3DArray, "detections", reliable)
+        self.create_subscription(Detection3DArray, p["result_topic"], self._on_result, reliable)
+        self._last_publish = -math.inf
+        self._timer = self.create_timer(POLL_PERIOD_S, self._tick)
+        self.get_logger().info(
+            f"{p['frames'] or 'endless'} frames of {', '.join(p['objects'])} (seed {p['seed']}) at most "
+            f"{p['rate']:g} Hz, {'waiting for each answer' if p['wait_for_result'] else 'free-running'} on "
+            f"{p['result_topic']}"
+        )
+
+    def _declare_parameters(self) -> dict[str, Any]:
+        values = {}
+        for name, spec in PARAMETERS.items():
+            descriptor = ParameterDescriptor(name=name, description=spec.description, read_only=True)
+            if spec.int_range is not None:
+                descriptor.integer_range = [
+                    IntegerRange(from_value=spec.int_range[0], to_value=spec.int_range[1], step=1)
+                ]
+            if spec.float_range is not None:
+                descriptor.floating_point_range = [
+                    FloatingPointRange(from_value=spec.float_range[0], to_value=spec.float_range[1], step=0.0)
+                ]
+            values[name] = self.declare_parameter(name, spec.default, descriptor).value
+        if values["min_distance"] > values["max_distance"]:
+            raise ScenePlayerError("parameter 'min_distance' must be <= 'max_distance'")
+        if len(values["trans_sigma"]) != 3 or any(s < 0 for s in values["trans_sigma"]):
+            raise ScenePlayerError("parameter 'trans_sigma' must be 3 non-negative numbers (m)")
+        if not values["objects"]:
+            raise ScenePlayerError("parameter 'objects' must name at least one class id")
+        values["trans_sigma"] = [float(s) for s in values["trans_sigma"]]
+        return values
+
+    # --- state ----------------------------------------------------------------------------------------
+
+    @property
+    def refiner_subscribed(self) -> bool:
+        """Whether the refiner's input subscriptions and its output publisher are matched."""
+        return (
+            self.pub_image.get_subscription_count() > 0
+            and self.pub_info.get_subscription_count() > 0
+            and self.pub_detections.get_subscription_count() > 0
+            and self.count_publishers(self.settings["result_topic"]) > 0
+        )
+
+    def settled(self, frame: PlayedFrame, now: float | None = None) -> bool:
+        """Answered, skipped by the node (a later frame was answered), or older than ``result_timeout``."""
+        if frame.result is not None:
+            return True
+        if any(later.result is not None for later in self.frames[frame.index + 1 :]):
+            return True
+        now = time.monotonic() if now is None else now
+        return now - frame.published_at > self.settings["result_timeout"]
+
+    @property
+    def finished(self) -> bool:
+        """Every frame published (``frames`` > 0) and settled."""
+        total = self.settings["frames"]
+        now = time.monotonic()
+        return total > 0 and len(self.frames) >= total and all(self.settled(f, now) for f in self.frames)
+
+    def start(self) -> None:
+        """Begin publishing (with ``autostart`` the player starts by itself once the refiner subscribes)."""
+        self.started = True
+
+    # --- callbacks ------------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self.source.error is not None:
+            raise self.source.error
+        p = self.settings
+        if not self.started:
+            if not (p["autostart"] and self.refiner_subscribed):
+                return
+            self.started = True
+        now = time.monotonic()
+        if (p["frames"] and len(self.frames) >= p["frames"]) or now - self._last_publish < 1.0 / p["rate"]:
+            return
+        if p["wait_for_result"] and self.frames and not self.settled(self.frames[-1], now):
+            return
+        scene = self.source.get()
+        if scene is not None:
+            self.publish(scene)
+
+    def publish(self, scene: Scene) -> PlayedFrame:
+        """Publish one scene's image, camera_info and detections with one header; returns its record."""
+        header = Header(frame_id=self.settings["frame_id"], stamp=self.get_clock().now().to_msg())
+        info = camera_info_message(scene.K, scene.image.shape[:2], header)
+        detections = detections_message(scene, self.registry, header)
+        image = rgb_to_image(scene.image, header)
+        frame = PlayedFrame(index=len(self.frames), scene=scene, header=header, published_at=time.monotonic())
+        self.frames.append(frame)
+        self._by_stamp[frame.stamp_ns] = frame
+        self._last_publish = frame.published_at
+        self.pub_detections.publish(detections)
+        self.pub_info.publish(info)
+        self.pub_image.publish(image)
+        for callback in self.on_published:
+            callback(frame)
+        return frame
+
+    def _on_result(self, msg: Detection3DArray) -> None:
+        frame = self._by_stamp.get(stamp_nanoseconds(msg.header))
+        if frame is None or frame.result is not None:
+            return  # not ours (another publisher) or a duplicate
+        frame.answered_at = time.monotonic()
+        frame.result = msg
+        for callback in self.on_answered:
+            callback(frame)
+
+    def destroy_node(self) -> None:
+        self.source.close()
+        super().destroy_node()
+
+
+def describe(frame: PlayedFrame, scores: Sequence[InstanceScore]) -> str:
+    """One line per object: initial → refined ADD(-S) (mm and fraction of the diameter), rotation and
+    translation errors, score, and the frame's latency."""
+    latency = "no answer" if frame.latency_s is None else f"{frame.latency_s * 1000:.0f} ms"
+    lines = []
+    for s in scores:
+        name = "ADD-S" if s.symmetric else "ADD"
+        initial = f"{s.initial.add_m * 1000:6.1f} mm ({s.initial.add_fraction:.2f} d)"
+        if s.refined is None:
+            lines.append(
+                f"frame {frame.index:3d} {s.instance_id}: {name} {initial} -> not refined; {latency}"
+            )
+            continue
+        lines.append(
+            f"frame {frame.index:3d} {s.instance_id}: {name} {initial} -> {s.refined.add_m * 1000:6.1f} mm "
+            f"({s.refined.add_fraction:.2f} d) | rot {s.initial.rotation_deg:5.1f}° -> "
+            f"{s.refined.rotation_deg:5.1f}° | trans {s.initial.translation_m * 100:5.1f} -> "
+            f"{s.refined.translation_m * 100:5.1f} cm | score {s.score:.2f} | {latency}"
+        )
+    return "\n".join(lines) if lines else f"frame {frame.index:3d}: {latency}"
+
+
+def main(args: list[str] | None = None) -> int:
+    """Console entry point ``scene_player``: publish the frames, log each answer, exit when done."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = ScenePlayer()
+        logger = node.get_logger()
+        node.on_answered.append(lambda frame: logger.info(describe(frame, score_frame(frame, node.registry))))
+        while rclpy.ok() and not node.finished:
+            rclpy.spin_once(node, timeout_sec=0.1)
+        answered = sum(f.result is not None for f in node.frames)
+        logger.info(f"done: {answered} of {len(node.frames)} frames answered")
+        return 0 if answered else 1
+    except ScenePlayerError as error:
+        rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
+        return 2
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        return 0
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

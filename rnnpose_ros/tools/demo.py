@@ -1,0 +1,621 @@
+"""End-to-end demo: the real ``refine_node`` executable refines synthetic frames sent over real DDS.
+
+    python -m rnnpose_ros.tools.demo [--frames N] [--seed S] [--backend classical|rnnpose]
+                                     [--output demo_output] [--rate HZ] [--free-run]
+
+What runs:
+  * ``refine_node --ros-args --params-file config/refine.yaml -p backend:=...`` as a child process
+    (the installed console script next to this Python, else on PATH, else ``python -m
+    rnnpose_ros.ros.node``), its log in ``<output>/refine_node.log``;
+  * in this process, the :class:`~rnnpose_ros.ros.scene_player.ScenePlayer` (pybullet's textured duck
+    over real photographs, noisy detector poses, matching camera_info) and a collector of the node's
+    ``~/debug_image`` and ``/diagnostics``.
+
+It prints each frame's initial (detector) vs refined error, then an ADD(-S)@0.1d / 5cm5° / 2D-proj-5px
+table and the latency (frame published → refined detections received, so DDS transport is included),
+and writes the node's debug overlays (white = detector pose, red = refined) as PNGs, an animated GIF and
+``summary.json`` under ``--output``. By default each frame waits for its answer (accuracy, no drops);
+``--free-run`` publishes at ``--rate`` regardless and shows the node's drop-oldest policy.
+
+DDS safety: before anything imports rclpy the demo restricts discovery to this machine
+(``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, the project's Fast DDS profile: shared memory + UDP on
+127.0.0.1) and picks a random ``ROS_DOMAIN_ID`` in 100–199 unless one is set; the child inherits it.
+The child is stopped on exit, Ctrl-C or SIGTERM (SIGINT, then SIGTERM, then SIGKILL) and dies with the
+demo even if the demo is killed (``PR_SET_PDEATHSIG``); Fast DDS shared-memory files left by a child
+that had to be killed are removed when no process uses them.
+
+Exit status: 0 on success, 1 when the node never answers (or exits early), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PACKAGE = "rnnpose_ros"
+NODE_NAME = "rnnpose_refiner"
+NODE_EXECUTABLE = "refine_node"
+RESULT_TOPIC = f"/{NODE_NAME}/detections"
+DEBUG_TOPIC = f"/{NODE_NAME}/debug_image"
+STARTUP_TIMEOUT_S = 180.0
+# After the first answer everything is warm; a frame that takes longer than this is counted unanswered.
+RESULT_TIMEOUT_S = 120.0
+# Seconds granted for the last debug image / diagnostics after the last answer.
+GRACE_S = 2.0
+STOP_TIMEOUT_S = (15.0, 5.0)  # SIGINT, then SIGTERM; then SIGKILL
+GIF_SCALE = 0.5
+GIF_FRAME_S = 1.0
+SHM_DIR = Path("/dev/shm")
+PR_SET_PDEATHSIG = 1
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run or the node did not answer (the message says what to check)."""
+
+
+# ---------------------------------------------------------------- environment and child process
+
+
+def config_file(name: str) -> Path:
+    """``config/<name>``: from the source tree when running from one, else the package share directory
+    (``ament_index`` on a ROS 2 installation, ``<prefix>/share/rnnpose_ros`` for a pip install)."""
+    candidates = [Path(__file__).resolve().parents[2] / "config" / name]
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory(PACKAGE)) / "config" / name)
+    except (ImportError, LookupError):
+        pass  # pip-only install: no ament index
+    candidates.append(Path(sys.prefix) / "share" / PACKAGE / "config" / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DemoError(f"config/{name} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+
+
+def dds_safe_environment(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` with discovery confined to this machine and a private domain (for us and the child).
+
+    Always sets the localhost discovery range and the project's Fast DDS profile; keeps a
+    ``ROS_DOMAIN_ID`` that is already set, else draws one in 100–199.
+    """
+    env = dict(environ)
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(config_file("fastdds_localhost.xml"))
+    env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    if not env.get("ROS_DOMAIN_ID"):
+        env["ROS_DOMAIN_ID"] = str(random.randint(100, 199))
+    env.setdefault("PYOPENGL_PLATFORM", "egl")
+    return env
+
+
+def node_command(params_file: Path, backend: str, extra_params: Sequence[str]) -> list[str]:
+    """The ``refine_node`` command line: console script next to ``sys.executable`` or on PATH, else the
+    module."""
+    beside = Path(sys.executable).parent / NODE_EXECUTABLE
+    if beside.is_file() and os.access(beside, os.X_OK):
+        executable = [str(beside)]
+    elif found := shutil.which(NODE_EXECUTABLE):
+        executable = [found]
+    else:
+        executable = [sys.executable, "-m", "rnnpose_ros.ros.node"]
+    params = ["-p", f"backend:={backend}"]
+    for assignment in extra_params:
+        params += ["-p", assignment]
+    return [*executable, "--ros-args", "--params-file", str(params_file), *params]
+
+
+def _die_with_parent() -> None:
+    """Child pre-exec: get SIGTERM when the demo dies, however it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def fastdds_shm_files() -> set[str]:
+    """Names of the Fast DDS shared-memory files (segments, port queues, their locks and semaphores)."""
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(("fastdds_", "sem.fastdds_"))}
+
+
+def shm_files_in_use() -> set[str] | None:
+    """Names of /dev/shm files that some process maps or holds open; None if a process cannot be read."""
+    used: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    used.add(line.rsplit("/dev/shm/", 1)[1].split(" ")[0])
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    used.add(target[len("/dev/shm/") :])
+        except FileNotFoundError:
+            continue  # the process ended meanwhile
+        except PermissionError:
+            return None
+    return used
+
+
+def remove_stale_shm(before: set[str]) -> list[str]:
+    """Remove Fast DDS files created since ``before`` that no process uses any more (a killed child's)."""
+    new = fastdds_shm_files() - before
+    if not new:
+        return []
+    used = shm_files_in_use()
+    if used is None:
+        return []  # cannot prove they are unused: leave them to Fast DDS' own zombie clean-up
+    removed = []
+    for name in sorted(new - used):
+        with contextlib.suppress(FileNotFoundError):
+            (SHM_DIR / name).unlink()
+            removed.append(name)
+    return removed
+
+
+class NodeProcess:
+    """The ``refine_node`` child: started in its own session (Ctrl-C reaches the demo, which stops it in
+    order), output to ``log_path``."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path):
+        self.command = command
+        self.log_path = log_path
+        self.shm_before = fastdds_shm_files()
+        self.killed = False
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 25) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        """SIGINT (clean rclpy shutdown), then SIGTERM, then SIGKILL the child's whole process group."""
+        for sig, timeout in ((signal.SIGINT, STOP_TIMEOUT_S[0]), (signal.SIGTERM, STOP_TIMEOUT_S[1])):
+            if self.process.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.killed = True
+        self._log.close()
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Rates:
+    """Share of instances passing each test, initial (detector) and refined."""
+
+    initial: float
+    refined: float
+
+
+def pass_rates(scores: Sequence[Any]) -> dict[str, Rates]:
+    """ADD(-S)@0.1d, 5cm5° and 2D-projection-5px rates over ``scores`` (InstanceScore; an instance
+    without a refined pose fails the refined test)."""
+    if not scores:
+        return {}
+    tests = {
+        "ADD(-S)@0.1d": lambda e: e.add_passed,
+        "5cm5deg": lambda e: e.cm_deg_passed,
+        "proj2D@5px": lambda e: e.projection_passed,
+    }
+    return {
+        name: Rates(
+            initial=float(np.mean([passed(s.initial) for s in scores])),
+            refined=float(np.mean([s.refined is not None and passed(s.refined) for s in scores])),
+        )
+        for name, passed in tests.items()
+    }
+
+
+def caption(image: np.ndarray, text: Sequence[str]) -> np.ndarray:
+    """(H + h, W, 3) uint8: ``image`` below a black strip holding one line of ``text`` each."""
+    import cv2
+
+    line_height = 18
+    strip = np.zeros((line_height * len(text) + 6, image.shape[1], 3), np.uint8)
+    for row, line in enumerate(text):
+        cv2.putText(
+            strip,
+            line,
+            (6, line_height * (row + 1)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.45,
+            (255, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
+    return np.concatenate([strip, image], axis=0)
+
+
+def frame_caption(index: int, scores: Sequence[Any], latency_s: float | None) -> list[str]:
+    lines = []
+    for s in scores:
+        refined = "not refined" if s.refined is None else f"{s.refined.add_m * 1000:.1f} mm"
+        name = "ADD-S" if s.symmetric else "ADD"
+        lines.append(
+            f"frame {index} {s.instance_id}: {name} {s.initial.add_m * 1000:.1f} mm -> {refined}, "
+            f"score {s.score:.2f}"
+        )
+    lines.append(
+        "white: detector pose   red: refined" + ("" if latency_s is None else f"   {latency_s:.2f} s")
+    )
+    return lines
+
+
+def format_table(rates: dict[str, Rates], count: int) -> str:
+    lines = [f"{'metric (' + str(count) + ' instances)':<28} {'initial':>8} {'refined':>8}"]
+    for name, rate in rates.items():
+        lines.append(f"{name:<28} {rate.initial * 100:7.1f}% {rate.refined * 100:7.1f}%")
+    return "\n".join(lines)
+
+
+def latency_summary(latencies: Sequence[float]) -> dict[str, float | None]:
+    """Mean / mean without the first (warm-up) frame / median / max, milliseconds."""
+    ms = [1000.0 * s for s in latencies]
+    return {
+        "mean": float(np.mean(ms)) if ms else None,
+        "mean_after_first": float(np.mean(ms[1:])) if len(ms) > 1 else None,
+        "median": float(np.median(ms)) if ms else None,
+        "max": float(np.max(ms)) if ms else None,
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m rnnpose_ros.tools.demo", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--frames", type=int, default=8, help="frames to play (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="scene and detector-noise seed (default 0)")
+    parser.add_argument("--backend", choices=("classical", "rnnpose"), default="classical")
+    parser.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for images/summary")
+    parser.add_argument("--rate", type=float, default=2.0, help="most frames per second (default 2)")
+    parser.add_argument(
+        "--free-run", action="store_true", help="do not wait for each answer: show the node's drop policy"
+    )
+    parser.add_argument(
+        "--node-param",
+        action="append",
+        default=[],
+        metavar="NAME:=VALUE",
+        help="extra refine_node parameter (repeatable), e.g. outer_iterations:=4",
+    )
+    parser.add_argument("--objects", nargs="+", default=["duck"], help="class ids in every scene")
+    parser.add_argument(
+        "--result-timeout",
+        type=float,
+        default=RESULT_TIMEOUT_S,
+        help="seconds a frame may wait for its answer",
+    )
+    args = parser.parse_args(argv)
+    if args.frames < 1:
+        parser.error("--frames must be >= 1")
+    if args.rate <= 0:
+        parser.error("--rate must be > 0")
+    if any(":=" not in p for p in args.node_param):
+        parser.error("--node-param takes NAME:=VALUE")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Before rclpy is imported anywhere in this process: the environment decides the DDS transport.
+    os.environ.update(dds_safe_environment(dict(os.environ)))
+    args.output.mkdir(parents=True, exist_ok=True)
+    for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif"]:
+        stale.unlink(missing_ok=True)
+    command = node_command(config_file("refine.yaml"), args.backend, args.node_param)
+    print(
+        f"[demo] ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, discovery LOCALHOST, Fast DDS profile "
+        f"{os.environ['FASTDDS_DEFAULT_PROFILES_FILE']}"
+    )
+    print(f"[demo] starting: {' '.join(command)}  (log: {args.output / 'refine_node.log'})")
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    node = NodeProcess(command, dict(os.environ), args.output / "refine_node.log")
+    try:
+        return _run(args, node)
+    except KeyboardInterrupt:
+        print("\n[demo] interrupted")
+        return 130
+    except DemoError as error:
+        print(f"[demo] FAILED: {error}", file=sys.stderr)
+        return 1
+    finally:
+        node.stop()
+        removed = remove_stale_shm(node.shm_before) if node.killed else []
+        print(
+            f"[demo] refine_node stopped (exit {node.exit_code}"
+            + (f"; removed {len(removed)} stale Fast DDS shm files" if removed else "")
+            + ")"
+        )
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ros_context() -> Iterator[Any]:
+    """A private rclpy context without rclpy's signal handlers (Ctrl-C stays a KeyboardInterrupt)."""
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    context = rclpy.Context()
+    rclpy.init(args=[], context=context, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        yield context
+    finally:
+        context.try_shutdown()
+
+
+def _run(args: argparse.Namespace, node: NodeProcess) -> int:
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from rnnpose_ros.ros.scene_player import describe, score_frame
+
+    with ros_context() as context:
+        overrides = [
+            Parameter("frames", value=args.frames),
+            Parameter("seed", value=args.seed),
+            Parameter("rate", value=float(args.rate)),
+            Parameter("wait_for_result", value=not args.free_run),
+            Parameter("result_timeout", value=float(args.result_timeout)),
+            Parameter("result_topic", value=RESULT_TOPIC),
+            Parameter("objects", value=list(args.objects)),
+            Parameter("autostart", value=False),
+        ]
+        player = _scene_player(context, overrides)
+        collector, outputs = _collector(context)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(player)
+        executor.add_node(collector)
+        printed: set[int] = set()
+
+        def on_answered(frame: Any) -> None:
+            printed.add(frame.index)
+            print(describe(frame, score_frame(frame, player.registry)), flush=True)
+
+        player.on_answered.append(on_answered)
+        try:
+            _wait_for_node(executor, player, collector, node)
+            player.start()
+            print(
+                f"[demo] node ready; playing {args.frames} frames "
+                f"({'free-running' if args.free_run else 'one at a time'}, at most {args.rate:g} Hz)"
+            )
+            while not player.finished:
+                executor.spin_once(timeout_sec=0.05)
+                if node.exit_code is not None:
+                    raise DemoError(f"refine_node exited with {node.exit_code}:\n{node.log_tail()}")
+            _await_last(executor, outputs, [f.stamp_ns for f in player.frames if f.result is not None])
+            for frame in player.frames:
+                if frame.index not in printed:
+                    print(
+                        describe(frame, []) + " (dropped by the node)"
+                        if args.free_run
+                        else describe(frame, [])
+                    )
+            return _report(args, player, outputs, node)
+        finally:
+            executor.shutdown()
+            player.destroy_node()
+            collector.destroy_node()
+
+
+def _scene_player(context: Any, overrides: list[Any]) -> Any:
+    from rnnpose_ros.ros.scene_player import ScenePlayer
+
+    return ScenePlayer(context=context, parameter_overrides=overrides)
+
+
+def _wait_for_node(executor: Any, player: Any, collector: Any, node: NodeProcess) -> None:
+    """Spin until the node subscribes to the player and publishes what the collector listens to."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not (player.refiner_subscribed and collector.count_publishers(DEBUG_TOPIC) > 0):
+        executor.spin_once(timeout_sec=0.1)
+        if node.exit_code is not None:
+            raise DemoError(
+                f"refine_node exited with {node.exit_code} before it was ready:\n{node.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise DemoError(
+                f"refine_node did not subscribe within {STARTUP_TIMEOUT_S:.0f} s:\n{node.log_tail()}"
+            )
+    # Discovery is symmetric but not simultaneous: give the node a moment to see our subscriptions too
+    # (it draws the debug image only while it knows a subscriber).
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        executor.spin_once(timeout_sec=0.05)
+
+
+@dataclass
+class Outputs:
+    """What the demo's collector node received from the refiner besides the detections."""
+
+    debug_images: dict[int, np.ndarray]  # stamp (ns) -> (H, W, 3) uint8 RGB overlay
+    diagnostics: dict[str, str]  # the last /diagnostics status of the refiner (key -> value)
+    diagnostics_count: int = 0
+
+
+def _collector(context: Any) -> tuple[Any, Outputs]:
+    """A node subscribed to the refiner's ``~/debug_image`` and ``/diagnostics``, and what it collects."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from sensor_msgs.msg import Image
+
+    from rnnpose_ros.ros.conversions import image_to_rgb
+    from rnnpose_ros.ros.scene_player import stamp_nanoseconds
+
+    outputs = Outputs(debug_images={}, diagnostics={})
+
+    def on_debug(msg: Image) -> None:
+        outputs.debug_images[stamp_nanoseconds(msg.header)] = image_to_rgb(msg)
+
+    def on_diagnostics(msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.startswith(NODE_NAME):
+                outputs.diagnostics = {kv.key: kv.value for kv in status.values}
+                outputs.diagnostics["message"] = status.message
+                outputs.diagnostics_count += 1
+
+    node = rclpy.create_node("demo_collector", context=context)
+    node.create_subscription(Image, DEBUG_TOPIC, on_debug, 10)
+    node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
+    return node, outputs
+
+
+def _await_last(executor: Any, outputs: Outputs, stamps: Sequence[int]) -> None:
+    """Spin until every answered frame's debug image and one more diagnostics message came (or GRACE_S)."""
+    count = outputs.diagnostics_count
+    end = time.monotonic() + GRACE_S
+    while time.monotonic() < end and not (
+        all(s in outputs.debug_images for s in stamps) and outputs.diagnostics_count > count
+    ):
+        executor.spin_once(timeout_sec=0.05)
+
+
+def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeProcess) -> int:
+    import imageio.v2 as imageio
+
+    from rnnpose_ros.ros.scene_player import score_frame
+
+    answered = [f for f in player.frames if f.result is not None]
+    per_frame, all_scores, images, pngs = [], [], [], []
+    for frame in player.frames:
+        scores = score_frame(frame, player.registry)
+        all_scores += scores
+        per_frame.append(
+            {
+                "frame": frame.index,
+                "stamp_ns": frame.stamp_ns,
+                "background": frame.scene.background,
+                "answered": frame.result is not None,
+                "latency_ms": None if frame.latency_s is None else 1000.0 * frame.latency_s,
+                "instances": [_instance_record(s) for s in scores],
+            }
+        )
+        overlay = outputs.debug_images.get(frame.stamp_ns)
+        if overlay is None:
+            continue
+        image = caption(overlay, frame_caption(frame.index, scores, frame.latency_s))
+        path = args.output / f"frame_{frame.index:03d}.png"
+        imageio.imwrite(path, image)
+        pngs.append(path)
+        images.append(image[:: int(1 / GIF_SCALE), :: int(1 / GIF_SCALE)])
+    gif = args.output / "demo.gif"
+    if images:
+        imageio.mimsave(gif, images, duration=GIF_FRAME_S, loop=0)
+
+    rates = pass_rates(all_scores)
+    latency = latency_summary([f.latency_s for f in answered])
+    mean_add = {
+        "initial": float(np.mean([s.initial.add_m for s in all_scores])) * 1000 if all_scores else None,
+        "refined": float(np.mean([s.refined.add_m for s in all_scores if s.refined is not None])) * 1000
+        if any(s.refined is not None for s in all_scores)
+        else None,
+    }
+    print()
+    print(format_table(rates, len(all_scores)) if rates else "[demo] no frame was answered: no table")
+    if mean_add["refined"] is not None:
+        print(f"{'mean ADD(-S) (mm)':<28} {mean_add['initial']:8.1f} {mean_add['refined']:8.1f}")
+    if latency["mean"] is not None:
+        after = latency["mean_after_first"]
+        print(
+            f"latency (publish -> refined detections): mean {latency['mean']:.0f} ms"
+            + (f", {after:.0f} ms without the first (warm-up) frame" if after is not None else "")
+            + f", max {latency['max']:.0f} ms over {len(answered)} frames"
+        )
+    dropped = len(player.frames) - len(answered)
+    print(
+        f"frames: {len(player.frames)} published, {len(answered)} answered, {dropped} unanswered"
+        + (
+            f" (node: {outputs.diagnostics.get('frames_dropped', '?')} dropped)"
+            if outputs.diagnostics
+            else ""
+        )
+    )
+    summary = {
+        "backend": args.backend,
+        "seed": args.seed,
+        "objects": list(args.objects),
+        "wait_for_result": not args.free_run,
+        "rate_hz": args.rate,
+        "ros_domain_id": int(os.environ["ROS_DOMAIN_ID"]),
+        "node_command": node.command,
+        "frames_requested": args.frames,
+        "frames_published": len(player.frames),
+        "frames_answered": len(answered),
+        "frames_unanswered": dropped,
+        "instances": len(all_scores),
+        "metrics": {name: asdict(rate) for name, rate in rates.items()},
+        "mean_add_mm": mean_add,
+        "latency_ms": latency,
+        "node_diagnostics": outputs.diagnostics,
+        "frames": per_frame,
+        "files": {"png": [p.name for p in pngs], "gif": gif.name if images else None},
+    }
+    (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"[demo] wrote {len(pngs)} overlays, {gif.name if images else 'no GIF'} and summary.json to "
+        f"{args.output}/"
+    )
+    if not answered:
+        raise DemoError(f"refine_node never answered ({len(player.frames)} frames sent):\n{node.log_tail()}")
+    return 0
+
+
+def _instance_record(score: Any) -> dict[str, Any]:
+    return {
+        "class_id": score.class_id,
+        "instance_id": score.instance_id,
+        "score": score.score,
+        "initial": asdict(score.initial),
+        "refined": None if score.refined is None else asdict(score.refined),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

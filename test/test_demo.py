@@ -1,0 +1,116 @@
+"""The demo tool end to end (real ``refine_node`` child, real DDS, 2 frames) and its pure helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rnnpose_ros.tools import demo
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_TIMEOUT_S = 240
+SUMMARY_KEYS = {
+    "backend",
+    "seed",
+    "wait_for_result",
+    "ros_domain_id",
+    "node_command",
+    "frames_requested",
+    "frames_published",
+    "frames_answered",
+    "frames_unanswered",
+    "instances",
+    "metrics",
+    "mean_add_mm",
+    "latency_ms",
+    "node_diagnostics",
+    "frames",
+    "files",
+}
+
+
+def test_environment_is_dds_safe_and_keeps_a_given_domain() -> None:
+    env = demo.dds_safe_environment({"ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET", "ROS_DOMAIN_ID": "142"})
+    assert env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+    assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
+    assert env["ROS_DOMAIN_ID"] == "142"
+    drawn = demo.dds_safe_environment({})
+    assert 100 <= int(drawn["ROS_DOMAIN_ID"]) <= 199
+
+
+def test_node_command_uses_the_params_file_and_backend() -> None:
+    command = demo.node_command(Path("/x/refine.yaml"), "classical", ["outer_iterations:=2"])
+    ros_args = command[command.index("--ros-args") :]
+    assert ros_args == [
+        "--ros-args",
+        "--params-file",
+        "/x/refine.yaml",
+        "-p",
+        "backend:=classical",
+        "-p",
+        "outer_iterations:=2",
+    ]
+    assert Path(command[0]).name in ("refine_node", Path(sys.executable).name)
+
+
+def test_pass_rates_count_unrefined_instances_as_failures() -> None:
+    good = SimpleNamespace(add_passed=True, cm_deg_passed=True, projection_passed=False)
+    bad = SimpleNamespace(add_passed=False, cm_deg_passed=False, projection_passed=False)
+    scores = [SimpleNamespace(initial=bad, refined=good), SimpleNamespace(initial=good, refined=None)]
+    rates = demo.pass_rates(scores)
+    assert rates["ADD(-S)@0.1d"] == demo.Rates(initial=0.5, refined=0.5)
+    assert rates["proj2D@5px"] == demo.Rates(initial=0.0, refined=0.0)
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    """Two frames through the real node (few iterations: this checks the plumbing, not accuracy)."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("vision_msgs")
+    output = tmp_path / "demo_output"
+    env = dict(os.environ)
+    # A domain of its own, away from the in-process tests' nodes.
+    env["ROS_DOMAIN_ID"] = str(
+        random.choice([d for d in range(100, 200) if str(d) != env.get("ROS_DOMAIN_ID")])
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "rnnpose_ros.tools.demo",
+        "--frames",
+        "2",
+        "--rate",
+        "20",
+        "--output",
+        str(output),
+        "--node-param",
+        "outer_iterations:=2",
+        "--node-param",
+        "inner_iterations:=1",
+    ]
+    run = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S
+    )
+    assert run.returncode == 0, f"demo failed:\n{run.stdout}\n{run.stderr}"
+    assert "ADD(-S)@0.1d" in run.stdout and "latency" in run.stdout
+
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary.keys() >= SUMMARY_KEYS
+    assert summary["frames_published"] == summary["frames_answered"] == 2
+    assert summary["ros_domain_id"] == int(env["ROS_DOMAIN_ID"])
+    assert set(summary["metrics"]) == {"ADD(-S)@0.1d", "5cm5deg", "proj2D@5px"}
+    refined = [i["refined"] for f in summary["frames"] for i in f["instances"]]
+    assert len(refined) == 2
+    assert all(r is not None and math.isfinite(r["add_m"]) for r in refined)
+    assert math.isfinite(summary["latency_ms"]["mean"])
+
+    pngs = sorted(output.glob("frame_*.png"))
+    assert [p.name for p in pngs] == summary["files"]["png"] == ["frame_000.png", "frame_001.png"]
+    assert (output / "demo.gif").stat().st_size > 0
