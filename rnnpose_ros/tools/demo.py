@@ -351,7 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{os.environ['FASTDDS_DEFAULT_PROFILES_FILE']}"
     )
     print(f"[demo] starting: {' '.join(command)}  (log: {args.output / 'refine_node.log'})")
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # Ctrl-C, SIGTERM and a closed terminal all stop the demo through the same clean-up (SIGINT
+    # explicitly: a shell starts background jobs with it ignored, and Python then keeps it ignored).
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in handled}
     node = NodeProcess(command, dict(os.environ), args.output / "refine_node.log")
     try:
         return _run(args, node)
@@ -369,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (f"; removed {len(removed)} stale Fast DDS shm files" if removed else "")
             + ")"
         )
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -426,18 +430,23 @@ def _run(args: argparse.Namespace, node: NodeProcess) -> int:
                 f"[demo] node ready; playing {args.frames} frames "
                 f"({'free-running' if args.free_run else 'one at a time'}, at most {args.rate:g} Hz)"
             )
-            while not player.finished:
-                executor.spin_once(timeout_sec=0.05)
-                if node.exit_code is not None:
-                    raise DemoError(f"refine_node exited with {node.exit_code}:\n{node.log_tail()}")
-            _await_last(executor, outputs, [f.stamp_ns for f in player.frames if f.result is not None])
+            interrupted = False
+            try:
+                while not player.finished:
+                    executor.spin_once(timeout_sec=0.05)
+                    if node.exit_code is not None:
+                        raise DemoError(f"refine_node exited with {node.exit_code}:\n{node.log_tail()}")
+                _await_last(executor, outputs, [f.stamp_ns for f in player.frames if f.result is not None])
+            except KeyboardInterrupt:
+                interrupted = True
+                print("\n[demo] interrupted: results of the frames answered so far")
             for frame in player.frames:
                 if frame.index not in printed:
-                    print(
-                        describe(frame, []) + " (dropped by the node)"
-                        if args.free_run
-                        else describe(frame, [])
-                    )
+                    print(describe(frame, []) + (" (dropped by the node)" if args.free_run else ""))
+            if interrupted:
+                if any(f.result is not None for f in player.frames):
+                    _report(args, player, outputs, node)
+                return 130
             return _report(args, player, outputs, node)
         finally:
             executor.shutdown()
@@ -469,6 +478,12 @@ def _wait_for_node(executor: Any, player: Any, collector: Any, node: NodeProcess
     end = time.monotonic() + 0.5
     while time.monotonic() < end:
         executor.spin_once(timeout_sec=0.05)
+    refiners = [n for n, _ns in collector.get_node_names_and_namespaces() if n == NODE_NAME]
+    if len(refiners) > 1:
+        raise DemoError(
+            f"{len(refiners)} {NODE_NAME} nodes answer on ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']} "
+            "(another run shares this domain): unset ROS_DOMAIN_ID for a random one, or set a free one"
+        )
 
 
 @dataclass
