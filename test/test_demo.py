@@ -47,7 +47,9 @@ def test_environment_is_dds_safe_and_keeps_a_given_domain() -> None:
 
 
 def test_node_command_uses_the_params_file_and_backend() -> None:
-    command = demo.node_command(Path("/x/refine.yaml"), "classical", ["outer_iterations:=2"])
+    command = demo.node_command(
+        Path("/x/refine.yaml"), Path("/x/objects.yaml"), "classical", ["outer_iterations:=2"]
+    )
     ros_args = command[command.index("--ros-args") :]
     assert ros_args == [
         "--ros-args",
@@ -55,6 +57,8 @@ def test_node_command_uses_the_params_file_and_backend() -> None:
         "/x/refine.yaml",
         "-p",
         "backend:=classical",
+        "-p",
+        "objects_file:=/x/objects.yaml",
         "-p",
         "outer_iterations:=2",
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from rnnpose_ros.ros.conversions import (  # noqa: E402
 from rnnpose_ros.ros.scene_player import DEFAULT_FRAME_ID, ScenePlayer, score_frame  # noqa: E402
 
 RESULT_TOPIC = "/test_refiner/detections"
+OBJECTS_FILE = str(Path(__file__).resolve().parents[1] / "config" / "objects.yaml")
 TIMEOUT_S = 30.0
 
 
@@ -75,6 +77,7 @@ def test_frames_share_one_header_and_wait_for_the_answer(context: Any) -> None:
     player = ScenePlayer(
         context=context,
         parameter_overrides=[
+            Parameter("objects_file", value=OBJECTS_FILE),
             Parameter("frames", value=2),
             Parameter("rate", value=50.0),
             Parameter("seed", value=3),
@@ -137,6 +140,7 @@ def test_frames_share_one_header_and_wait_for_the_answer(context: Any) -> None:
 
 def test_frames_are_reproducible_per_seed(context: Any) -> None:
     overrides = [
+        Parameter("objects_file", value=OBJECTS_FILE),
         Parameter("frames", value=1),
         Parameter("seed", value=5),
         Parameter("autostart", value=False),

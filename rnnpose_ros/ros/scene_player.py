@@ -509,7 +509,8 @@ class ScenePlayer(Node):
             callback(frame)
 
     def destroy_node(self) -> None:
-        self.source.close()
+        if hasattr(self, "source"):  # absent when __init__ failed
+            self.source.close()
         super().destroy_node()
 
 

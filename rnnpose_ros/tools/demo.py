@@ -75,13 +75,14 @@ def config_file(name: str) -> Path:
     """``config/<name>``: from the source tree when running from one, else the package share directory
     (``ament_index`` on a ROS 2 installation, ``<prefix>/share/rnnpose_ros`` for a pip install)."""
     candidates = [Path(__file__).resolve().parents[2] / "config" / name]
-    try:
-        from ament_index_python.packages import get_package_share_directory
+    if not candidates[0].is_file():
+        try:
+            from ament_index_python.packages import get_package_share_directory
 
-        candidates.append(Path(get_package_share_directory(PACKAGE)) / "config" / name)
-    except (ImportError, LookupError):
-        pass  # pip-only install: no ament index
-    candidates.append(Path(sys.prefix) / "share" / PACKAGE / "config" / name)
+            candidates.append(Path(get_package_share_directory(PACKAGE)) / "config" / name)
+        except (ImportError, LookupError, OSError):
+            pass  # no ament index (pip-only install) or AMENT_PREFIX_PATH unset
+        candidates.append(Path(sys.prefix) / "share" / PACKAGE / "config" / name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -104,9 +105,11 @@ def dds_safe_environment(environ: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def node_command(params_file: Path, backend: str, extra_params: Sequence[str]) -> list[str]:
+def node_command(
+    params_file: Path, objects_file: Path, backend: str, extra_params: Sequence[str]
+) -> list[str]:
     """The ``refine_node`` command line: console script next to ``sys.executable`` or on PATH, else the
-    module."""
+    module; the objects file is named explicitly so that the node and the scene player use the same."""
     beside = Path(sys.executable).parent / NODE_EXECUTABLE
     if beside.is_file() and os.access(beside, os.X_OK):
         executable = [str(beside)]
@@ -114,7 +117,7 @@ def node_command(params_file: Path, backend: str, extra_params: Sequence[str]) -
         executable = [found]
     else:
         executable = [sys.executable, "-m", "rnnpose_ros.ros.node"]
-    params = ["-p", f"backend:={backend}"]
+    params = ["-p", f"backend:={backend}", "-p", f"objects_file:={objects_file}"]
     for assignment in extra_params:
         params += ["-p", assignment]
     return [*executable, "--ros-args", "--params-file", str(params_file), *params]
@@ -345,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif"]:
         stale.unlink(missing_ok=True)
-    command = node_command(config_file("refine.yaml"), args.backend, args.node_param)
+    args.objects_file = config_file("objects.yaml")
+    command = node_command(config_file("refine.yaml"), args.objects_file, args.backend, args.node_param)
     print(
         f"[demo] ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, discovery LOCALHOST, Fast DDS profile "
         f"{os.environ['FASTDDS_DEFAULT_PROFILES_FILE']}"
@@ -409,6 +413,7 @@ def _run(args: argparse.Namespace, node: NodeProcess) -> int:
             Parameter("result_timeout", value=float(args.result_timeout)),
             Parameter("result_topic", value=RESULT_TOPIC),
             Parameter("objects", value=list(args.objects)),
+            Parameter("objects_file", value=str(args.objects_file)),
             Parameter("autostart", value=False),
         ]
         player = _scene_player(context, overrides)
