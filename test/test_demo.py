@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -118,3 +119,20 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     pngs = sorted(output.glob("frame_*.png"))
     assert [p.name for p in pngs] == summary["files"]["png"] == ["frame_000.png", "frame_001.png"]
     assert (output / "demo.gif").stat().st_size > 0
+
+
+def test_stale_shm_files_are_removed_only_when_new_dead_and_unused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "SHM_DIR", tmp_path)
+    (tmp_path / "fastdds_port47150").touch()  # there before the run
+    before = demo.fastdds_shm_files()
+    dead = ["fastdds_ab12", "fastdds_ab12_el", "fastdds_port47161", "sem.fastdds_port47161_mutex"]
+    alive = ["fastdds_cd34", "fastdds_cd34_el", "fastdds_port47163", "fastdds_port7001", "other_file"]
+    for name in dead + alive:
+        (tmp_path / name).touch()
+    with (tmp_path / "fastdds_cd34_el").open("rb") as owner, (tmp_path / "fastdds_port47163").open("rb"):
+        fcntl.flock(owner, fcntl.LOCK_EX)  # a live segment's owner; the port file is held open
+        removed = demo.remove_stale_shm(before, domain_id=159)  # ports 47150-47399
+    assert removed == sorted(dead)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fastdds_port47150", *alive])

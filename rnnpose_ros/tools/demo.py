@@ -32,9 +32,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +63,9 @@ STOP_TIMEOUT_S = (15.0, 5.0)  # SIGINT, then SIGTERM; then SIGKILL
 GIF_SCALE = 0.5
 GIF_FRAME_S = 1.0
 SHM_DIR = Path("/dev/shm")
+# RTPS well-known ports: 7400 + 250 · domain + offsets (Fast DDS names its shared-memory port queues by them).
+DDS_PORT_BASE = 7400
+DDS_DOMAIN_GAIN = 250
 PR_SET_PDEATHSIG = 1
 
 
@@ -136,37 +141,64 @@ def fastdds_shm_files() -> set[str]:
     return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(("fastdds_", "sem.fastdds_"))}
 
 
-def shm_files_in_use() -> set[str] | None:
-    """Names of /dev/shm files that some process maps or holds open; None if a process cannot be read."""
+def shm_files_in_use() -> set[str]:
+    """Names of files in SHM_DIR that a process maps or holds open. Processes whose maps cannot be read
+    (not dumpable, e.g. a container's init) are skipped: such a process is no ROS participant."""
+    prefix = f"{SHM_DIR}/"
     used: set[str] = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             for line in (proc / "maps").read_text().splitlines():
-                if "/dev/shm/" in line:
-                    used.add(line.rsplit("/dev/shm/", 1)[1].split(" ")[0])
+                if prefix in line:
+                    used.add(line.rsplit(prefix, 1)[1].split(" ")[0])
             for fd in (proc / "fd").iterdir():
                 target = os.readlink(fd)
-                if target.startswith("/dev/shm/"):
-                    used.add(target[len("/dev/shm/") :])
-        except FileNotFoundError:
-            continue  # the process ended meanwhile
-        except PermissionError:
-            return None
+                if target.startswith(prefix):
+                    used.add(target[len(prefix) :].split(" ")[0])
+        except OSError:
+            continue  # not readable, or the process (or a descriptor) ended meanwhile
     return used
 
 
-def remove_stale_shm(before: set[str]) -> list[str]:
-    """Remove Fast DDS files created since ``before`` that no process uses any more (a killed child's)."""
-    new = fastdds_shm_files() - before
-    if not new:
-        return []
-    used = shm_files_in_use()
-    if used is None:
-        return []  # cannot prove they are unused: leave them to Fast DDS' own zombie clean-up
+def _segment_alive(segment: str) -> bool:
+    """Fast DDS' own liveness test: a segment's owner holds an exclusive lock on ``<segment>_el``."""
+    lock_path = SHM_DIR / f"{segment}_el"
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True  # no lock file: cannot tell, keep it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock if it was taken
+    return False
+
+
+def remove_stale_shm(before: set[str], domain_id: int) -> list[str]:
+    """Remove the Fast DDS files a killed participant of this run left behind; returns their names.
+
+    Only files created since ``before`` (names from :func:`fastdds_shm_files`) are considered: segments
+    whose owner is gone (Fast DDS' zombie test) and port queues of ``domain_id``'s port range (a private
+    domain), and none that any process still maps or holds open.
+    """
+    ports = range(
+        DDS_PORT_BASE + DDS_DOMAIN_GAIN * domain_id, DDS_PORT_BASE + DDS_DOMAIN_GAIN * (domain_id + 1)
+    )
+    stale = set()
+    for name in fastdds_shm_files() - before:
+        if port := re.fullmatch(r"(?:sem\.)?fastdds_port(\d+)(?:_el|_mutex)?", name):
+            if int(port[1]) in ports:
+                stale.add(name)
+        elif (segment := re.fullmatch(r"(fastdds_[0-9a-f]+)(?:_el)?", name)) and not _segment_alive(
+            segment[1]
+        ):
+            stale.add(name)
     removed = []
-    for name in sorted(new - used):
+    for name in sorted(stale - shm_files_in_use()):
         with contextlib.suppress(FileNotFoundError):
             (SHM_DIR / name).unlink()
             removed.append(name)
@@ -309,7 +341,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m rnnpose_ros.tools.demo", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--frames", type=int, default=8, help="frames to play (default 8)")
+    parser.add_argument("--frames", type=int, default=12, help="frames to play (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="scene and detector-noise seed (default 0)")
     parser.add_argument("--backend", choices=("classical", "rnnpose"), default="classical")
     parser.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for images/summary")
@@ -370,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         node.stop()
-        removed = remove_stale_shm(node.shm_before) if node.killed else []
+        removed = remove_stale_shm(node.shm_before, int(os.environ["ROS_DOMAIN_ID"])) if node.killed else []
         print(
             f"[demo] refine_node stopped (exit {node.exit_code}"
             + (f"; removed {len(removed)} stale Fast DDS shm files" if removed else "")
