@@ -136,3 +136,30 @@ def test_stale_shm_files_are_removed_only_when_new_dead_and_unused(
         removed = demo.remove_stale_shm(before, domain_id=159)  # ports 47150-47399
     assert removed == sorted(dead)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fastdds_port47150", *alive])
+
+
+def test_overlay_is_drawn_here_when_the_node_sent_none() -> None:
+    pytest.importorskip("vision_msgs")
+    import numpy as np
+    from std_msgs.msg import Header
+    from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
+
+    from rnnpose_ros.core.objects import ObjectRegistry
+    from rnnpose_ros.core.synth import Scene, SceneInstance
+    from rnnpose_ros.ros.conversions import matrix_to_pose
+    from rnnpose_ros.ros.scene_player import PlayedFrame
+
+    registry = ObjectRegistry.from_yaml(REPO_ROOT / "config" / "objects.yaml")
+    pose = np.eye(4)
+    pose[2, 3] = 0.4
+    K = np.array([[300.0, 0.0, 80.0], [0.0, 300.0, 60.0], [0.0, 0.0, 1.0]])
+    scene = Scene(np.zeros((120, 160, 3), np.uint8), K, [SceneInstance("duck", pose, pose, "duck_0")])
+    hypothesis = ObjectHypothesisWithPose()
+    hypothesis.pose.pose = matrix_to_pose(pose)
+    frame = PlayedFrame(0, scene, header=Header(frame_id="camera_color_optical_frame"), published_at=0.0)
+    outputs = demo.Outputs(debug_images={}, diagnostics={})
+    assert demo._overlay(frame, outputs, registry) is None  # unanswered: nothing to draw
+    frame.result = Detection3DArray(detections=[Detection3D(results=[hypothesis])])
+    image, source = demo._overlay(frame, outputs, registry)
+    assert source == "demo" and image.shape == (120, 160, 3)
+    assert ((image[..., 0] > 200) & (image[..., 1] < 50)).any()  # the refined outline in red

@@ -60,7 +60,7 @@ RESULT_TIMEOUT_S = 120.0
 # Seconds granted for the last debug image / diagnostics after the last answer.
 GRACE_S = 2.0
 STOP_TIMEOUT_S = (15.0, 5.0)  # SIGINT, then SIGTERM; then SIGKILL
-GIF_SCALE = 0.5
+GIF_SCALE = 0.5  # the GIF is half the image size
 GIF_FRAME_S = 1.0
 SHM_DIR = Path("/dev/shm")
 # RTPS well-known ports: 7400 + 250 · domain + offsets (Fast DDS names its shared-memory port queues by them).
@@ -569,7 +569,29 @@ def _await_last(executor: Any, outputs: Outputs, stamps: Sequence[int]) -> None:
         executor.spin_once(timeout_sec=0.05)
 
 
+def _overlay(frame: Any, outputs: Outputs, registry: Any) -> tuple[np.ndarray, str] | None:
+    """The frame's overlay and who drew it: the node's ``~/debug_image`` ("node"), else — when the node
+    had not yet seen our subscription — the same drawing made here from its answer ("demo")."""
+    from rnnpose_ros.ros.conversions import ConversionError, OverlayObject, overlay_image, pose_to_matrix
+
+    image = outputs.debug_images.get(frame.stamp_ns)
+    if image is not None:
+        return image, "node"
+    if frame.result is None:
+        return None
+    objects = []
+    for truth, detection in zip(frame.scene.instances, frame.result.detections, strict=False):
+        model = registry[truth.class_id]
+        try:
+            refined = pose_to_matrix(detection.results[0].pose.pose)[0] if detection.results else None
+        except ConversionError:
+            refined = None
+        objects.append(OverlayObject(model.vertices, model.faces, truth.pose_init, refined))
+    return overlay_image(frame.scene.image, frame.scene.K, objects), "demo"
+
+
 def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeProcess) -> int:
+    import cv2
     import imageio.v2 as imageio
 
     from rnnpose_ros.ros.scene_player import score_frame
@@ -589,14 +611,16 @@ def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeP
                 "instances": [_instance_record(s) for s in scores],
             }
         )
-        overlay = outputs.debug_images.get(frame.stamp_ns)
+        overlay = _overlay(frame, outputs, player.registry)
         if overlay is None:
             continue
-        image = caption(overlay, frame_caption(frame.index, scores, frame.latency_s))
+        per_frame[-1]["overlay_from"] = overlay[1]
+        image = caption(overlay[0], frame_caption(frame.index, scores, frame.latency_s))
         path = args.output / f"frame_{frame.index:03d}.png"
         imageio.imwrite(path, image)
         pngs.append(path)
-        images.append(image[:: int(1 / GIF_SCALE), :: int(1 / GIF_SCALE)])
+        size = (round(image.shape[1] * GIF_SCALE), round(image.shape[0] * GIF_SCALE))
+        images.append(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
     gif = args.output / "demo.gif"
     if images:
         imageio.mimsave(gif, images, duration=GIF_FRAME_S, loop=0)
