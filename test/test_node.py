@@ -177,7 +177,7 @@ def context() -> Iterator[Any]:
 
 
 def make_node(context: Any, engine: str = "stand-in", **overrides: Any) -> RefinerNode:
-    parameters = [Parameter("diagnostics_period", value=0.2)]
+    parameters = [Parameter("diagnostics_period", value=0.2), Parameter("warmup", value=False)]
     parameters += [Parameter(name, value=value) for name, value in overrides.items()]
     factory = (lambda settings, registry: ShiftRefiner(registry)) if engine == "stand-in" else None
     return RefinerNode(refiner_factory=factory, context=context, parameter_overrides=parameters)
@@ -320,8 +320,9 @@ def test_score_threshold_gates_tf_but_not_detections(harness: Harness) -> None:
 
 def test_debug_image_only_when_subscribed(harness: Harness) -> None:
     harness.send(*inputs([("duck", pose(), "")]))
-    assert harness.debug == []
+    harness.spin_until(lambda: harness.node.stats.processed == 1)  # the frame is completely handled
     harness.subscribe_debug()
+    assert harness.debug == []
     image, info, detections = inputs([("duck", pose(), "")])
     harness.send(image, info, detections)
     harness.spin_until(lambda: harness.debug)
