@@ -163,3 +163,9 @@ def test_overlay_is_drawn_here_when_the_node_sent_none() -> None:
     image, source = demo._overlay(frame, outputs, registry)
     assert source == "demo" and image.shape == (120, 160, 3)
     assert ((image[..., 0] > 200) & (image[..., 1] < 50)).any()  # the refined outline in red
+
+
+def test_objects_without_weights(tmp_path: Path) -> None:
+    objects = tmp_path / "objects.yaml"
+    objects.write_text("objects:\n  duck: {mesh: a.obj}\n  can: {mesh: b.obj, weights: can.pth}\n")
+    assert demo.objects_without_weights(objects, ["duck", "can", "cat"]) == ["duck", "cat"]

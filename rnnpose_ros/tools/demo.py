@@ -24,7 +24,8 @@ The child is stopped on exit, Ctrl-C or SIGTERM (SIGINT, then SIGTERM, then SIGK
 demo even if the demo is killed (``PR_SET_PDEATHSIG``); Fast DDS shared-memory files left by a child
 that had to be killed are removed when no process uses them.
 
-Exit status: 0 on success, 1 when the node never answers (or exits early), 130 on Ctrl-C.
+Exit status: 0 on success, 1 when the node never answers (or exits early), 2 for unusable arguments
+(e.g. ``--backend rnnpose`` without weights in objects.yaml), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -108,6 +109,14 @@ def dds_safe_environment(environ: dict[str, str]) -> dict[str, str]:
         env["ROS_DOMAIN_ID"] = str(random.randint(100, 199))
     env.setdefault("PYOPENGL_PLATFORM", "egl")
     return env
+
+
+def objects_without_weights(objects_file: Path, class_ids: Sequence[str]) -> list[str]:
+    """The class ids among ``class_ids`` whose entry in the registry YAML has no ``weights`` file."""
+    import yaml
+
+    entries = (yaml.safe_load(objects_file.read_text()) or {}).get("objects") or {}
+    return [c for c in class_ids if not (entries.get(c) or {}).get("weights")]
 
 
 def node_command(
@@ -381,6 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif"]:
         stale.unlink(missing_ok=True)
     args.objects_file = config_file("objects.yaml")
+    if args.backend == "rnnpose" and (missing := objects_without_weights(args.objects_file, args.objects)):
+        print(
+            f"[demo] --backend rnnpose needs learned weights, but {args.objects_file} gives none for "
+            f"{', '.join(missing)} (set 'weights:' there), or use --backend classical",
+            file=sys.stderr,
+        )
+        return 2
     command = node_command(config_file("refine.yaml"), args.objects_file, args.backend, args.node_param)
     print(
         f"[demo] ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, discovery LOCALHOST, Fast DDS profile "
@@ -473,6 +489,12 @@ def _run(args: argparse.Namespace, node: NodeProcess) -> int:
                     executor.spin_once(timeout_sec=0.05)
                     if node.exit_code is not None:
                         raise DemoError(f"refine_node exited with {node.exit_code}:\n{node.log_tail()}")
+                    first = player.frames[0] if player.frames else None
+                    if first is not None and first.result is None and player.settled(first):
+                        raise DemoError(
+                            f"refine_node did not answer the first frame within {args.result_timeout:g} s:\n"
+                            f"{node.log_tail()}"
+                        )
                 _await_last(executor, outputs, [f.stamp_ns for f in player.frames if f.result is not None])
             except KeyboardInterrupt:
                 interrupted = True
