@@ -278,6 +278,7 @@ class SceneSource:
     def _generate(self) -> None:
         from rnnpose_ros.core.render import Renderer  # heavy (OpenGL): only in the thread that renders
 
+        renderer = None
         try:
             renderer = Renderer()
             index = 0
@@ -290,9 +291,11 @@ class SceneSource:
                     except queue.Full:
                         continue
                 index += 1
-            renderer.close()
         except Exception as error:  # reported by the player, which then stops
             self.error = error
+        finally:
+            if renderer is not None:
+                renderer.close()
 
     def _scene(self, renderer: Any, index: int) -> Scene:
         for attempt in range(SCENE_ATTEMPTS):
