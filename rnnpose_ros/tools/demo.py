@@ -490,7 +490,11 @@ def _run(args: argparse.Namespace, node: NodeProcess) -> int:
                     if node.exit_code is not None:
                         raise DemoError(f"refine_node exited with {node.exit_code}:\n{node.log_tail()}")
                     first = player.frames[0] if player.frames else None
-                    if first is not None and first.result is None and player.settled(first):
+                    if (
+                        first is not None
+                        and not any(f.result is not None for f in player.frames)
+                        and time.monotonic() - first.published_at > args.result_timeout
+                    ):
                         raise DemoError(
                             f"refine_node did not answer the first frame within {args.result_timeout:g} s:\n"
                             f"{node.log_tail()}"
