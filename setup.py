@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "refine_node = rnnpose_ros.ros.node:main",
+            "scene_player = rnnpose_ros.ros.scene_player:main",
         ],
     },
 )
