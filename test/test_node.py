@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -440,18 +441,19 @@ def test_diagnostics_report_counts_and_latency(harness: Harness) -> None:
 
 
 def test_frame_queue_drops_the_oldest(context: Any) -> None:
-    """A slow engine: frames beyond max_pending_frames are dropped (counted), the newest is refined."""
+    """A busy engine: frames beyond max_pending_frames are dropped (counted), the newest is refined."""
     node = make_node(context, max_pending_frames=1)
     harness = Harness(context, node)
+    entered, release = threading.Event(), threading.Event()
+    original = node.refiner.refine
+
+    def blocking(*args: Any) -> Any:
+        entered.set()
+        release.wait(timeout=TIMEOUT_S)
+        return original(*args)
+
+    node.refiner.refine = blocking
     try:
-        stand_in = node.refiner
-        original = stand_in.refine
-
-        def slow(*args: Any) -> Any:
-            time.sleep(0.5)
-            return original(*args)
-
-        stand_in.refine = slow
         sent = []
         for count in range(1, 5):
             frame = inputs([("duck", pose(), "")])
@@ -460,12 +462,14 @@ def test_frame_queue_drops_the_oldest(context: Any) -> None:
             harness.pub_info.publish(frame[1])
             harness.pub_detections.publish(frame[2])
             harness.spin_until(lambda count=count: node.stats.synchronised >= count)
-        harness.spin_until(
-            lambda: node.stats.processed + node.stats.dropped >= 4 and len(harness.outputs) >= 2
-        )
-        assert node.stats.dropped >= 1
-        assert harness.outputs[-1].header.stamp == sent[-1]  # the latest frame is always refined
+            if count == 1:
+                harness.spin_until(entered.is_set)  # frame 1 is in the engine, the queue is empty
+        release.set()
+        harness.spin_until(lambda: len(harness.outputs) >= 2)
+        assert [out.header.stamp for out in harness.outputs] == [sent[0], sent[3]]  # 2 and 3 dropped
+        assert node.stats.dropped == 2
     finally:
+        release.set()
         harness.close()
 
 

@@ -169,7 +169,12 @@ def run(refine_node: subprocess.Popen, scenes: list[Any], domain_id: int) -> Ite
             START_TIMEOUT_S,
             refine_node,
         )
-        time.sleep(0.5)  # let the remaining endpoints match
+        # Wait for the warm-up to end (diagnostics say so) so that latencies are those of steady state.
+        camera.spin_until(
+            lambda: any(not d.status[0].message.startswith("warming up") for d in camera.diagnostics),
+            START_TIMEOUT_S,
+            refine_node,
+        )
         headers = []
         for index, (_, scene) in enumerate(scenes):
             headers.append(camera.publish(scene.image, [i.pose_init for i in scene.instances], 100 + index))

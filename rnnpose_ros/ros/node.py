@@ -71,6 +71,7 @@ WARN_THROTTLE_S = 5.0
 LATENCY_STAGES = ("queue", "convert", "refine", "publish", "total")
 # Seconds of inputs without a single synchronised set before the node says why nothing comes out.
 SYNC_HINT_AFTER_S = 3.0
+SHUTDOWN_WAIT_S = 2.0
 
 
 class ParameterError(ValueError):
@@ -327,6 +328,10 @@ class FrameQueue:
             self._closed = True
             self._condition.notify_all()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __len__(self) -> int:
         with self._condition:
             return len(self._frames)
@@ -424,6 +429,7 @@ class RefinerNode(Node):
         self._inputs = inputs
 
         self.queue = FrameQueue(s.max_pending_frames)
+        self.warmed_up = threading.Event()
         self._worker = threading.Thread(target=self._work, name="rnnpose_worker", daemon=True)
         self._worker.start()
         self._period_start = time.monotonic()
@@ -493,10 +499,13 @@ class RefinerNode(Node):
     def _work(self) -> None:
         if self.settings.warmup:
             self._warm_up()
+        self.warmed_up.set()
         while (frame := self.queue.get()) is not None:
             try:
                 self.process(frame)
             except Exception as error:  # never let one frame end the worker
+                if self.queue.closed:
+                    return  # shutting down: the node's publishers may already be gone
                 with self.stats.lock:
                     self.stats.frame_errors += 1
                     self.stats.last_problem = f"internal error: {error}"
@@ -518,7 +527,8 @@ class RefinerNode(Node):
         except Exception as error:  # a failed warm-up only costs first-frame latency
             self.get_logger().warning(f"warm-up failed (the first frame will be slower): {error}")
             return
-        self.get_logger().info(f"warm-up done in {time.monotonic() - start:.2f} s")
+        if not self.queue.closed:
+            self.get_logger().info(f"warm-up done in {time.monotonic() - start:.2f} s")
 
     def process(self, frame: Frame) -> Detection3DArray:
         """Convert, refine and publish one synchronised frame; returns the published detections."""
@@ -766,6 +776,8 @@ class RefinerNode(Node):
                 "check the detector keeps the image header, or set sync_slop"
             )
             self._warn("no-sync", summary)
+        elif not self.warmed_up.is_set():
+            summary = "warming up (frames are queued meanwhile)"
         elif synced_total == 0:
             summary = "waiting for image, camera_info and detections"
         status = DiagnosticStatus(
@@ -780,11 +792,12 @@ class RefinerNode(Node):
         self.pub_diagnostics.publish(array)
 
     def destroy_node(self) -> None:
-        """Stop the worker (the frame in progress finishes) before the node goes."""
+        """Stop the worker, waiting up to ``SHUTDOWN_WAIT_S`` for the frame in progress (a slow CPU
+        refinement or the warm-up is abandoned: the worker is a daemon thread)."""
         if hasattr(self, "queue"):  # absent when the constructor failed
             self.queue.close()
             if self._worker.is_alive() and threading.current_thread() is not self._worker:
-                self._worker.join(timeout=30.0)
+                self._worker.join(timeout=SHUTDOWN_WAIT_S)
         super().destroy_node()
 
 

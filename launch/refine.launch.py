@@ -1,0 +1,83 @@
+"""Start the ``rnnpose_refiner`` node (executable ``refine_node``) and, optionally, rviz2.
+
+On a ROS 2 distribution (Humble, Jazzy, Kilted) after ``colcon build``::
+
+    ros2 launch rnnpose_ros refine.launch.py \\
+        image:=/camera/color/image_rect camera_info:=/camera/color/camera_info \\
+        detections:=/detector/detections use_rviz:=true
+
+Pip-only installs have no ``launch`` package; the equivalent there is::
+
+    refine_node --ros-args --params-file config/refine.yaml \\
+        -r image:=/camera/color/image_rect -r camera_info:=/camera/color/camera_info \\
+        -r detections:=/detector/detections
+
+Topics are remapped here rather than passed as parameters (image_pipeline convention); every node
+parameter lives in the params file (``config/refine.yaml`` documents each one).
+"""
+
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+from launch import LaunchDescription
+
+PACKAGE = "rnnpose_ros"
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = FindPackageShare(PACKAGE)
+    arguments = [
+        DeclareLaunchArgument(
+            "params_file",
+            default_value=PathJoinSubstitution([share, "config", "refine.yaml"]),
+            description="Parameters of the node (YAML with /**: ros__parameters:).",
+        ),
+        DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node."),
+        DeclareLaunchArgument(
+            "image", default_value="image", description="Rectified colour image topic (sensor_msgs/Image)."
+        ),
+        DeclareLaunchArgument(
+            "camera_info",
+            default_value="camera_info",
+            description="Camera info topic of that image (sensor_msgs/CameraInfo).",
+        ),
+        DeclareLaunchArgument(
+            "detections",
+            default_value="detections",
+            description="Initial poses from the detector (vision_msgs/Detection3DArray, image header).",
+        ),
+        DeclareLaunchArgument("use_rviz", default_value="false", description="Also start rviz2."),
+        DeclareLaunchArgument(
+            "rviz_config",
+            default_value=PathJoinSubstitution([share, "config", "rnnpose.rviz"]),
+            description="rviz2 configuration (meshes, TF and debug overlay of rnnpose_refiner).",
+        ),
+        DeclareLaunchArgument("log_level", default_value="info", description="Log level of the node."),
+    ]
+    refiner = Node(
+        package=PACKAGE,
+        executable="refine_node",
+        name="rnnpose_refiner",
+        namespace=LaunchConfiguration("namespace"),
+        parameters=[LaunchConfiguration("params_file")],
+        remappings=[
+            ("image", LaunchConfiguration("image")),
+            ("camera_info", LaunchConfiguration("camera_info")),
+            ("detections", LaunchConfiguration("detections")),
+        ],
+        ros_arguments=["--log-level", LaunchConfiguration("log_level")],
+        output="screen",
+        emulate_tty=True,
+    )
+    rviz = Node(
+        package="rviz2",
+        executable="rviz2",
+        name="rviz2",
+        arguments=["-d", LaunchConfiguration("rviz_config")],
+        condition=IfCondition(LaunchConfiguration("use_rviz")),
+        output="screen",
+    )
+    return LaunchDescription([*arguments, refiner, rviz])
