@@ -23,6 +23,7 @@ pytest.importorskip("vision_msgs")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 from tf2_msgs.msg import TFMessage  # noqa: E402
@@ -424,6 +425,13 @@ def test_unmatched_stamps_produce_nothing_and_diagnostics_say_why(harness: Harne
     harness.spin_until(lambda: harness.diagnostics)
     values = {kv.key: kv.value for kv in harness.diagnostics[-1].status[0].values}
     assert values["received_detections"] == "1" and values["frames_synchronised"] == "0"
+
+
+def test_incompatible_detections_qos_is_reported(harness: Harness) -> None:
+    best_effort = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
+    harness.client.create_publisher(Detection3DArray, "detections", best_effort)
+    harness.spin_until(lambda: harness.node.stats.incompatible_qos.get("detections", 0) >= 1)
+    assert "detections_qos" in harness.node.stats.last_problem
 
 
 def test_diagnostics_report_counts_and_latency(harness: Harness) -> None:

@@ -38,10 +38,17 @@ import rclpy
 import rclpy.executors
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.event_handler import QoSRequestedIncompatibleQoSInfo, SubscriptionEventCallbacks
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data, qos_profile_system_default
+from rclpy.qos import (
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_policy_name_from_kind,
+    qos_profile_sensor_data,
+    qos_profile_system_default,
+)
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from vision_msgs.msg import Detection3DArray
@@ -353,6 +360,7 @@ class Statistics:
     period_processed: int = 0
     period_dropped: int = 0
     latency_ms: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in LATENCY_STAGES})
+    incompatible_qos: dict[str, int] = field(default_factory=dict)
     last_problem: str = ""
     first_input: float | None = None
 
@@ -412,12 +420,14 @@ class RefinerNode(Node):
         self.tf_broadcaster = compat.TransformBroadcaster(self)
 
         image_qos = qos_profile(s.image_qos, s.queue_size)
+        detections_qos = qos_profile(s.detections_qos, s.queue_size)
         inputs = [
-            compat.Subscriber(self, Image, "image", qos_profile=image_qos),
-            compat.Subscriber(self, CameraInfo, "camera_info", qos_profile=image_qos),
-            compat.Subscriber(
-                self, Detection3DArray, "detections", qos_profile=qos_profile(s.detections_qos, s.queue_size)
-            ),
+            compat.Subscriber(self, msg_type, topic, qos_profile=qos, event_callbacks=self._qos_events(topic))
+            for msg_type, topic, qos in (
+                (Image, "image", image_qos),
+                (CameraInfo, "camera_info", image_qos),
+                (Detection3DArray, "detections", detections_qos),
+            )
         ]
         for topic, subscriber in zip(("image", "camera_info", "detections"), inputs, strict=True):
             subscriber.registerCallback(lambda _msg, topic=topic: self._count_input(topic))
@@ -476,6 +486,24 @@ class RefinerNode(Node):
             self.stats.received[topic] += 1
             if self.stats.first_input is None:
                 self.stats.first_input = time.monotonic()
+
+    def _qos_events(self, topic: str) -> SubscriptionEventCallbacks:
+        """Say which parameter to change when a publisher's QoS cannot match the subscription (otherwise
+        the callback silently never fires)."""
+        parameter = "detections_qos" if topic == "detections" else "image_qos"
+
+        def incompatible(info: QoSRequestedIncompatibleQoSInfo) -> None:
+            policy = qos_policy_name_from_kind(info.last_policy_kind)
+            text = (
+                f"a publisher on '{self.resolve_topic_name(topic)}' offers QoS incompatible with this "
+                f"subscription ({policy}): set {parameter} to match it (sensor_data accepts any publisher)"
+            )
+            with self.stats.lock:
+                self.stats.incompatible_qos[topic] = info.total_count
+                self.stats.last_problem = text
+            self._warn(f"qos:{topic}", text)
+
+        return SubscriptionEventCallbacks(incompatible_qos=incompatible)
 
     def _on_frame(self, image: Image, camera_info: CameraInfo, detections: Detection3DArray) -> None:
         dropped = self.queue.put(Frame(image, camera_info, detections, time.monotonic()))
@@ -753,6 +781,8 @@ class RefinerNode(Node):
             }
             for topic, count in s.received.items():
                 values[f"received_{topic}"] = str(count)
+            for topic, count in s.incompatible_qos.items():
+                values[f"incompatible_qos_publishers_{topic}"] = str(count)
             for stage, samples in s.latency_ms.items():
                 if samples:
                     values[f"latency_{stage}_ms_mean"] = f"{float(np.mean(samples)):.1f}"
