@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -173,7 +174,7 @@ def inputs(
 @pytest.fixture(scope="module")
 def context() -> Iterator[Any]:
     ctx = rclpy.Context()
-    rclpy.init(context=ctx)
+    rclpy.init(context=ctx, domain_id=random.randint(150, 199))  # a domain of its own
     yield ctx
     rclpy.shutdown(context=ctx)
 

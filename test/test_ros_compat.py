@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -138,7 +139,7 @@ def test_subscribers_and_broadcaster_over_dds() -> None:
     from geometry_msgs.msg import PointStamped
 
     context = rclpy.Context()
-    rclpy.init(context=context)
+    rclpy.init(context=context, domain_id=random.randint(150, 199))  # a domain of its own
     try:
         node = rclpy.create_node("compat_sync", context=context)
         peer = rclpy.create_node("compat_peer", context=context)
