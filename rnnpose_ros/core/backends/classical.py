@@ -2,22 +2,37 @@
 
 Per render iteration, for all B instances of a frame:
 
-1. crop window around the projected model at the current pose (square, ``margin`` on each side),
-   resampled to ``crop_size``² pixels — the observed image is cropped with the same affine map whose
-   intrinsics K_crop the renderer uses, so the crop only changes intrinsics;
-2. render RGB + metric depth at the current pose with K_crop (one batched renderer call), and composite
-   the rendering over the observed crop: background pixels are then identical in both images, so the
-   flow sees the object's displacement only and is not pulled by background texture;
-3. OpenCV DIS optical flow from the composite to the observed crop (dense, full crop resolution) and
-   back; the forward–backward error e(p) = ‖F(p) + B(p + F(p))‖ gives the weight
-   w = 1 / (1 + (e/σ)²) (Cauchy), zero beyond ``fb_max_px``, on the rendered object pixels eroded by
-   ``edge_erosion`` pixels (silhouette pixels mix object and background motion);
-4. correspondences: rendered pixel p with depth z(p) lifts to X0 = z·K_crop⁻¹(p, 1) and should
+1. crop window around the projected model at the current pose (square, ``margin`` on each side of
+   the projected bounding box), resampled to ``crop_size``² pixels — the observed image is cropped
+   with the same affine map whose intrinsics K_crop the renderer uses, so a crop only changes
+   intrinsics;
+2. render the object (albedo, metric depth, silhouette) at the current pose with K_crop, one batched
+   renderer call;
+3. build two single-channel images and compute OpenCV DIS optical flow from the rendering to the
+   observed crop and back (full crop resolution). What the images show depends on the stage's
+   ``flow_input``:
+
+   - ``"region"`` (default): the rendered silhouette against the observed crop's object probability,
+     P(object | colour) from chromaticity histograms of the observed crop inside the eroded
+     silhouette and outside the dilated one (region-based alignment, as in PWP3D/RBOT). It ignores
+     lighting, shading and camera colour response, which make the photograph and a rendering differ
+     far more than the pose does; texture-poor objects such as the duck are aligned by their
+     silhouette;
+   - ``"relit"``: the rendered albedo re-shaded to the observed object (per-channel gain + one
+     directional light fitted by least squares on normals from the rendered depth), composited over
+     the observed crop, in grey levels;
+   - ``"gray"``: the rendering composited over the observed crop, in grey levels (the prototype);
+
+4. weights: the forward–backward error e(p) = ‖F(p) + B(p + F(p))‖ gives w = 1 / (1 + (e/σ)²)
+   (Cauchy), zero beyond ``fb_max_px``, on the rendered pixels eroded by ``edge_erosion``;
+5. correspondences: rendered pixel p with depth z(p) lifts to X0 = z·K_crop⁻¹(p, 1) and should
    project to x* = p + F(p); the refiner's LM (Huber IRLS on the reprojection residual) solves for
    the relative pose, ``inner_steps`` times on the same flow, and the next iteration re-renders.
 
-Early iterations use a wider, coarser crop (large initial errors need context and small images are
-cheap), later ones a tight full-resolution crop.
+The default schedule (12 render iterations × 3 LM steps): 3 iterations in a wide 160² crop using only
+the robust median shift of the flow (``motion="translation"``: a large initial error makes the
+dense flow unreliable in its details, and its divergence would otherwise throw the weakly
+constrained depth far off), 2 iterations of full 6-DoF flow in that crop, then a tight 224² crop.
 """
 
 from __future__ import annotations
@@ -40,36 +55,53 @@ from rnnpose_ros.core.backends.base import (
     RenderState,
 )
 from rnnpose_ros.core.objects import ObjectModel
+from rnnpose_ros.core.render import Lighting
 
 # Vertices projected to place the crop window (a deterministic subset of big meshes is enough).
 MAX_WINDOW_VERTICES = 2000
 # Smallest crop window side in image pixels (guards against a degenerate projection).
 MIN_WINDOW_PX = 8.0
+FLOW_INPUTS = ("region", "relit", "gray")
+MOTIONS = ("full", "translation")
 
 
 @dataclass
 class CropStage:
-    """Crop used from render iteration ``start`` on.
+    """Crop and flow used from render iteration ``start`` on.
 
     Attributes:
         start: first render iteration (from 0) of this stage.
         crop_size: side of the square crop, pixels.
         margin: window side = (1 + 2·margin) × larger side of the projected model's bounding box.
+        flow_input: what the flow compares (see the module docstring): "region", "relit" or "gray".
+        motion: "full" (dense flow) or "translation" (its robust median shift only).
     """
 
     start: int
     crop_size: int
     margin: float
+    flow_input: str = "region"
+    motion: str = "full"
 
 
 def _default_stages() -> list[CropStage]:
-    return [CropStage(start=0, crop_size=160, margin=0.5), CropStage(start=4, crop_size=224, margin=0.25)]
+    return [
+        CropStage(start=0, crop_size=160, margin=0.8, motion="translation"),
+        CropStage(start=3, crop_size=160, margin=0.8),
+        CropStage(start=5, crop_size=224, margin=0.4),
+    ]
 
 
 def _default_lm() -> LMConfig:
-    # Huber IRLS at 2 crop pixels: outliers of the flow (occlusion, texture-less areas) are
-    # down-weighted; float64 poses so that converged steps of < 0.1 mm are not lost to rounding.
-    return LMConfig(num_iters=1, robust="huber", robust_scale=2.0, min_depth=0.02, pose_dtype=torch.float64)
+    # Huber IRLS at 1 crop pixel down-weights flow outliers (occlusion, clutter of the same colour);
+    # float64 poses so that converged steps of < 0.1 mm are not lost to rounding; correspondences
+    # count from 2 cm depth on (the published 10 cm would ignore close objects).
+    return LMConfig(num_iters=1, robust="huber", robust_scale=1.0, min_depth=0.02, pose_dtype=torch.float64)
+
+
+def _flat_lighting() -> Lighting:
+    # Albedo only: the photograph's lighting is unknown; "region" ignores colours, "relit" re-shades.
+    return Lighting(ambient=1.0, diffuse=0.0, specular=0.0)
 
 
 @dataclass
@@ -77,19 +109,20 @@ class ClassicalConfig(BackendConfig):
     """Schedule and parameters of the classical backend.
 
     Attributes (besides :class:`BackendConfig`):
-        stages: crop schedule over the render iterations (sorted by ``start``).
+        stages: crop/flow schedule over the render iterations (sorted by ``start``).
         dis_finest_scale: finest DIS pyramid level (0 = full crop resolution).
         dis_patch_size, dis_patch_stride: DIS patch size / stride, pixels.
         dis_gradient_iterations: DIS inverse-search iterations per patch.
         dis_variational_iterations: DIS variational refinement iterations per level.
-        fb_scale_px: Cauchy scale of the forward–backward error, crop pixels.
+        fb_scale_px: Cauchy scale of the forward–backward error, crop pixels (None: no weighting).
         fb_max_px: forward–backward error above which a pixel gets weight 0, crop pixels.
         edge_erosion: rendered-mask erosion (pixels) before correspondences are used.
-        composite: render over the observed crop (True) or over black.
+        region_bins: chromaticity histogram bins per axis ("region").
+        lighting: renderer lighting (albedo only by default).
     """
 
     outer_iterations: int = 12
-    inner_steps: int = 2
+    inner_steps: int = 3
     lm: LMConfig = field(default_factory=_default_lm)
     published_conventions: bool = False
     stages: list[CropStage] = field(default_factory=_default_stages)
@@ -101,10 +134,11 @@ class ClassicalConfig(BackendConfig):
     fb_scale_px: float | None = 1.0
     fb_max_px: float = 3.0
     edge_erosion: int = 1
-    composite: bool = True
+    region_bins: int = 16
+    lighting: Lighting = field(default_factory=_flat_lighting)
 
     def stage(self, iteration: int) -> CropStage:
-        """The crop stage in force at render iteration ``iteration``."""
+        """The stage in force at render iteration ``iteration``."""
         current = self.stages[0]
         for stage in self.stages:
             if stage.start <= iteration:
@@ -123,8 +157,10 @@ class CropBatch:
 
     Attributes:
         poses: (B, 4, 4) float64 render poses; K: (B, 3, 3) float64 crop intrinsics.
-        observed: (B, h, w, 3) uint8 observed crops; rendered: (B, h, w, 3) uint8 composites.
+        observed: (B, h, w, 3) uint8 observed crops; rendered: (B, h, w, 3) uint8 rendering (albedo)
+            composited over the observed crop.
         depth: (B, h, w) float32 rendered depth, metres, 0 = background; mask: (B, h, w) bool.
+        scale: (B,) float64 crop pixels per image pixel.
     """
 
     poses: np.ndarray
@@ -133,6 +169,7 @@ class CropBatch:
     rendered: np.ndarray
     depth: np.ndarray
     mask: np.ndarray
+    scale: np.ndarray
 
 
 @dataclass
@@ -161,18 +198,25 @@ class ClassicalBackend(CorrespondenceBackend):
         if not isinstance(config, ClassicalConfig):
             raise BackendError(f"the classical backend needs a ClassicalConfig, got {type(config).__name__}")
         if not config.stages:
-            raise BackendError("ClassicalConfig.stages must name at least one crop stage")
+            raise BackendError("ClassicalConfig.stages must name at least one stage")
+        for stage in config.stages:
+            if stage.flow_input not in FLOW_INPUTS or stage.motion not in MOTIONS:
+                raise BackendError(
+                    f"stage {stage}: flow_input must be one of {FLOW_INPUTS} and motion one of {MOTIONS}"
+                )
         self.config = config
         self.device = torch.device(device)
         self._renderer = renderer
-        self._window_vertices: dict[int, np.ndarray] = {}  # id(model) -> (M, 3) float64 subset
+        self._window_vertices: dict[ObjectModel, np.ndarray] = {}  # per-object (M, 3) float64 subset
+        # DIS "medium" preset made explicit, at full crop resolution; mean normalisation of the
+        # patches absorbs brightness offsets between the two images.
         self._flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         self._flow.setFinestScale(config.dis_finest_scale)
         self._flow.setPatchSize(config.dis_patch_size)
         self._flow.setPatchStride(config.dis_patch_stride)
         self._flow.setGradientDescentIterations(config.dis_gradient_iterations)
         self._flow.setVariationalRefinementIterations(config.dis_variational_iterations)
-        self._flow.setUseMeanNormalization(True)  # robust to the rendering's different brightness
+        self._flow.setUseMeanNormalization(True)
         self._flow.setUseSpatialPropagation(True)
 
     @property
@@ -186,12 +230,11 @@ class ClassicalBackend(CorrespondenceBackend):
 
     def prepare_objects(self, models: Sequence[ObjectModel]) -> None:
         for model in models:
-            if id(model) not in self._window_vertices:
+            if model not in self._window_vertices:
                 vertices = np.asarray(model.vertices, dtype=np.float64)
                 if len(vertices) > MAX_WINDOW_VERTICES:
-                    step = int(np.ceil(len(vertices) / MAX_WINDOW_VERTICES))
-                    vertices = vertices[::step]
-                self._window_vertices[id(model)] = vertices
+                    vertices = vertices[:: int(np.ceil(len(vertices) / MAX_WINDOW_VERTICES))]
+                self._window_vertices[model] = vertices
 
     def prepare_frame(
         self, image: np.ndarray, K: np.ndarray, models: Sequence[ObjectModel], poses: Tensor
@@ -200,15 +243,17 @@ class ClassicalBackend(CorrespondenceBackend):
 
     def prepare_render(self, frame: FrameState, poses: Tensor, iteration: int) -> ClassicalView:
         stage = self.config.stage(iteration)
+        # Host synchronisation: OpenCV flow and the OpenGL rasteriser work on host arrays.
         poses_np = poses.detach().cpu().numpy().astype(np.float64)
         crops = self.render_crops(frame, poses_np, stage)
-        target, weight = self.flow_targets(crops)
+        target, weight = self.flow_targets(crops, stage.flow_input)
+        if stage.motion == "translation":
+            target = _median_shift_targets(target, weight)
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        scale = crops.K[:, 0, 0] / frame.K[0, 0]
         return ClassicalView(
             K=as_tensor(crops.K.astype(np.float32)),
             depth=as_tensor(crops.depth.astype(np.float32)),
-            crop_scale=as_tensor(scale.astype(np.float32)),
+            crop_scale=as_tensor(crops.scale.astype(np.float32)),
             target=as_tensor(target),
             weight=as_tensor(weight),
             crops=crops,
@@ -219,7 +264,8 @@ class ClassicalBackend(CorrespondenceBackend):
     ) -> Correspondences:
         # The flow does not depend on the relative pose: the inner steps are IRLS iterations of the
         # solver's robust kernel on the same targets.
-        assert isinstance(view, ClassicalView)
+        if not isinstance(view, ClassicalView):
+            raise BackendError(f"the classical backend got a {type(view).__name__} render state")
         return Correspondences(target=view.target, weight=view.weight)
 
     # --- stages ----------------------------------------------------------------------------------------
@@ -229,11 +275,9 @@ class ClassicalBackend(CorrespondenceBackend):
         windows = np.empty((len(poses), 3))
         K = frame.K
         for b, (model, pose) in enumerate(zip(frame.models, poses, strict=True)):
-            vertices = self._window_vertices[id(model)]
-            cam = vertices @ pose[:3, :3].T + pose[:3, 3]
+            cam = self._window_vertices[model] @ pose[:3, :3].T + pose[:3, 3]
             z = np.maximum(cam[:, 2], 1e-3)  # a pose that drifted behind the camera still gets a window
-            pixels = cam[:, :2] / z[:, None] * np.diag(K)[:2] + K[:2, 2]
-            pixels = np.clip(pixels, -1e5, 1e5)
+            pixels = np.clip(cam[:, :2] / z[:, None] * np.diag(K)[:2] + K[:2, 2], -1e5, 1e5)
             lo, hi = pixels.min(0), pixels.max(0)
             side = max(float((hi - lo).max()) * (1.0 + 2.0 * stage.margin), MIN_WINDOW_PX)
             centre = (lo + hi) / 2.0
@@ -256,16 +300,32 @@ class ClassicalBackend(CorrespondenceBackend):
             observed[b] = cv2.warpAffine(
                 frame.image, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
             )
-        render = self.renderer.render(frame.models, poses, K_crop, (size, size))
-        rendered_rgb = np.round(np.clip(render.rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+        render = self.renderer.render(
+            frame.models, poses, K_crop, (size, size), lighting=self.config.lighting
+        )
         mask = render.mask & (render.depth > 0)
-        background = observed if self.config.composite else np.zeros_like(observed)
-        rendered = np.where(mask[..., None], rendered_rgb, background)
+        rendered_rgb = np.round(np.clip(render.rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+        rendered = np.where(mask[..., None], rendered_rgb, observed)
         return CropBatch(
-            poses=poses, K=K_crop, observed=observed, rendered=rendered, depth=render.depth, mask=mask
+            poses=poses,
+            K=K_crop,
+            observed=observed,
+            rendered=rendered,
+            depth=render.depth,
+            mask=mask,
+            scale=size / windows[:, 2],
         )
 
-    def flow_targets(self, crops: CropBatch) -> tuple[np.ndarray, np.ndarray]:
+    def flow_images(self, crops: CropBatch, b: int, flow_input: str) -> tuple[np.ndarray, np.ndarray]:
+        """The (h, w) uint8 rendered and observed images the flow of instance ``b`` is computed on."""
+        if flow_input == "region":
+            return _region_images(crops.observed[b], crops.mask[b], self.config.region_bins)
+        rendered = crops.rendered[b]
+        if flow_input == "relit":
+            rendered = _relight(rendered, crops.observed[b], crops.mask[b], crops.depth[b], crops.K[b])
+        return cv2.cvtColor(rendered, cv2.COLOR_RGB2GRAY), cv2.cvtColor(crops.observed[b], cv2.COLOR_RGB2GRAY)
+
+    def flow_targets(self, crops: CropBatch, flow_input: str = "region") -> tuple[np.ndarray, np.ndarray]:
         """Targets (B, h, w, 2) float32 and weights (B, h, w) float32 from DIS flow both ways."""
         config = self.config
         batch, height, width = crops.mask.shape
@@ -279,8 +339,7 @@ class ClassicalBackend(CorrespondenceBackend):
                 mask = cv2.erode(mask, kernel)
             if not mask.any():
                 continue
-            rendered = cv2.cvtColor(crops.rendered[b], cv2.COLOR_RGB2GRAY)
-            observed = cv2.cvtColor(crops.observed[b], cv2.COLOR_RGB2GRAY)
+            rendered, observed = self.flow_images(crops, b, flow_input)
             forward = self._flow.calc(rendered, observed, None)
             backward = self._flow.calc(observed, rendered, None)
             target = grid + forward
@@ -298,7 +357,109 @@ class ClassicalBackend(CorrespondenceBackend):
                 weight = np.ones_like(fb_error)
             else:
                 weight = 1.0 / (1.0 + (fb_error / config.fb_scale_px) ** 2)
-            weight = np.where((fb_error <= config.fb_max_px) & inside & (mask > 0), weight, 0.0)
+            weights[b] = np.where((fb_error <= config.fb_max_px) & inside & (mask > 0), weight, 0.0)
             targets[b] = target
-            weights[b] = weight
         return targets, weights
+
+
+def _median_shift_targets(target: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Replace each dense flow by its median shift over the weighted pixels: (B, h, w, 2) targets."""
+    batch, height, width, _ = target.shape
+    grid = np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1).astype(np.float32)
+    out = target.copy()
+    for b in range(batch):
+        valid = weight[b] > 0
+        if valid.sum() >= 10:
+            out[b] = grid + np.median(target[b][valid] - grid[valid], axis=0)
+    return out
+
+
+def _object_and_background(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(inner object pixels, background pixels): the mask eroded, and the complement of its dilation,
+    by a band of about 1/24 of the crop side."""
+    radius = max(2, max(mask.shape) // 24)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    mask_u8 = mask.astype(np.uint8)
+    return cv2.erode(mask_u8, kernel) > 0, cv2.dilate(mask_u8, kernel) == 0
+
+
+def _colour_bins(image: np.ndarray, bins: int) -> tuple[np.ndarray, int]:
+    """(h, w) int64 histogram bin of every pixel of an (h, w, 3) uint8 image, and the number of bins.
+
+    Chromaticity (r, g) = (R, G) / (R + G + B) in bins × bins cells is invariant to shading, so an
+    object's self-shadowed rim falls in the same bins as its lit front; two brightness levels keep
+    black/white/grey apart, and nearly black pixels (no reliable chromaticity) get their own bin.
+    """
+    rgb = image.astype(np.float32)
+    total = rgb.sum(-1)
+    safe = np.maximum(total, 1.0)
+    r = np.minimum((rgb[..., 0] / safe * bins).astype(np.int64), bins - 1)
+    g = np.minimum((rgb[..., 1] / safe * bins).astype(np.int64), bins - 1)
+    bright = (total > 3 * 128).astype(np.int64)
+    index = (bright * bins + r) * bins + g
+    n_chroma = 2 * bins * bins
+    return np.where(total < 3 * 20, n_chroma, index), n_chroma + 1
+
+
+def _region_images(observed: np.ndarray, mask: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rendered silhouette and observed object probability, both (h, w) uint8 (255 = object).
+
+    Colour histograms of the observed crop inside the eroded silhouette (object) and outside the
+    dilated silhouette (background) give P(object | colour) per observed pixel. The band around the
+    silhouette is left out of both models so that a misplaced silhouette does not teach the object
+    model its background colours (the region would grow from one iteration to the next).
+    """
+    inner, background = _object_and_background(mask)
+    if not inner.any():
+        inner = mask
+    index, n_bins = _colour_bins(observed, bins)
+    fg = np.bincount(index[inner], minlength=n_bins).astype(np.float32)
+    bg = np.bincount(index[background], minlength=n_bins).astype(np.float32)
+    fg /= max(fg.sum(), 1.0)
+    bg /= max(bg.sum(), 1.0)
+    seen = fg + bg > 0
+    prob = np.where(seen, fg / np.where(seen, fg + bg, 1.0), 0.5)
+    objectness = cv2.GaussianBlur(prob[index].astype(np.float32), (0, 0), 1.0)
+    silhouette = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 1.0)
+    return (silhouette * 255).astype(np.uint8), (objectness * 255).astype(np.uint8)
+
+
+def _camera_normals(depth: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """(h, w, 3) unit normals (camera frame, facing the camera) of a depth map, central differences."""
+    height, width = depth.shape
+    u, v = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    points = np.stack(((u - K[0, 2]) / K[0, 0] * depth, (v - K[1, 2]) / K[1, 1] * depth, depth), -1)
+    normals = np.cross(np.gradient(points, axis=1), np.gradient(points, axis=0))
+    normals /= np.maximum(np.linalg.norm(normals, axis=-1, keepdims=True), 1e-12)
+    return np.where(normals[..., 2:3] > 0, -normals, normals)
+
+
+def _relight(
+    rendered: np.ndarray, observed: np.ndarray, mask: np.ndarray, depth: np.ndarray, K: np.ndarray
+) -> np.ndarray:
+    """Re-shade the rendered albedo like the observed object: I_c ≈ A_c·(α_c + n·β), α (3) per-channel
+    gain and β (3) one directional light, fitted by Huber-weighted least squares on the inner object
+    pixels. (h, w, 3) uint8 in and out; background pixels are returned unchanged."""
+    inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if inner.sum() < 20:
+        return rendered
+    albedo = rendered.astype(np.float32) / 255.0
+    # Extend the depth one band outwards so that rim normals do not see the jump to the background.
+    depth = depth.astype(np.float32)
+    normals = _camera_normals(np.where(mask, depth, cv2.dilate(depth, np.ones((5, 5), np.uint8))), K)
+    A, n = albedo[inner], normals[inner]
+    seen = observed[inner].astype(np.float32) / 255.0
+    rows = []
+    for c in range(3):
+        gain = np.zeros((len(A), 3), np.float32)
+        gain[:, c] = A[:, c]
+        rows.append(np.concatenate((gain, A[:, c : c + 1] * n), 1))
+    design, target = np.concatenate(rows), seen.T.reshape(-1)
+    weight = np.ones(len(target), np.float32)
+    for _ in range(3):  # IRLS: background seen under a misplaced silhouette counts less
+        root = np.sqrt(weight)
+        params = np.linalg.lstsq(design * root[:, None], target * root, rcond=None)[0]
+        weight = 0.05 / np.maximum(np.abs(design @ params - target), 0.05)
+    shading = params[None, None, :3] + (normals @ params[3:])[..., None]
+    relit = np.round(np.clip(albedo * shading, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.where(mask[..., None], relit, rendered)

@@ -1,0 +1,145 @@
+"""Refiner API: input validation, per-instance statuses, batching, results and scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnnpose_ros.core.backends.classical import ClassicalConfig, CropStage
+from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
+from rnnpose_ros.core.refiner import InputError, Instance, Refiner, RefineStatus
+from rnnpose_ros.core.synth import make_scene
+
+pytestmark = pytest.mark.skipif(not pybullet_mesh_available(), reason="pybullet_data meshes not installed")
+
+# A short schedule keeps these tests fast; accuracy is tested in test_backend_classical.py.
+SHORT = ClassicalConfig(outer_iterations=2, inner_steps=2, stages=[CropStage(0, 96, 0.5)])
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    from rnnpose_ros.core.render import Renderer
+
+    return Renderer()
+
+
+@pytest.fixture(scope="module")
+def registry() -> ObjectRegistry:
+    duck = load_pybullet_object("duck")
+    ball = load_pybullet_object("soccerball", class_id="ball")
+    return ObjectRegistry(models={"duck": duck, "ball": ball})
+
+
+@pytest.fixture(scope="module")
+def refiner(registry, renderer) -> Refiner:
+    return Refiner(registry, config=SHORT, renderer=renderer)
+
+
+@pytest.fixture(scope="module")
+def scene(registry, renderer):
+    return make_scene([registry["duck"], registry["duck"]], 3, renderer, rot_sigma_deg=8.0)
+
+
+def test_bad_image_and_intrinsics_raise_input_error(refiner, scene):
+    instances = [Instance("duck", scene.instances[0].pose_init)]
+    K = scene.K
+    with pytest.raises(InputError, match="shape"):
+        refiner.refine(scene.image[..., 0], K, instances)
+    with pytest.raises(InputError, match="dtype"):
+        refiner.refine(scene.image.astype(np.int32), K, instances)
+    with pytest.raises(InputError, match="NaN"):
+        refiner.refine(np.full(scene.image.shape, np.nan, np.float32), K, instances)
+    with pytest.raises(InputError, match="focal"):
+        refiner.refine(scene.image, np.diag([0.0, 500.0, 1.0]), instances)
+    with pytest.raises(InputError, match="NaN"):
+        refiner.refine(scene.image, np.full((3, 3), np.nan), instances)
+    with pytest.raises(InputError, match="shape"):
+        refiner.refine(scene.image, np.eye(4), instances)
+
+
+def test_bad_instances_get_a_status_not_an_exception(refiner, scene):
+    good = scene.instances[0].pose_init
+    behind = good.copy()
+    behind[2, 3] = -0.5
+    outside = good.copy()
+    outside[0, 3] = 5.0  # 5 m to the side at < 1 m depth
+    nan_pose = good.copy()
+    nan_pose[0, 0] = np.nan
+    sheared = good.copy()
+    sheared[:3, :3] = sheared[:3, :3] @ np.diag([1.0, 1.3, 1.0])
+    instances = [
+        Instance("teapot", good, "a"),
+        Instance("duck", nan_pose, "b"),
+        Instance("duck", sheared, "c"),
+        Instance("duck", behind, "d"),
+        Instance("duck", outside, "e"),
+        Instance("duck", np.eye(3), "f"),
+        Instance("duck", good, "g"),
+    ]
+    results = refiner.refine(scene.image, scene.K, instances)
+    assert [r.instance_id for r in results] == list("abcdefg")
+    assert [r.status for r in results[:6]] == [
+        RefineStatus.UNKNOWN_CLASS,
+        RefineStatus.INVALID_POSE,
+        RefineStatus.INVALID_POSE,
+        RefineStatus.BEHIND_CAMERA,
+        RefineStatus.OUTSIDE_IMAGE,
+        RefineStatus.INVALID_POSE,
+    ]
+    for r in results[:6]:
+        assert r.score == 0.0 and r.message and r.trace == []
+    np.testing.assert_array_equal(results[3].pose, behind)
+    assert results[6].status is RefineStatus.OK
+    assert len(results[6].trace) == SHORT.outer_iterations * SHORT.inner_steps
+    assert 0.0 <= results[6].score <= 1.0
+
+
+def test_empty_instance_list(refiner, scene):
+    assert refiner.refine(scene.image, scene.K, []) == []
+
+
+def test_batched_equals_one_by_one(registry, renderer):
+    duck_scene = make_scene([registry["duck"], registry["duck"]], 5, renderer, rot_sigma_deg=8.0)
+    ball_scene_pose = make_scene([registry["ball"]], 6, renderer).instances[0].pose_init
+    refiner = Refiner(registry, config=SHORT, renderer=renderer)
+    instances = [Instance(i.class_id, i.pose_init, i.instance_id) for i in duck_scene.instances]
+    instances.append(Instance("ball", ball_scene_pose, "ball"))
+    together = refiner.refine(duck_scene.image, duck_scene.K, instances)
+    for instance, batched in zip(instances, together, strict=True):
+        alone = refiner.refine(duck_scene.image, duck_scene.K, [instance])[0]
+        assert alone.status == batched.status
+        np.testing.assert_allclose(alone.pose, batched.pose, atol=1e-7)
+        assert alone.score == pytest.approx(batched.score, abs=1e-6)
+        for a, b in zip(alone.trace, batched.trace, strict=True):
+            np.testing.assert_allclose(a.pose, b.pose, atol=1e-7)
+            assert a.num_correspondences == b.num_correspondences
+
+
+def test_result_fields_and_trace(refiner, scene):
+    instance = scene.instances[0]
+    result = refiner.refine(scene.image, scene.K, [Instance("duck", instance.pose_init, "x")])[0]
+    assert result.class_id == "duck" and result.instance_id == "x"
+    np.testing.assert_array_equal(result.initial_pose, instance.pose_init)
+    assert result.pose.shape == (4, 4) and result.pose.dtype == np.float64
+    R = result.pose[:3, :3]
+    np.testing.assert_allclose(R.T @ R, np.eye(3), atol=1e-9)
+    for entry in result.trace:
+        assert 0.0 <= entry.mean_weight <= 1.0
+        assert entry.residual_px >= 0.0
+        assert entry.num_correspondences > 0
+    np.testing.assert_allclose(result.trace[-1].pose, result.pose, atol=1e-12)
+
+
+def test_float_image_is_accepted(refiner, scene):
+    pose = scene.instances[0].pose_init
+    as_float = scene.image.astype(np.float32) / 255.0
+    a = refiner.refine(as_float, scene.K, [Instance("duck", pose)])[0]
+    b = refiner.refine(scene.image, scene.K, [Instance("duck", pose)])[0]
+    np.testing.assert_allclose(a.pose, b.pose, atol=1e-9)
+
+
+def test_unknown_backend_is_a_clear_error(registry):
+    from rnnpose_ros.core.backends.base import BackendError
+
+    with pytest.raises(BackendError, match="unknown backend"):
+        Refiner(registry, backend="magic")
