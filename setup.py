@@ -1,4 +1,4 @@
-"""ament_python package definition (`colcon build` on a ROS 2 distribution, `pip install -e .` in the venv)."""
+"""ament_python package definition: `colcon build` on a ROS 2 distribution, `pip install -e .` in the venv."""
 
 from glob import glob
 

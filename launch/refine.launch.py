@@ -16,13 +16,12 @@ Topics are remapped here rather than passed as parameters (image_pipeline conven
 parameter lives in the params file (``config/refine.yaml`` documents each one).
 """
 
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 PACKAGE = "rnnpose_ros"
 

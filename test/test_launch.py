@@ -27,13 +27,12 @@ import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
 import launch_testing.markers  # noqa: E402
 import rclpy  # noqa: E402
+from launch import LaunchDescription  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 from vision_msgs.msg import Detection3DArray  # noqa: E402
-
-from launch import LaunchDescription  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 60.0

@@ -75,6 +75,7 @@ class ObjectModel:
         center: (3,) float64 metres, axis-aligned bounding-box centre.
         eval_points: (M, 3) float32 metres, M <= 2000 distinct vertex positions for the metrics.
         mesh_path: resolved mesh file.
+        mesh_scale: metres per mesh-file unit (the registry's ``scale``; rviz draws the file itself).
     """
 
     class_id: str
@@ -90,6 +91,7 @@ class ObjectModel:
     center: np.ndarray
     eval_points: np.ndarray
     mesh_path: Path
+    mesh_scale: float = 1.0
 
     @property
     def bounding_radius(self) -> float:
@@ -130,6 +132,7 @@ class ObjectModel:
             weights=weights,
             mesh_path=path,
             num_eval_points=num_eval_points,
+            mesh_scale=float(scale),
         )
 
     @classmethod
@@ -145,6 +148,7 @@ class ObjectModel:
         weights: str | Path | None = None,
         mesh_path: str | Path = "",
         num_eval_points: int = DEFAULT_EVAL_POINTS,
+        mesh_scale: float = 1.0,
     ) -> ObjectModel:
         """Build a model from arrays already in metres (e.g. a trimesh primitive in a test).
 
@@ -179,6 +183,7 @@ class ObjectModel:
             center=(hi + lo) / 2.0,
             eval_points=sample_eval_points(vertices, num_eval_points),
             mesh_path=Path(mesh_path),
+            mesh_scale=float(mesh_scale),
         )
 
 

@@ -275,8 +275,8 @@ def default_objects_file() -> Path:
         from ament_index_python.packages import get_package_share_directory
 
         candidates.insert(0, Path(get_package_share_directory(PACKAGE)) / "config" / "objects.yaml")
-    except (ImportError, LookupError):
-        pass  # pip-only install: no ament index
+    except (ImportError, LookupError, OSError):
+        pass  # pip-only install: no ament index (or AMENT_PREFIX_PATH unset)
     return next((c for c in candidates if c.is_file()), candidates[-1])
 
 
@@ -406,7 +406,6 @@ class RefinerNode(Node):
                 f"parameter 'objects_file' ({self.settings.objects_file}): {error}"
             ) from None
         self.refiner = (refiner_factory or create_refiner)(self.settings, self.registry)
-        self._mesh_scales = {model.class_id: mesh_file_scale(model) for model in self.registry}
         self.stats = Statistics()
         self._throttle = Throttle(WARN_THROTTLE_S)
         self._markers_shown: set[str] = set()
@@ -532,7 +531,7 @@ class RefinerNode(Node):
             try:
                 self.process(frame)
             except Exception as error:  # never let one frame end the worker
-                if self.queue.closed:
+                if self.queue.closed or not self.context.ok():
                     return  # shutting down: the node's publishers may already be gone
                 with self.stats.lock:
                     self.stats.frame_errors += 1
@@ -662,6 +661,11 @@ class RefinerNode(Node):
             results = self.refiner.refine(rgb, K, instances)
         except InputError as error:
             return f"engine rejected the input: {error}", 0
+        except Exception as error:  # the detections are still published (passed through)
+            self.get_logger().error(
+                f"engine failed: {error}\n{traceback.format_exc()}", throttle_duration_sec=5.0
+            )
+            return f"engine failed: {type(error).__name__}: {error}", 0
         count = 0
         for item, result in zip(usable, results, strict=True):
             if result.status is RefineStatus.OK:
@@ -702,7 +706,7 @@ class RefinerNode(Node):
                 item.instance_id,
                 result.pose,
                 self.registry[item.class_id].mesh_path.resolve().as_uri(),
-                self._mesh_scales[item.class_id],
+                self.registry[item.class_id].mesh_scale,
             )
             for item, result in shown
         ]
@@ -868,6 +872,9 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
     settings.backend = resolve_backend(settings.backend, registry)
     try:
         refiner = Refiner(registry, backend=settings.backend, device=settings.device)
+        # Per-object caches (learned: weights + 3D features) are built now, so a missing or broken
+        # weights file stops the node at start instead of failing every frame.
+        refiner.backend.prepare_objects(list(registry))
     except BackendError as error:
         raise ParameterError(f"parameter 'backend' = {settings.backend!r}: {error}") from None
     if settings.outer_iterations:
@@ -875,15 +882,6 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
     if settings.inner_iterations:
         refiner.config.inner_steps = settings.inner_iterations
     return refiner
-
-
-def mesh_file_scale(model: Any) -> float:
-    """Scale from the mesh file's units to metres (rviz draws the file itself, so markers need it)."""
-    import trimesh
-
-    raw = trimesh.load(model.mesh_path, process=False, force="mesh")
-    raw_size = float(np.max(raw.extents))
-    return float(np.max(model.extents)) / raw_size if raw_size > 0 else 1.0
 
 
 def main(args: list[str] | None = None) -> int:
