@@ -139,3 +139,20 @@ def test_real_refinement_improves_add(registry, renderer):
         before.append(metrics.add(model.eval_points, truth.pose_init, truth.pose_gt))
         after.append(metrics.add(model.eval_points, result.pose, truth.pose_gt))
     assert np.mean(after) < np.mean(before)
+
+
+def test_region_and_relit_flows_alternate_over_inner_steps(registry, renderer):
+    config = ClassicalConfig(stages=[CropStage(0, 96, 0.4, flow_input="region+relit")])
+    backend = ClassicalBackend(torch.device("cpu"), config, renderer)
+    scene = make_scene([registry["duck"]], 4, renderer, rot_sigma_deg=5.0)
+    models = [registry["duck"]]
+    backend.prepare_objects(models)
+    poses = torch.as_tensor(scene.instances[0].pose_init[None])
+    frame = backend.prepare_frame(scene.image, scene.K, models, poses)
+    view = backend.prepare_render(frame, poses, 0)
+    relative = torch.eye(4, dtype=torch.float64)[None]
+    steps = [backend.correspondences(frame, view, relative, k) for k in range(3)]
+    assert steps[0].target is view.target and steps[2].target is view.target
+    assert steps[1].target is view.alternates[0][0]
+    assert not torch.equal(steps[0].target, steps[1].target)
+    assert view.depth.shape == (1, 96, 96) and view.K.shape == (1, 3, 3)
