@@ -84,8 +84,15 @@ class LevelResult:
             "num_instances": len(self.outcomes),
             "noise": {"rot_deg": self.rot_deg, "trans_m": list(self.trans_m)},
             "status_counts": statuses,
-            "mean_score": float(np.mean([o.score for o in self.outcomes])) if self.outcomes else 0.0,
+            "mean_score": _mean([o.score for o in self.outcomes]),
+            # How well the score separates good from bad refinements (ADD(-S) pass vs fail).
+            "mean_score_add_s_pass": _mean([o.score for o in self.outcomes if o.refined["add_s"]]),
+            "mean_score_add_s_fail": _mean([o.score for o in self.outcomes if not o.refined["add_s"]]),
         }
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -238,6 +245,11 @@ def format_table(summary: dict, title: str) -> str:
     lines.append(
         f"instances {summary['num_instances']}, {summary['seconds_per_instance']:.3f} s per instance, "
         f"statuses {summary['status_counts']}, mean score {summary['mean_score']:.3f}"
+    )
+    as_text = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
+    lines.append(
+        f"mean score of ADD(-S) passes {as_text(summary['mean_score_add_s_pass'])}, "
+        f"of failures {as_text(summary['mean_score_add_s_fail'])}"
     )
     return "\n".join(lines)
 
