@@ -25,7 +25,7 @@ with misalignment, occlusion, or low confidence; 0 for instances that could not 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from rnnpose_ros.core.backends import create_backend
 from rnnpose_ros.core.backends.base import BackendConfig, CorrespondenceBackend, Correspondences, RenderState
-from rnnpose_ros.core.geometry import backproject_depth, project_points
+from rnnpose_ros.core.geometry import backproject_depth, pixel_grid, project_points
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
 from rnnpose_ros.core.solver import solve_lm_step
 
@@ -90,6 +90,8 @@ class IterationTrace:
         mean_weight: mean correspondence weight over the rendered object pixels, in [0, 1].
         residual_px: weighted RMS reprojection residual before the step, pixels of the crop.
         num_correspondences: pixels with non-zero weight in the step.
+        flow_px: mean correspondence displacement ‖x* − x‖ over the rendered object pixels, pixels
+            of the crop (how far the image says the rendering must still move).
     """
 
     outer: int
@@ -98,6 +100,34 @@ class IterationTrace:
     mean_weight: float
     residual_px: float
     num_correspondences: int
+    flow_px: float = 0.0
+
+
+@dataclass
+class StepSnapshot:
+    """What a step observer receives after every inner step (tensors on the refiner's device).
+
+    Attributes:
+        outer, inner: iteration indices (from 0).
+        instance_index: the input index of each of the B batch rows.
+        pose: (B, 4, 4) float64 absolute pose estimate after the step.
+        K: (B, 3, 3) intrinsics of the reference crop.
+        depth: (B, h, w) reference depth of the crop, metres.
+        target: (B, h, w, 2) correspondence targets, crop pixels.
+        weight: (B, h, w) correspondence weights in [0, 1].
+    """
+
+    outer: int
+    inner: int
+    instance_index: list[int]
+    pose: Tensor
+    K: Tensor
+    depth: Tensor
+    target: Tensor
+    weight: Tensor
+
+
+StepObserver = Callable[[StepSnapshot], None]
 
 
 @dataclass
@@ -150,13 +180,21 @@ class Refiner:
     def config(self) -> BackendConfig:
         return self.backend.config
 
-    def refine(self, image: np.ndarray, K: np.ndarray, instances: Sequence[Instance]) -> list[RefineResult]:
+    def refine(
+        self,
+        image: np.ndarray,
+        K: np.ndarray,
+        instances: Sequence[Instance],
+        observer: StepObserver | None = None,
+    ) -> list[RefineResult]:
         """Refine every instance of one image.
 
         Args:
             image: (H, W, 3) uint8 RGB (a float image in [0, 1] is accepted and quantised).
             K: (3, 3) pinhole intrinsics in pixels (no skew, no distortion).
             instances: the instances to refine (any mix of classes, repeats allowed).
+            observer: called with a :class:`StepSnapshot` after every inner step (visualisation,
+                debugging); None on the product path, which then keeps nothing per step.
 
         Returns:
             One :class:`RefineResult` per instance, in input order.
@@ -181,7 +219,7 @@ class Refiner:
                 batch_models.append(model)
                 batch_poses.append(pose)
         if batch_index:
-            refined = self._refine_batch(image, K, batch_models, np.stack(batch_poses))
+            refined = self._refine_batch(image, K, batch_models, np.stack(batch_poses), batch_index, observer)
             for i, (pose, score, status, message, trace) in zip(batch_index, refined, strict=True):
                 instance = instances[i]
                 ok = status is RefineStatus.OK
@@ -244,7 +282,13 @@ class Refiner:
     # --- the batched loop --------------------------------------------------------------------------------
 
     def _refine_batch(
-        self, image: np.ndarray, K: np.ndarray, models: list[ObjectModel], initial: np.ndarray
+        self,
+        image: np.ndarray,
+        K: np.ndarray,
+        models: list[ObjectModel],
+        initial: np.ndarray,
+        instance_index: list[int],
+        observer: StepObserver | None,
     ) -> list[tuple[np.ndarray, float, RefineStatus, str, list[IterationTrace]]]:
         """Run the shared outer/inner loop on B valid instances; returns per-instance outcomes."""
         config = self.backend.config
@@ -256,7 +300,7 @@ class Refiner:
         diameters = torch.tensor([m.diameter for m in models], dtype=torch.float64, device=device)
         failure = torch.zeros(batch, dtype=torch.int64, device=device)  # index into _LOOP_FAILURES
         eye = torch.eye(4, dtype=lm.pose_dtype, device=device).expand(batch, 4, 4)
-        trace_poses, trace_weight, trace_residual, trace_count = [], [], [], []
+        trace_poses, trace_weight, trace_residual, trace_count, trace_flow = [], [], [], [], []
 
         self.backend.prepare_objects(models)
         frame = self.backend.prepare_frame(image, K, models, poses)
@@ -293,6 +337,20 @@ class Refiner:
                 trace_weight.append(mean_weight)
                 trace_residual.append(step.residual_rms)
                 trace_count.append(step.num_valid)
+                trace_flow.append(_mean_flow(corr.target, foreground))
+                if observer is not None:
+                    observer(
+                        StepSnapshot(
+                            outer,
+                            inner,
+                            instance_index,
+                            trace_poses[-1],
+                            view.K,
+                            view.depth,
+                            corr.target,
+                            corr.weight,
+                        )
+                    )
             poses = torch.where((failure == 0)[:, None, None], relative.to(torch.float64) @ poses, poses)
             moved = torch.linalg.vector_norm(poses[:, :3, 3] - initial_t[:, :3, 3], dim=-1)
             centre_z = poses[:, 2, 3]
@@ -309,7 +367,9 @@ class Refiner:
         poses_np = poses.cpu().numpy()
         failure_np = failure.cpu().numpy()
         scores_np = scores.cpu().numpy()
-        traces = _traces(trace_poses, trace_weight, trace_residual, trace_count, config.inner_steps)
+        traces = _traces(
+            trace_poses, trace_weight, trace_residual, trace_count, trace_flow, config.inner_steps
+        )
         outcomes = []
         for b in range(batch):
             status = _LOOP_FAILURES[int(failure_np[b])]
@@ -345,11 +405,20 @@ class Refiner:
         return score.clamp(0.0, 1.0)
 
 
+def _mean_flow(target: Tensor, foreground: Tensor) -> Tensor:
+    """(B,) mean ‖x* − x‖ over the foreground pixels of (B, h, w, 2) targets, crop pixels."""
+    _, height, width, _ = target.shape
+    grid = pixel_grid(height, width, target.dtype, target.device)
+    length = torch.linalg.vector_norm(target - grid, dim=-1)
+    return (length * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp_min(1.0)
+
+
 def _traces(
     poses: list[Tensor],
     weights: list[Tensor],
     residuals: list[Tensor],
     counts: list[Tensor],
+    flows: list[Tensor],
     inner_steps: int,
 ) -> list[list[IterationTrace]]:
     """Per-instance trace lists from per-step batched tensors (one host transfer each)."""
@@ -359,6 +428,7 @@ def _traces(
     weights_np = torch.stack(weights, 1).cpu().numpy()
     residuals_np = torch.stack(residuals, 1).cpu().numpy()
     counts_np = torch.stack(counts, 1).cpu().numpy()
+    flows_np = torch.stack(flows, 1).cpu().numpy()
     return [
         [
             IterationTrace(
@@ -368,6 +438,7 @@ def _traces(
                 mean_weight=float(weights_np[b, s]),
                 residual_px=float(residuals_np[b, s]),
                 num_correspondences=int(counts_np[b, s]),
+                flow_px=float(flows_np[b, s]),
             )
             for s in range(poses_np.shape[1])
         ]

@@ -121,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="also evaluate scaled noise levels")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of recall vs noise (needs --sweep)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument(
+        "--trace-gif",
+        type=Path,
+        default=None,
+        help="animated GIF of the iterations of the first scene's first instance (contour + weight map)",
+    )
     args = parser.parse_args(argv)
     try:
         trans = tuple(float(x) for x in args.noise_trans.split(","))
@@ -324,7 +330,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         plot_sweep(summaries, args.plot, args.backend)
         print(f"wrote {args.plot}")
+    if args.trace_gif is not None:
+        write_trace_gif(args, registry, renderer, refiner)
+        print(f"wrote {args.trace_gif}")
     return 0
+
+
+def write_trace_gif(args: argparse.Namespace, registry, renderer, refiner) -> None:
+    """The GIF of ``--trace-gif``: scene ``args.seed`` at the main noise level, first instance."""
+    from rnnpose_ros.core.refiner import Instance
+    from rnnpose_ros.core.synth import make_scene
+    from rnnpose_ros.tools.trace_gif import record_trace_gif
+
+    class_ids = args.classes or registry.class_ids
+    scene = make_scene(
+        [registry[class_ids[0]]],
+        args.seed,
+        renderer,
+        occluders=args.occluders,
+        rot_sigma_deg=args.noise_rot,
+        trans_sigma=args.noise_trans,
+    )
+    first = scene.instances[0]
+    record_trace_gif(
+        args.trace_gif, refiner, renderer, scene.image, scene.K, Instance(first.class_id, first.pose_init)
+    )
 
 
 def _config_summary(config) -> dict:
