@@ -127,6 +127,10 @@ class ClassicalConfig(BackendConfig):
         fb_max_px: forward–backward error above which a pixel gets weight 0, crop pixels.
         edge_erosion: rendered-mask erosion (pixels) before correspondences are used.
         region_bins: chromaticity histogram bins per axis ("region").
+        region_inner_band, region_outer_band: the object colour model uses the silhouette eroded by
+            the inner band, the background model what lies beyond the outer band (crop-side fractions):
+            thin parts (the duck's beak) stay in the object model, and a misplaced silhouette does
+            not teach it background colours.
         lighting: renderer lighting (albedo only by default).
     """
 
@@ -144,6 +148,8 @@ class ClassicalConfig(BackendConfig):
     fb_max_px: float = 3.0
     edge_erosion: int = 1
     region_bins: int = 16
+    region_inner_band: float = 1 / 48
+    region_outer_band: float = 1 / 24
     lighting: Lighting = field(default_factory=_flat_lighting)
 
     def stage(self, iteration: int) -> CropStage:
@@ -337,7 +343,14 @@ class ClassicalBackend(CorrespondenceBackend):
     def flow_images(self, crops: CropBatch, b: int, flow_input: str) -> tuple[np.ndarray, np.ndarray]:
         """The (h, w) uint8 rendered and observed images the flow of instance ``b`` is computed on."""
         if flow_input == "region":
-            return _region_images(crops.observed[b], crops.mask[b], self.config.region_bins)
+            config = self.config
+            return _region_images(
+                crops.observed[b],
+                crops.mask[b],
+                config.region_bins,
+                config.region_inner_band,
+                config.region_outer_band,
+            )
         rendered = crops.rendered[b]
         if flow_input == "relit":
             rendered = _relight(rendered, crops.observed[b], crops.mask[b], crops.depth[b], crops.K[b])
@@ -392,13 +405,17 @@ def _median_shift_targets(target: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return out
 
 
-def _object_and_background(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(inner object pixels, background pixels): the mask eroded, and the complement of its dilation,
-    by a band of about 1/24 of the crop side."""
-    radius = max(2, max(mask.shape) // 24)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+def _object_and_background(
+    mask: np.ndarray, inner_band: float, outer_band: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inner object pixels, background pixels): the mask eroded by ``inner_band`` and the complement
+    of its dilation by ``outer_band`` (fractions of the crop side; at least 1 and 2 pixels)."""
+    side = max(mask.shape)
     mask_u8 = mask.astype(np.uint8)
-    return cv2.erode(mask_u8, kernel) > 0, cv2.dilate(mask_u8, kernel) == 0
+    disc = lambda r: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))  # noqa: E731
+    inner = cv2.erode(mask_u8, disc(max(1, round(inner_band * side)))) > 0
+    background = cv2.dilate(mask_u8, disc(max(2, round(outer_band * side)))) == 0
+    return inner, background
 
 
 def _colour_bins(image: np.ndarray, bins: int) -> tuple[np.ndarray, int]:
@@ -419,7 +436,9 @@ def _colour_bins(image: np.ndarray, bins: int) -> tuple[np.ndarray, int]:
     return np.where(total < 3 * 20, n_chroma, index), n_chroma + 1
 
 
-def _region_images(observed: np.ndarray, mask: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+def _region_images(
+    observed: np.ndarray, mask: np.ndarray, bins: int, inner_band: float = 1 / 48, outer_band: float = 1 / 24
+) -> tuple[np.ndarray, np.ndarray]:
     """Rendered silhouette and observed object probability, both (h, w) uint8 (255 = object).
 
     Colour histograms of the observed crop inside the eroded silhouette (object) and outside the
@@ -427,7 +446,7 @@ def _region_images(observed: np.ndarray, mask: np.ndarray, bins: int) -> tuple[n
     silhouette is left out of both models so that a misplaced silhouette does not teach the object
     model its background colours (the region would grow from one iteration to the next).
     """
-    inner, background = _object_and_background(mask)
+    inner, background = _object_and_background(mask, inner_band, outer_band)
     if not inner.any():
         inner = mask
     index, n_bins = _colour_bins(observed, bins)
