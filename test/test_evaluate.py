@@ -22,7 +22,18 @@ def _check_recalls(block: dict) -> None:
 
 def test_cli_writes_the_documented_json(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = evaluate.main(["--num-scenes", "2", "--seed", "3", "--json", str(out), "--no-progress"])
+    argv = [
+        "--num-scenes",
+        "2",
+        "--seed",
+        "3",
+        "--json",
+        str(out),
+        "--no-progress",
+        "--outer-iterations",
+        "4",
+    ]
+    code = evaluate.main(argv)
     assert code == 0
     result = json.loads(out.read_text())
     for key in ("initial", "refined", "per_object", "seconds_per_instance", "backend", "device"):
@@ -30,6 +41,7 @@ def test_cli_writes_the_documented_json(tmp_path, capsys):
     _check_recalls(result["initial"])
     _check_recalls(result["refined"])
     assert result["backend"] == "classical" and result["device"] == "cpu"
+    assert result["config"]["outer_iterations"] == 4
     assert result["seconds_per_instance"] > 0
     assert result["num_scenes"] == 2 and result["num_instances"] == 2
     entry = result["per_object"]["duck"]
@@ -44,6 +56,7 @@ def test_sweep_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "SWEEP_FACTORS", (0.5, 1.0))
     out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     argv = ["--num-scenes", "1", "--sweep", "--plot", str(plot), "--json", str(out), "--no-progress"]
+    argv += ["--outer-iterations", "2"]
     assert evaluate.main(argv) == 0
     result = json.loads(out.read_text())
     assert [level["noise"]["rot_deg"] for level in result["sweep"]] == [7.5, 15.0]

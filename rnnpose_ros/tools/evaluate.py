@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--weights", nargs="*", default=[], metavar="CLASS=FILE", help="weights per class (rnnpose backend)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--outer-iterations",
+        type=int,
+        default=None,
+        help="render iterations (default: the backend's schedule)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--sweep", action="store_true", help="also evaluate scaled noise levels")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of recall vs noise (needs --sweep)")
@@ -139,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num-scenes must be at least 1")
     if args.instances_per_scene < 1:
         parser.error("--instances-per-scene must be at least 1")
+    if args.outer_iterations is not None and args.outer_iterations < 1:
+        parser.error("--outer-iterations must be at least 1")
     if args.noise_rot < 0:
         parser.error("--noise-rot must be non-negative")
     if args.plot is not None and not args.sweep:
@@ -163,14 +171,18 @@ def build_refiner(args: argparse.Namespace, registry, renderer):
             raise EvaluationError(f"--weights names unknown class {class_id!r}; known: {registry.class_ids}")
         if not path.is_file():
             raise EvaluationError(f"--weights file for {class_id!r} not found: {path}")
-    config = None
+    schedule = {} if args.outer_iterations is None else {"outer_iterations": args.outer_iterations}
     try:
         if args.backend == "rnnpose":
             from rnnpose_ros.core.backends.learned import LearnedConfig
 
-            config = LearnedConfig(weights=dict(args.weights))
-        elif args.weights:
-            print("note: --weights is ignored by the classical backend", file=sys.stderr)
+            config = LearnedConfig(weights=dict(args.weights), **schedule)
+        else:
+            from rnnpose_ros.core.backends.classical import ClassicalConfig
+
+            if args.weights:
+                print("note: --weights is ignored by the classical backend", file=sys.stderr)
+            config = ClassicalConfig(**schedule)
         return Refiner(registry, backend=args.backend, device=args.device, config=config, renderer=renderer)
     except (BackendError, ImportError) as exc:
         raise EvaluationError(f"backend {args.backend!r} is not available: {exc}") from exc
