@@ -195,6 +195,8 @@ class ClassicalView(RenderState):
         target: (B, h, w, 2) float32 flow targets p + F(p), crop pixels.
         weight: (B, h, w) float32 forward–backward weights in [0, 1].
         crops: the host-side crops (for debugging and visualisation).
+        alternates: further (target, weight) pairs ("region+relit"); inner step k uses pair
+            k mod (1 + len(alternates)), the first being (target, weight).
     """
 
     target: Tensor
