@@ -20,6 +20,7 @@ from rnnpose_ros.core.nets.kpconv_pyramid import (
     grid_subsample,
     radius_neighbors,
 )
+from rnnpose_ros.tools.bench_nets import synthetic_cloud
 from rnnpose_ros.tools.parity_common import load_fixture
 from rnnpose_ros.tools.parity_kpconv import CHECKS
 
@@ -28,21 +29,6 @@ NET_PREFIXES = {
     (32, True): "hybrid_desc_net.corr_fea_extractor_3d.",
     (256, False): "ctx_fea_net.context_fea_extractor_3d.",
 }
-
-
-def bumpy_cloud(num_points: int, seed: int = 0) -> np.ndarray:
-    """(N, 3) float32 metres: a jittered, bumpy, non-symmetric closed surface about 10×7×6 cm."""
-    rng = np.random.default_rng(seed)
-    index = np.arange(num_points) + 0.5
-    polar = np.arccos(1 - 2 * index / num_points)
-    azimuth = np.pi * (1 + 5**0.5) * index
-    directions = np.stack(
-        [np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth), np.cos(polar)], 1
-    )
-    radius = (
-        1 + 0.2 * np.sin(3 * directions[:, 0]) * np.cos(2 * directions[:, 1]) + 0.01 * rng.random(num_points)
-    )
-    return (directions * radius[:, None] * [0.05, 0.035, 0.03] + [0.1, -0.02, 0.6]).astype(np.float32)
 
 
 @pytest.mark.parametrize("kind", sorted(CHECKS))
@@ -76,7 +62,7 @@ def test_radius_neighbors_match_brute_force() -> None:
 
 
 def test_grid_subsample_gives_voxel_barycentres() -> None:
-    points = bumpy_cloud(1500) * 10
+    points = synthetic_cloud(1500) * 10
     cell = 0.05
     subsampled = grid_subsample(points, cell)
     origin = np.floor(points.min(0) / cell) * cell
@@ -96,7 +82,7 @@ def test_neighbor_limit_is_the_keep_ratio_quantile() -> None:
 
 
 def test_pyramid_shapes_and_padding() -> None:
-    pyramid = build_point_pyramid(bumpy_cloud(1200))
+    pyramid = build_point_pyramid(synthetic_cloud(1200))
     sizes = [len(p) for p in pyramid.points]
     assert sizes[0] == 1200 and all(a > b > 0 for a, b in itertools.pairwise(sizes))
     assert len(pyramid.pools) == len(pyramid.upsamples) == pyramid.num_layers - 1
@@ -128,7 +114,7 @@ def _net(out_dim: int, normalize: bool) -> KPConvFeatureNet:
 
 @pytest.mark.parametrize(("out_dim", "normalize"), [(32, True), (256, False)])
 def test_nets_are_permutation_equivariant(out_dim: int, normalize: bool) -> None:
-    cloud = bumpy_cloud(600, seed=2)
+    cloud = synthetic_cloud(600, seed=2)
     permutation = np.random.default_rng(3).permutation(len(cloud))
     pyramid = build_point_pyramid(cloud)
     permuted = build_point_pyramid(cloud[permutation], pyramid.neighbor_limits)
@@ -157,7 +143,7 @@ def test_state_dict_layout_matches_checkpoint() -> None:
 
 
 def test_pyramid_point_type() -> None:
-    pyramid = build_point_pyramid(torch.from_numpy(bumpy_cloud(300)))
+    pyramid = build_point_pyramid(torch.from_numpy(synthetic_cloud(300)))
     assert isinstance(pyramid, PointPyramid)
     assert all(p.dtype == torch.float32 for p in pyramid.points)
     assert all(n.dtype == torch.int64 for n in pyramid.neighbors)
@@ -167,7 +153,7 @@ def test_pyramid_point_type() -> None:
 
 
 def test_kpconv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    pyramid = build_point_pyramid(bumpy_cloud(400, seed=4))
+    pyramid = build_point_pyramid(synthetic_cloud(400, seed=4))
     torch.manual_seed(5)
     conv = KPConv(4, 8, radius=0.0625)
     features = torch.randn(400, 4)

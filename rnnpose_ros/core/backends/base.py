@@ -155,6 +155,16 @@ class CorrespondenceBackend(ABC):
 
     name: str
     config: BackendConfig
+    _renderer = None  # a shared Renderer given at construction, else created by :attr:`renderer`
+
+    @property
+    def renderer(self):
+        """The renderer (created on first use: it opens an OpenGL context)."""
+        if self._renderer is None:
+            from rnnpose_ros.core.render import Renderer
+
+            self._renderer = Renderer()
+        return self._renderer
 
     def prepare_objects(self, models: Sequence[ObjectModel]) -> None:  # noqa: B027 (optional hook)
         """Build per-object caches once (learned: 3D features); called before each frame's first use."""

@@ -237,15 +237,6 @@ class ClassicalBackend(CorrespondenceBackend):
         self._flow.setUseMeanNormalization(True)
         self._flow.setUseSpatialPropagation(True)
 
-    @property
-    def renderer(self):
-        """The renderer (created on first use: it opens an OpenGL context)."""
-        if self._renderer is None:
-            from rnnpose_ros.core.render import Renderer
-
-            self._renderer = Renderer()
-        return self._renderer
-
     def prepare_objects(self, models: Sequence[ObjectModel]) -> None:
         for model in models:
             if model not in self._window_vertices:

@@ -149,15 +149,6 @@ class LearnedBackend(CorrespondenceBackend):
         self._objects: dict[int, ObjectFeatures] = {}  # id(model) → features
 
     @property
-    def renderer(self):
-        """The renderer (created on first use: it opens an OpenGL context)."""
-        if self._renderer is None:
-            from rnnpose_ros.core.render import Renderer
-
-            self._renderer = Renderer()
-        return self._renderer
-
-    @property
     def mixed_precision(self) -> bool:
         return self.config.mixed_precision and self.device.type == "cuda"
 
