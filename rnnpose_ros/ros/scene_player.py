@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import rclpy
 import rclpy.executors
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
@@ -58,6 +57,7 @@ from rnnpose_ros.ros.conversions import (
     pose_to_matrix,
     rgb_to_image,
 )
+from rnnpose_ros.ros.node import ParameterSpec
 
 NODE_NAME = "scene_player"
 DEFAULT_FRAME_ID = "camera_color_optical_frame"
@@ -321,46 +321,51 @@ class SceneSource:
 # ---------------------------------------------------------------- the node
 
 
-@dataclass(frozen=True)
-class _Param:
-    default: Any
-    description: str
-    int_range: tuple[int, int] | None = None
-    float_range: tuple[float, float] | None = None
-
-
-PARAMETERS: dict[str, _Param] = {
-    "frames": _Param(10, "Frames to publish; 0 = forever.", int_range=(0, 1_000_000)),
-    "seed": _Param(
-        0, "Seed of the scenes and of the detector noise (frame i is always the same).", (0, 2**31 - 1)
+PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("frames", 10, "Frames to publish; 0 = forever.", int_range=(0, 1_000_000)),
+    ParameterSpec(
+        "seed",
+        0,
+        "Seed of the scenes and of the detector noise (frame i is always the same).",
+        int_range=(0, 2**31 - 1),
     ),
-    "rate": _Param(2.0, "Most frames per second.", float_range=(0.01, 100.0)),
-    "wait_for_result": _Param(
-        True, "Publish the next frame only once the refiner answered the previous one (or it timed out)."
+    ParameterSpec("rate", 2.0, "Most frames per second.", float_range=(0.01, 100.0)),
+    ParameterSpec(
+        "wait_for_result",
+        True,
+        "Publish the next frame only once the refiner answered the previous one (or it timed out).",
     ),
-    "result_timeout": _Param(
+    ParameterSpec(
+        "result_timeout",
         60.0,
         "Seconds a frame may wait for its answer before it counts as unanswered.",
         float_range=(0.1, 3600.0),
     ),
-    "result_topic": _Param(DEFAULT_RESULT_TOPIC, "The refiner's output detections."),
-    "frame_id": _Param(DEFAULT_FRAME_ID, "frame_id of every published header (the camera optical frame)."),
-    "objects_file": _Param("", "Object registry YAML; empty = the package's config/objects.yaml."),
-    "objects": _Param(["duck"], "Class ids placed in every scene (repeat one for several copies)."),
-    "width": _Param(640, "Image width (px).", int_range=(32, 4096)),
-    "height": _Param(480, "Image height (px).", int_range=(32, 4096)),
-    "min_distance": _Param(0.3, "Nearest object centre depth (m).", float_range=(0.05, 100.0)),
-    "max_distance": _Param(1.0, "Farthest object centre depth (m).", float_range=(0.05, 100.0)),
-    "occluders": _Param(0, "Random occluder patches tried per scene.", int_range=(0, 20)),
-    "rot_sigma_deg": _Param(
-        15.0, "Detector noise: std of each Euler angle (degrees).", float_range=(0.0, 90.0)
+    ParameterSpec("result_topic", DEFAULT_RESULT_TOPIC, "The refiner's output detections."),
+    ParameterSpec(
+        "frame_id", DEFAULT_FRAME_ID, "frame_id of every published header (the camera optical frame)."
     ),
-    "max_angle_deg": _Param(
-        45.0, "Detector noise: largest total rotation error (degrees).", float_range=(0.1, 180.0)
+    ParameterSpec("objects_file", "", "Object registry YAML; empty = the package's config/objects.yaml."),
+    ParameterSpec("objects", ["duck"], "Class ids placed in every scene (repeat one for several copies)."),
+    ParameterSpec("width", 640, "Image width (px).", int_range=(32, 4096)),
+    ParameterSpec("height", 480, "Image height (px).", int_range=(32, 4096)),
+    ParameterSpec("min_distance", 0.3, "Nearest object centre depth (m).", float_range=(0.05, 100.0)),
+    ParameterSpec("max_distance", 1.0, "Farthest object centre depth (m).", float_range=(0.05, 100.0)),
+    ParameterSpec("occluders", 0, "Random occluder patches tried per scene.", int_range=(0, 20)),
+    ParameterSpec(
+        "rot_sigma_deg", 15.0, "Detector noise: std of each Euler angle (degrees).", float_range=(0.0, 90.0)
     ),
-    "trans_sigma": _Param([0.01, 0.01, 0.05], "Detector noise: std along camera x, y, z (m)."),
-    "autostart": _Param(True, "Start publishing as soon as the refiner subscribes (False: call start())."),
-}
+    ParameterSpec(
+        "max_angle_deg",
+        45.0,
+        "Detector noise: largest total rotation error (degrees).",
+        float_range=(0.1, 180.0),
+    ),
+    ParameterSpec("trans_sigma", [0.01, 0.01, 0.05], "Detector noise: std along camera x, y, z (m)."),
+    ParameterSpec(
+        "autostart", True, "Start publishing as soon as the refiner subscribes (False: call start())."
+    ),
+)
 
 
 class ScenePlayer(Node):
@@ -414,17 +419,8 @@ class ScenePlayer(Node):
 
     def _declare_parameters(self) -> dict[str, Any]:
         values = {}
-        for name, spec in PARAMETERS.items():
-            descriptor = ParameterDescriptor(name=name, description=spec.description, read_only=True)
-            if spec.int_range is not None:
-                descriptor.integer_range = [
-                    IntegerRange(from_value=spec.int_range[0], to_value=spec.int_range[1], step=1)
-                ]
-            if spec.float_range is not None:
-                descriptor.floating_point_range = [
-                    FloatingPointRange(from_value=spec.float_range[0], to_value=spec.float_range[1], step=0.0)
-                ]
-            values[name] = self.declare_parameter(name, spec.default, descriptor).value
+        for spec in PARAMETERS:
+            values[spec.name] = self.declare_parameter(spec.name, spec.default, spec.descriptor()).value
         if values["min_distance"] > values["max_distance"]:
             raise ScenePlayerError("parameter 'min_distance' must be <= 'max_distance'")
         if len(values["trans_sigma"]) != 3 or any(s < 0 for s in values["trans_sigma"]):
