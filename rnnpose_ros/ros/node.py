@@ -54,6 +54,7 @@ from std_msgs.msg import Header
 from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
+from rnnpose_ros.package_files import package_config_file
 from rnnpose_ros.ros import compat
 from rnnpose_ros.ros.conversions import (
     ConversionError,
@@ -73,7 +74,6 @@ from rnnpose_ros.ros.conversions import (
 )
 
 NODE_NAME = "rnnpose_refiner"
-PACKAGE = "rnnpose_ros"
 WARN_THROTTLE_S = 5.0
 LATENCY_STAGES = ("queue", "convert", "refine", "publish", "total")
 # Seconds of inputs without a single synchronised set before the node says why nothing comes out.
@@ -268,16 +268,11 @@ def validate_parameter(name: str, value: Any) -> Any:
 
 
 def default_objects_file() -> Path:
-    """``config/objects.yaml`` of the installed package (``share/rnnpose_ros``) or of the source tree."""
-    candidates = [Path(sys.prefix) / "share" / PACKAGE / "config" / "objects.yaml"]
-    candidates.append(Path(__file__).resolve().parents[2] / "config" / "objects.yaml")
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.insert(0, Path(get_package_share_directory(PACKAGE)) / "config" / "objects.yaml")
-    except (ImportError, LookupError, OSError):
-        pass  # pip-only install: no ament index (or AMENT_PREFIX_PATH unset)
-    return next((c for c in candidates if c.is_file()), candidates[-1])
+    """The package's ``config/objects.yaml`` (:func:`package_config_file`); if absent, the source-tree
+    path, so that the error names where it was expected."""
+    return (
+        package_config_file("objects.yaml") or Path(__file__).resolve().parents[2] / "config" / "objects.yaml"
+    )
 
 
 def qos_profile(name: str, depth: int) -> QoSProfile:

@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-PACKAGE = "rnnpose_ros"
+from rnnpose_ros.package_files import package_config_file
+
 NODE_NAME = "rnnpose_refiner"
 NODE_EXECUTABLE = "refine_node"
 RESULT_TOPIC = f"/{NODE_NAME}/detections"
@@ -78,21 +79,11 @@ class DemoError(RuntimeError):
 
 
 def config_file(name: str) -> Path:
-    """``config/<name>``: from the source tree when running from one, else the package share directory
-    (``ament_index`` on a ROS 2 installation, ``<prefix>/share/rnnpose_ros`` for a pip install)."""
-    candidates = [Path(__file__).resolve().parents[2] / "config" / name]
-    if not candidates[0].is_file():
-        try:
-            from ament_index_python.packages import get_package_share_directory
-
-            candidates.append(Path(get_package_share_directory(PACKAGE)) / "config" / name)
-        except (ImportError, LookupError, OSError):
-            pass  # no ament index (pip-only install) or AMENT_PREFIX_PATH unset
-        candidates.append(Path(sys.prefix) / "share" / PACKAGE / "config" / name)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise DemoError(f"config/{name} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
+    """``config/<name>`` of the package (:func:`rnnpose_ros.package_files.package_config_file`)."""
+    path = package_config_file(name)
+    if path is None:
+        raise DemoError(f"config/{name} not found in the source tree or the package share directory")
+    return path
 
 
 def dds_safe_environment(environ: dict[str, str]) -> dict[str, str]:
