@@ -24,3 +24,11 @@ def package_config_file(name: str) -> Path | None:
         pass  # pip-only install: no ament index (or AMENT_PREFIX_PATH unset)
     candidates.append(Path(sys.prefix) / "share" / PACKAGE / "config" / name)
     return next((c for c in candidates if c.is_file()), None)
+
+
+def default_objects_file() -> Path:
+    """The package's ``config/objects.yaml`` (:func:`package_config_file`); if absent, the source-tree
+    path, so that the error names where it was expected."""
+    return (
+        package_config_file("objects.yaml") or Path(__file__).resolve().parents[1] / "config" / "objects.yaml"
+    )

@@ -54,7 +54,7 @@ from std_msgs.msg import Header
 from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
-from rnnpose_ros.package_files import package_config_file
+from rnnpose_ros.package_files import default_objects_file
 from rnnpose_ros.ros import compat
 from rnnpose_ros.ros.conversions import (
     ConversionError,
@@ -265,14 +265,6 @@ def validate_parameter(name: str, value: Any) -> Any:
             raise ParameterError(f"parameter 'objects_file': {path} does not exist")
         return path.resolve()
     return value
-
-
-def default_objects_file() -> Path:
-    """The package's ``config/objects.yaml`` (:func:`package_config_file`); if absent, the source-tree
-    path, so that the error names where it was expected."""
-    return (
-        package_config_file("objects.yaml") or Path(__file__).resolve().parents[2] / "config" / "objects.yaml"
-    )
 
 
 def qos_profile(name: str, depth: int) -> QoSProfile:

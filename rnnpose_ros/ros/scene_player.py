@@ -381,7 +381,7 @@ class ScenePlayer(Node):
         super().__init__(NODE_NAME, **kwargs)
         p = self._declare_parameters()
         self.settings = p
-        from rnnpose_ros.ros.node import default_objects_file
+        from rnnpose_ros.package_files import default_objects_file
 
         objects_file = Path(p["objects_file"]).expanduser() if p["objects_file"] else default_objects_file()
         self.registry = ObjectRegistry.from_yaml(objects_file)

@@ -32,9 +32,10 @@ from rnnpose_ros.core.objects import ObjectRegistry
 from rnnpose_ros.core.refiner import Instance, Refiner
 from rnnpose_ros.core.render import Renderer
 from rnnpose_ros.core.synth import make_scene
+from rnnpose_ros.package_files import default_objects_file
 from rnnpose_ros.tools import bench_nets
 
-DEFAULT_OBJECTS = Path(__file__).resolve().parents[2] / "config" / "objects.yaml"
+DEFAULT_OBJECTS = default_objects_file()
 
 
 def machine_name(device: torch.device) -> str:

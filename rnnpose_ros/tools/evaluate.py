@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_OBJECTS = Path(__file__).resolve().parents[2] / "config" / "objects.yaml"
+from rnnpose_ros.package_files import default_objects_file
+
+DEFAULT_OBJECTS = default_objects_file()
 METRICS = ("add_s", "proj_5px", "cm5_deg5")
 METRIC_LABELS = {"add_s": "ADD(-S) < 0.1d", "proj_5px": "2D proj < 5 px", "cm5_deg5": "5 cm 5°"}
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
