@@ -173,13 +173,13 @@ def test_pkg_resolution():
 def test_shipped_registry_duck():
     reg = ObjectRegistry.from_yaml(REPO / "config" / "objects.yaml")
     duck = reg["duck"]
-    assert 0.08 < duck.diameter < 0.12  # a ~10 cm rubber duck
+    assert 0.18 < duck.diameter < 0.21  # the environment recipe's 19 cm duck (scale 0.1)
     assert duck.texture is not None and duck.texture.dtype == np.uint8 and duck.texture.ndim == 3
     assert duck.uvs is not None and duck.uvs.shape == (len(duck.vertices), 2)
     assert duck.faces.max() < len(duck.vertices)
     assert 0 < len(duck.eval_points) <= 2000
     # deterministic evaluation sample
-    again = ObjectModel.from_file(duck.mesh_path, "duck", 0.05)
+    again = ObjectModel.from_file(duck.mesh_path, "duck", duck.mesh_scale)
     np.testing.assert_array_equal(again.eval_points, duck.eval_points)
 
 

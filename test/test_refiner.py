@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from rnnpose_ros.core.backends.classical import ClassicalConfig, CropStage
 from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
-from rnnpose_ros.core.refiner import InputError, Instance, Refiner, RefineStatus
+from rnnpose_ros.core.refiner import InputError, Instance, Refiner, RefineStatus, rotation_hypotheses
 from rnnpose_ros.core.synth import make_scene
 
 pytestmark = pytest.mark.skipif(not pybullet_mesh_available(), reason="pybullet_data meshes not installed")
 
 # A short schedule keeps these tests fast; accuracy is tested in test_backend_classical.py.
-SHORT = ClassicalConfig(outer_iterations=2, inner_steps=2, stages=[CropStage(0, 96, 0.5)])
+SHORT = ClassicalConfig(
+    outer_iterations=2, inner_steps=2, stages=[CropStage(0, 96, 0.5)], restart_below_score=None
+)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +148,45 @@ def test_unknown_backend_is_a_clear_error(registry):
 
     with pytest.raises(BackendError, match="unknown backend"):
         Refiner(registry, backend="magic")
+
+
+def test_rotation_hypotheses_turn_about_the_model_centre():
+    rng = np.random.default_rng(0)
+    pose = np.eye(4)
+    pose[:3, :3] = Rotation.random(random_state=rng).as_matrix()
+    pose[:3, 3] = (0.1, -0.05, 0.7)
+    centre = np.array([0.01, 0.02, -0.03])
+    hypotheses = rotation_hypotheses(pose, centre, 25.0)
+    assert len(hypotheses) == 4
+    turns = []
+    for turned in hypotheses:
+        np.testing.assert_allclose(
+            turned[:3, :3] @ centre + turned[:3, 3], pose[:3, :3] @ centre + pose[:3, 3]
+        )
+        turn = Rotation.from_matrix(turned[:3, :3] @ pose[:3, :3].T).as_rotvec()
+        assert np.degrees(np.linalg.norm(turn)) == pytest.approx(25.0)
+        assert abs(turn[2]) < 1e-12  # about the camera's x or y axis
+        turns.append(np.round(turn / np.linalg.norm(turn)).astype(int).tolist())
+    assert sorted(turns) == sorted([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]])
+
+
+def test_restarts_keep_the_best_scoring_hypothesis(registry, renderer, scene):
+    """With every result counted weak, the refiner returns, per instance, the best-scoring OK result
+    of the plain run and of the four hypotheses refined on their own."""
+    plain = Refiner(registry, config=SHORT, renderer=renderer)
+    always = Refiner(registry, config=replace(SHORT, restart_below_score=1.01), renderer=renderer)
+    never = Refiner(registry, config=replace(SHORT, restart_below_score=0.0), renderer=renderer)
+    instances = [Instance(i.class_id, i.pose_init, i.instance_id) for i in scene.instances]
+    restarted = always.refine(scene.image, scene.K, instances)
+    for instance, result in zip(instances, restarted, strict=True):
+        model = registry[instance.class_id]
+        starts = [instance.pose, *rotation_hypotheses(instance.pose, model.center, SHORT.restart_angle_deg)]
+        candidates = [plain.refine(scene.image, scene.K, [Instance("duck", p)])[0] for p in starts]
+        best = max((c for c in candidates if c.status is RefineStatus.OK), key=lambda c: c.score)
+        assert result.score == pytest.approx(best.score, abs=1e-6)
+        np.testing.assert_allclose(result.pose, best.pose, atol=1e-7)
+        np.testing.assert_array_equal(result.initial_pose, instance.pose)
+    # A threshold of 0 restarts nothing that succeeded: the plain results come back.
+    expected = plain.refine(scene.image, scene.K, instances)
+    for a, b in zip(never.refine(scene.image, scene.K, instances), expected, strict=True):
+        np.testing.assert_allclose(a.pose, b.pose, atol=1e-9)

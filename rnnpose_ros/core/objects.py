@@ -441,7 +441,7 @@ def _model_from_entry(class_id: str, entry: Any, base_dir: Path, where: str) -> 
 # name -> (mesh URL, scale to metres, symmetric). Scales give real-world sizes (duck ~10 cm like the
 # pybullet URDF and the LINEMOD duck, football 22 cm, ...).
 PYBULLET_TEXTURED_MESHES: dict[str, tuple[str, float, bool]] = {
-    "duck": ("pkg://pybullet_data/duck.obj", 0.05, False),
+    "duck": ("pkg://pybullet_data/duck.obj", 0.1, False),
     "soccerball": ("pkg://pybullet_data/soccerball.obj", 0.22, True),
     "domino": ("pkg://pybullet_data/domino/domino.obj", 1.0, False),
     "jenga": ("pkg://pybullet_data/jenga/jenga.obj", 0.1, False),

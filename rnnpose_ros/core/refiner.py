@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.spatial.transform import Rotation
 from torch import Tensor
 
 from rnnpose_ros.core.backends import create_backend
@@ -149,6 +150,10 @@ class RefineResult:
     trace: list[IterationTrace] = field(default_factory=list)
 
 
+# What the batched loop returns per instance: pose, score, status, message, trace.
+_Outcome = tuple[np.ndarray, float, RefineStatus, str, list[IterationTrace]]
+
+
 class Refiner:
     """Render-and-compare pose refiner over an object registry.
 
@@ -220,6 +225,7 @@ class Refiner:
                 batch_poses.append(pose)
         if batch_index:
             refined = self._refine_batch(image, K, batch_models, np.stack(batch_poses), batch_index, observer)
+            refined = self._restart_weak(image, K, batch_models, batch_poses, batch_index, refined, observer)
             for i, (pose, score, status, message, trace) in zip(batch_index, refined, strict=True):
                 instance = instances[i]
                 ok = status is RefineStatus.OK
@@ -281,6 +287,48 @@ class Refiner:
 
     # --- the batched loop --------------------------------------------------------------------------------
 
+    def _restart_weak(
+        self,
+        image: np.ndarray,
+        K: np.ndarray,
+        models: list[ObjectModel],
+        initial: list[np.ndarray],
+        instance_index: list[int],
+        outcomes: list[_Outcome],
+        observer: StepObserver | None,
+    ) -> list[_Outcome]:
+        """Refine weak outcomes again from rotation hypotheses (``config.restart_below_score``), all in
+        one batch, and keep per instance the OK outcome with the best score (the first one if none)."""
+        config = self.backend.config
+        if config.restart_below_score is None:
+            return outcomes
+        weak = [
+            b
+            for b, (_, score, status, _, _) in enumerate(outcomes)
+            if status is not RefineStatus.OK or score < config.restart_below_score
+        ]
+        if not weak:
+            return outcomes
+        owners, hypotheses = [], []
+        for b in weak:
+            for pose in rotation_hypotheses(initial[b], models[b].center, config.restart_angle_deg):
+                owners.append(b)
+                hypotheses.append(pose)
+        retried = self._refine_batch(
+            image,
+            K,
+            [models[b] for b in owners],
+            np.stack(hypotheses),
+            [instance_index[b] for b in owners],
+            observer,
+        )
+        best = list(outcomes)
+        for b, outcome in zip(owners, retried, strict=True):
+            _, score, status, _, _ = outcome
+            if status is RefineStatus.OK and (best[b][2] is not RefineStatus.OK or score > best[b][1]):
+                best[b] = outcome
+        return best
+
     def _refine_batch(
         self,
         image: np.ndarray,
@@ -289,7 +337,7 @@ class Refiner:
         initial: np.ndarray,
         instance_index: list[int],
         observer: StepObserver | None,
-    ) -> list[tuple[np.ndarray, float, RefineStatus, str, list[IterationTrace]]]:
+    ) -> list[_Outcome]:
         """Run the shared outer/inner loop on B valid instances; returns per-instance outcomes."""
         config = self.backend.config
         lm = config.lm
@@ -403,6 +451,20 @@ class Refiner:
         weight = corr.weight.reshape(batch, -1).to(torch.float64).clamp(0.0, 1.0)
         score = (weight * inlier).sum(-1) / foreground.sum(-1).clamp_min(1)
         return score.clamp(0.0, 1.0)
+
+
+def rotation_hypotheses(pose: np.ndarray, center: np.ndarray, angle_deg: float) -> list[np.ndarray]:
+    """Four (4, 4) float64 poses: ``pose`` turned by ± ``angle_deg`` about the camera's x and y axes,
+    through the model centre ``center`` (3,) (model frame, metres), which stays where it was."""
+    out = []
+    centre_cam = pose[:3, :3] @ center + pose[:3, 3]
+    for axis in ((1.0, 0.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, -1.0, 0.0)):
+        turn = Rotation.from_rotvec(np.radians(angle_deg) * np.array(axis)).as_matrix()
+        turned = pose.copy()
+        turned[:3, :3] = turn @ pose[:3, :3]
+        turned[:3, 3] = centre_cam - turned[:3, :3] @ center
+        out.append(turned)
+    return out
 
 
 def _mean_flow(target: Tensor, foreground: Tensor) -> Tensor:

@@ -90,6 +90,12 @@ class BackendConfig:
         score_inlier_px: residual threshold (pixels of the final crop) of the score (see refiner).
         max_translation_change: an instance whose translation moves by more than this many object
             diameters from its initial pose is reported DIVERGED.
+        restart_below_score: an instance whose refinement ends with a score below this (or fails) is
+            refined again from rotation hypotheses, and the result with the best score is kept
+            (None: no restarts). It widens the rotation basin of a backend that is locally accurate.
+        restart_angle_deg: the hypotheses turn the initial pose by ± this angle about the camera's x
+            and y axes through the model centre (out-of-plane errors are the ones a silhouette
+            aligns worst).
     """
 
     outer_iterations: int = 3
@@ -99,6 +105,8 @@ class BackendConfig:
     min_correspondences: int = 30
     score_inlier_px: float = 2.0
     max_translation_change: float = 2.0
+    restart_below_score: float | None = None
+    restart_angle_deg: float = 25.0
 
 
 @dataclass
