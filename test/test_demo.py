@@ -99,6 +99,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         "outer_iterations:=2",
         "--node-param",
         "inner_iterations:=1",
+        "--node-param",
+        "restart_below_score:=0.0",
     ]
     run = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S

@@ -291,7 +291,7 @@ def test_one_frame_in_one_message_out(harness: Harness) -> None:
         (f"rnnpose/{i}", Marker.MESH_RESOURCE, Marker.ADD) for i in ("duck_0", "duck_7", "duck_1")
     ]
     assert markers[0].mesh_resource.startswith("file:///") and markers[0].mesh_resource.endswith("duck.obj")
-    assert markers[0].scale.x == pytest.approx(0.05, rel=1e-3)  # the registry's scale of the duck file
+    assert markers[0].scale.x == pytest.approx(0.1, rel=1e-3)  # the registry's scale of the duck file
 
     # the next frame with one duck: the vanished ones are deleted
     image, info, detections = inputs([("duck", initial[0], "")])
@@ -488,10 +488,19 @@ def test_frame_queue_drops_the_oldest(context: Any) -> None:
 def test_real_engine_reports_failures_per_detection(context: Any) -> None:
     """The classical engine (1 iteration): unknown class and behind-camera detections pass through."""
     harness = Harness(
-        context, make_node(context, engine="real", device="cpu", outer_iterations=1, inner_iterations=1)
+        context,
+        make_node(
+            context,
+            engine="real",
+            device="cpu",
+            outer_iterations=1,
+            inner_iterations=1,
+            restart_below_score=0.0,
+        ),
     )
     try:
         assert harness.node.settings.backend == "classical"
+        assert harness.node.refiner.config.restart_below_score is None  # 0 = never
         behind = pose(z=-0.5)
         out = harness.send(*inputs([("cat", pose(), ""), ("duck", behind, "")]))
         assert [d.results[0].hypothesis.score for d in out.detections] == [0.0, 0.0]
@@ -507,7 +516,15 @@ def test_real_engine_refines_a_synthetic_frame(context: Any) -> None:
     from rnnpose_ros.core.render import Renderer
 
     harness = Harness(
-        context, make_node(context, engine="real", device="cpu", outer_iterations=1, inner_iterations=1)
+        context,
+        make_node(
+            context,
+            engine="real",
+            device="cpu",
+            outer_iterations=1,
+            inner_iterations=1,
+            restart_below_score=0.0,
+        ),
     )
     try:
         scene = synth.make_scene([harness.node.registry["duck"]], 7, Renderer(), size=SIZE, K=K)

@@ -69,6 +69,8 @@ def refine_node(domain_id: int) -> Iterator[subprocess.Popen]:
         "-p",
         f"inner_iterations:={ITERATIONS[1]}",
         "-p",
+        "restart_below_score:=0.0",
+        "-p",
         "max_pending_frames:=4",
     ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -133,6 +133,25 @@ def test_barycentric_interpolation_reproduces_camera_points(renderer):
     assert (nearest[0][~mask] == 0).all()
 
 
+def test_surface_normals_are_the_sphere_normals_in_the_camera_frame(renderer):
+    sphere = model_from_trimesh(trimesh.creation.icosphere(subdivisions=4, radius=0.05), "sphere")
+    R = trimesh.transformations.rotation_matrix(0.7, (1.0, 2.0, 0.5))[
+        :3, :3
+    ]  # normals must turn with the pose
+    T = pose(R, t=(0.02, -0.01, 0.4))
+    K = intrinsics(cx=80, cy=60)
+    out = renderer.render([sphere], T, K, (120, 160))
+    normals = renderer.surface_normals([sphere], T[None], out)
+    fg = out.mask[0]
+    assert normals.shape == (1, 120, 160, 3) and (normals[0][~fg] == 0).all()
+    v, u = np.nonzero(fg)
+    points = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u, float)], -1)
+    points *= out.depth[0][fg][:, None]
+    expected = (points - T[:3, 3]) / np.linalg.norm(points - T[:3, 3], axis=-1, keepdims=True)
+    angle = np.degrees(np.arccos(np.clip((normals[0][fg] * expected).sum(-1), -1, 1)))
+    assert np.percentile(angle, 99) < 1.0  # a faceted sphere's interpolated normals
+
+
 def test_batch_equals_singles(renderer, box):
     sphere = model_from_trimesh(trimesh.creation.icosphere(subdivisions=1, radius=0.04), "sphere")
     poses = np.stack(

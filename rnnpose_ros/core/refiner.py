@@ -10,6 +10,12 @@ correspondences, and the refiner solves one damped Gauss–Newton step (:func:`s
 whole batch. Instances that cannot be refined get a status instead of an exception, and every input
 instance has exactly one result, in input order.
 
+Restarts (``config.restart_below_score``): instances whose refinement ends with a low score, or fails,
+are refined again from four rotation hypotheses (the initial pose turned by ± ``restart_angle_deg``
+about the camera's x and y axes through the model centre), all of them in one further batch, and the
+result with the best score is kept. A render-and-compare refiner is accurate near the truth but has a
+limited basin for out-of-plane rotation; the score tells a converged result from a stuck one.
+
 Score (documented meaning, in [0, 1]): in the last render iteration, with the final relative pose,
 
     score = (1/N) · Σ_p w_p · [‖x*_p − π(K, T_rel·X0_p)‖ < τ]
@@ -314,14 +320,49 @@ class Refiner:
             for pose in rotation_hypotheses(initial[b], models[b].center, config.restart_angle_deg):
                 owners.append(b)
                 hypotheses.append(pose)
-        retried = self._refine_batch(
-            image,
-            K,
-            [models[b] for b in owners],
-            np.stack(hypotheses),
-            [instance_index[b] for b in owners],
-            observer,
-        )
+        probe = config.restart_probe_iterations
+        if not 0 < probe < config.outer_iterations:
+            retried = self._refine_batch(
+                image,
+                K,
+                [models[b] for b in owners],
+                np.stack(hypotheses),
+                [instance_index[b] for b in owners],
+                observer,
+            )
+        else:
+            # Probe every hypothesis for the first iterations, then finish only the best-scoring one
+            # per instance: most of the schedule's cost lies in its last, finest iterations.
+            probed = self._refine_batch(
+                image,
+                K,
+                [models[b] for b in owners],
+                np.stack(hypotheses),
+                [instance_index[b] for b in owners],
+                observer,
+                iterations=range(probe),
+            )
+            chosen: dict[int, int] = {}
+            for k, (b, (_, score, status, _, _)) in enumerate(zip(owners, probed, strict=True)):
+                if status is RefineStatus.OK and (b not in chosen or score > probed[chosen[b]][1]):
+                    chosen[b] = k
+            keep = sorted(chosen.values())
+            owners = [owners[k] for k in keep]
+            retried = []
+            if keep:
+                finished = self._refine_batch(
+                    image,
+                    K,
+                    [models[b] for b in owners],
+                    np.stack([probed[k][0] for k in keep]),
+                    [instance_index[b] for b in owners],
+                    observer,
+                    iterations=range(probe, config.outer_iterations),
+                )
+                retried = [
+                    (pose, score, status, message, probed[k][4] + trace)
+                    for k, (pose, score, status, message, trace) in zip(keep, finished, strict=True)
+                ]
         best = list(outcomes)
         for b, outcome in zip(owners, retried, strict=True):
             _, score, status, _, _ = outcome
@@ -337,8 +378,10 @@ class Refiner:
         initial: np.ndarray,
         instance_index: list[int],
         observer: StepObserver | None,
+        iterations: range | None = None,
     ) -> list[_Outcome]:
-        """Run the shared outer/inner loop on B valid instances; returns per-instance outcomes."""
+        """Run the shared outer/inner loop on B valid instances over the render ``iterations`` (default:
+        the whole schedule); returns per-instance outcomes."""
         config = self.backend.config
         lm = config.lm
         device = self.device
@@ -355,7 +398,7 @@ class Refiner:
         view: RenderState | None = None
         corr: Correspondences | None = None
         relative = eye.clone()
-        for outer in range(config.outer_iterations):
+        for outer in range(config.outer_iterations) if iterations is None else iterations:
             view = self.backend.prepare_render(frame, poses, outer)
             relative = eye.clone()
             for inner in range(config.inner_steps):

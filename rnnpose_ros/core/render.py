@@ -235,6 +235,25 @@ class Renderer:
             rgb=rgb, depth=depth, mask=face_index >= 0, face_index=face_index, barycentric=bary
         )
 
+    def surface_normals(
+        self, models: Sequence[ObjectModel], poses: np.ndarray, output: RenderOutput
+    ) -> np.ndarray:
+        """(B, H, W, 3) float32 unit normals in the camera frame of a :meth:`render` output (the
+        interpolated vertex normals the shading uses, also exact at the silhouette), 0 on background.
+
+        Args:
+            models: the B models of that call (one per view); poses: its (B, 4, 4) poses.
+        """
+        poses_np = _as_batch(poses, (4, 4), "poses")
+        normals = np.zeros(output.barycentric.shape, dtype=np.float32)
+        for b, (model, pose) in enumerate(zip(models, poses_np, strict=True)):
+            foreground = output.face_index[b] >= 0
+            data = self._model_arrays(model)
+            corners = data.faces[output.face_index[b][foreground]]
+            in_model = np.einsum("mk,mkc->mc", output.barycentric[b][foreground], data.normals[corners])
+            normals[b][foreground] = _normalise(in_model @ pose[:3, :3].T.astype(np.float32))
+        return normals
+
     # --- OpenGL pass -------------------------------------------------------------------------------
 
     def _bind_framebuffer(self, height: int, width: int) -> None:

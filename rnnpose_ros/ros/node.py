@@ -142,6 +142,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         int_range=(0, 50),
     ),
     ParameterSpec(
+        "restart_below_score",
+        -1.0,
+        "Refine results scoring below this again from four rotation hypotheses (more robust, slower); "
+        "0 = never, -1 = the backend's default.",
+        float_range=(-1.0, 1.0),
+    ),
+    ParameterSpec(
         "score_threshold",
         0.0,
         "Refined detections scoring below this keep their refined pose and score in ~/detections but get "
@@ -222,6 +229,7 @@ class Settings:
     backend: str
     outer_iterations: int
     inner_iterations: int
+    restart_below_score: float
     score_threshold: float
     tf_prefix: str
     publish_tf: bool
@@ -868,6 +876,8 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
         refiner.config.outer_iterations = settings.outer_iterations
     if settings.inner_iterations:
         refiner.config.inner_steps = settings.inner_iterations
+    if settings.restart_below_score >= 0.0:
+        refiner.config.restart_below_score = settings.restart_below_score or None
     return refiner
 
 

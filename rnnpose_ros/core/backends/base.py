@@ -96,6 +96,9 @@ class BackendConfig:
         restart_angle_deg: the hypotheses turn the initial pose by ± this angle about the camera's x
             and y axes through the model centre (out-of-plane errors are the ones a silhouette
             aligns worst).
+        restart_probe_iterations: when in (0, outer_iterations), the hypotheses run only this many
+            render iterations, and only the best-scoring one per instance runs the rest of the
+            schedule; else every hypothesis runs the whole schedule.
     """
 
     outer_iterations: int = 3
@@ -107,6 +110,7 @@ class BackendConfig:
     max_translation_change: float = 2.0
     restart_below_score: float | None = None
     restart_angle_deg: float = 25.0
+    restart_probe_iterations: int = 0
 
 
 @dataclass
