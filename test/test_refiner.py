@@ -168,6 +168,10 @@ def test_rotation_hypotheses_turn_about_the_model_centre():
         assert abs(turn[2]) < 1e-12  # about the camera's x or y axis
         turns.append(np.round(turn / np.linalg.norm(turn)).astype(int).tolist())
     assert sorted(turns) == sorted([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0]])
+    eight = rotation_hypotheses(pose, centre, 10.0, count=8)
+    axes = [Rotation.from_matrix(t[:3, :3] @ pose[:3, :3].T).as_rotvec() for t in eight]
+    azimuths = np.sort(np.degrees(np.arctan2([a[1] for a in axes], [a[0] for a in axes])) % 360)
+    np.testing.assert_allclose(azimuths, np.arange(8) * 45.0, atol=1e-9)
 
 
 def test_restarts_keep_the_best_scoring_hypothesis(registry, renderer, scene):

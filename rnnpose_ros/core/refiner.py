@@ -11,10 +11,11 @@ whole batch. Instances that cannot be refined get a status instead of an excepti
 instance has exactly one result, in input order.
 
 Restarts (``config.restart_below_score``): instances whose refinement ends with a low score, or fails,
-are refined again from four rotation hypotheses (the initial pose turned by ± ``restart_angle_deg``
-about the camera's x and y axes through the model centre), all of them in one further batch, and the
-result with the best score is kept. A render-and-compare refiner is accurate near the truth but has a
-limited basin for out-of-plane rotation; the score tells a converged result from a stuck one.
+are refined again from ``restart_hypotheses`` rotation hypotheses (the initial pose turned by
+``restart_angle_deg`` about axes in the camera's x–y plane, through the model centre), all of them in
+one further batch, and the result with the best score is kept. A render-and-compare refiner is
+accurate near the truth but has a limited basin for out-of-plane rotation; the score tells a
+converged result from a stuck one.
 
 Score (documented meaning, in [0, 1]): in the last render iteration, with the final relative pose,
 
@@ -317,52 +318,20 @@ class Refiner:
             return outcomes
         owners, hypotheses = [], []
         for b in weak:
-            for pose in rotation_hypotheses(initial[b], models[b].center, config.restart_angle_deg):
+            hypotheses_b = rotation_hypotheses(
+                initial[b], models[b].center, config.restart_angle_deg, config.restart_hypotheses
+            )
+            for pose in hypotheses_b:
                 owners.append(b)
                 hypotheses.append(pose)
-        probe = config.restart_probe_iterations
-        if not 0 < probe < config.outer_iterations:
-            retried = self._refine_batch(
-                image,
-                K,
-                [models[b] for b in owners],
-                np.stack(hypotheses),
-                [instance_index[b] for b in owners],
-                observer,
-            )
-        else:
-            # Probe every hypothesis for the first iterations, then finish only the best-scoring one
-            # per instance: most of the schedule's cost lies in its last, finest iterations.
-            probed = self._refine_batch(
-                image,
-                K,
-                [models[b] for b in owners],
-                np.stack(hypotheses),
-                [instance_index[b] for b in owners],
-                observer,
-                iterations=range(probe),
-            )
-            chosen: dict[int, int] = {}
-            for k, (b, (_, score, status, _, _)) in enumerate(zip(owners, probed, strict=True)):
-                if status is RefineStatus.OK and (b not in chosen or score > probed[chosen[b]][1]):
-                    chosen[b] = k
-            keep = sorted(chosen.values())
-            owners = [owners[k] for k in keep]
-            retried = []
-            if keep:
-                finished = self._refine_batch(
-                    image,
-                    K,
-                    [models[b] for b in owners],
-                    np.stack([probed[k][0] for k in keep]),
-                    [instance_index[b] for b in owners],
-                    observer,
-                    iterations=range(probe, config.outer_iterations),
-                )
-                retried = [
-                    (pose, score, status, message, probed[k][4] + trace)
-                    for k, (pose, score, status, message, trace) in zip(keep, finished, strict=True)
-                ]
+        retried = self._refine_batch(
+            image,
+            K,
+            [models[b] for b in owners],
+            np.stack(hypotheses),
+            [instance_index[b] for b in owners],
+            observer,
+        )
         best = list(outcomes)
         for b, outcome in zip(owners, retried, strict=True):
             _, score, status, _, _ = outcome
@@ -378,10 +347,8 @@ class Refiner:
         initial: np.ndarray,
         instance_index: list[int],
         observer: StepObserver | None,
-        iterations: range | None = None,
     ) -> list[_Outcome]:
-        """Run the shared outer/inner loop on B valid instances over the render ``iterations`` (default:
-        the whole schedule); returns per-instance outcomes."""
+        """Run the shared outer/inner loop on B valid instances; returns per-instance outcomes."""
         config = self.backend.config
         lm = config.lm
         device = self.device
@@ -398,7 +365,7 @@ class Refiner:
         view: RenderState | None = None
         corr: Correspondences | None = None
         relative = eye.clone()
-        for outer in range(config.outer_iterations) if iterations is None else iterations:
+        for outer in range(config.outer_iterations):
             view = self.backend.prepare_render(frame, poses, outer)
             relative = eye.clone()
             for inner in range(config.inner_steps):
@@ -496,13 +463,17 @@ class Refiner:
         return score.clamp(0.0, 1.0)
 
 
-def rotation_hypotheses(pose: np.ndarray, center: np.ndarray, angle_deg: float) -> list[np.ndarray]:
-    """Four (4, 4) float64 poses: ``pose`` turned by ± ``angle_deg`` about the camera's x and y axes,
-    through the model centre ``center`` (3,) (model frame, metres), which stays where it was."""
+def rotation_hypotheses(
+    pose: np.ndarray, center: np.ndarray, angle_deg: float, count: int = 4
+) -> list[np.ndarray]:
+    """``count`` (4, 4) float64 poses: ``pose`` turned by ``angle_deg`` about axes in the camera's x–y
+    plane evenly spaced from +x (4: +x, +y, −x, −y), through the model centre ``center`` (3,) (model
+    frame, metres), which stays where it was."""
     out = []
     centre_cam = pose[:3, :3] @ center + pose[:3, 3]
-    for axis in ((1.0, 0.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, -1.0, 0.0)):
-        turn = Rotation.from_rotvec(np.radians(angle_deg) * np.array(axis)).as_matrix()
+    for phi in np.arange(count) * (2.0 * np.pi / count):
+        axis = np.array([np.cos(phi), np.sin(phi), 0.0])
+        turn = Rotation.from_rotvec(np.radians(angle_deg) * axis).as_matrix()
         turned = pose.copy()
         turned[:3, :3] = turn @ pose[:3, :3]
         turned[:3, 3] = centre_cam - turned[:3, :3] @ center

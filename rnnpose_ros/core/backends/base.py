@@ -93,12 +93,9 @@ class BackendConfig:
         restart_below_score: an instance whose refinement ends with a score below this (or fails) is
             refined again from rotation hypotheses, and the result with the best score is kept
             (None: no restarts). It widens the rotation basin of a backend that is locally accurate.
-        restart_angle_deg: the hypotheses turn the initial pose by ± this angle about the camera's x
-            and y axes through the model centre (out-of-plane errors are the ones a silhouette
-            aligns worst).
-        restart_probe_iterations: when in (0, outer_iterations), the hypotheses run only this many
-            render iterations, and only the best-scoring one per instance runs the rest of the
-            schedule; else every hypothesis runs the whole schedule.
+        restart_angle_deg, restart_hypotheses: the hypotheses turn the initial pose by this angle
+            about ``restart_hypotheses`` axes evenly spaced in the camera's x–y plane, through the
+            model centre (out-of-plane errors are the ones a silhouette aligns worst).
     """
 
     outer_iterations: int = 3
@@ -110,7 +107,7 @@ class BackendConfig:
     max_translation_change: float = 2.0
     restart_below_score: float | None = None
     restart_angle_deg: float = 25.0
-    restart_probe_iterations: int = 0
+    restart_hypotheses: int = 4
 
 
 @dataclass
