@@ -143,9 +143,9 @@ class ClassicalConfig(BackendConfig):
     lm: LMConfig = field(default_factory=_default_lm)
     # Out-of-plane rotation errors above ~25° are beyond the flow's basin; restarting weak results
     # (score < 0.6, about a quarter of them at the default noise) from ±25° hypotheses recovers most.
-    # Measured on 80 scenes (seeds 80-159, 19 cm duck): recall 0.81 without restarts, 0.86 with the 4
-    # hypotheses (2.2 s per instance), 0.90 with 8 (3.6 s). Probing the 4 for the 5 wide-crop
-    # iterations and finishing only the best one was 30 % faster but lost 4 points.
+    # Measured on 80 scenes (seeds 80-159, 19 cm duck, default noise): recall 0.71 without restarts
+    # (0.9 s per instance), 0.86 with the 4 hypotheses (2.2 s), 0.90 with 8 (3.6 s). Probing the 4 for
+    # the 5 wide-crop iterations and finishing only the best one was 30 % faster but lost 4 points.
     restart_below_score: float | None = 0.6
     published_conventions: bool = False
     stages: list[CropStage] = field(default_factory=_default_stages)
