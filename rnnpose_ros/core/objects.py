@@ -438,8 +438,8 @@ def _model_from_entry(class_id: str, entry: Any, base_dir: Path, where: str) -> 
 
 
 # Real textured meshes shipped in the pybullet wheel, usable in tests and demos without committing them:
-# name -> (mesh URL, scale to metres, symmetric). Scales give real-world sizes (duck ~10 cm like the
-# pybullet URDF and the LINEMOD duck, football 22 cm, ...).
+# name -> (mesh URL, scale to metres, symmetric). Scales give real-world sizes (duck 19 cm at the
+# environment recipe's 0.1 — pybullet's URDF uses 0.05 —, football 22 cm, ...).
 PYBULLET_TEXTURED_MESHES: dict[str, tuple[str, float, bool]] = {
     "duck": ("pkg://pybullet_data/duck.obj", 0.1, False),
     "soccerball": ("pkg://pybullet_data/soccerball.obj", 0.22, True),

@@ -443,11 +443,7 @@ def _colour_bins(image: np.ndarray, bins: int) -> tuple[np.ndarray, int]:
 
 
 def _region_images(
-    observed: np.ndarray,
-    mask: np.ndarray,
-    bins: int,
-    inner_band: float = 1 / 48,
-    outer_band: float = 1 / 24,
+    observed: np.ndarray, mask: np.ndarray, bins: int, inner_band: float = 1 / 48, outer_band: float = 1 / 24
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rendered silhouette and observed object probability, both (h, w) uint8 (255 = object).
 
