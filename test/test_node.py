@@ -485,9 +485,9 @@ def test_frame_queue_drops_the_oldest(context: Any) -> None:
 # ---------------------------------------------------------------- the real engine
 
 
-def test_real_engine_reports_failures_per_detection(context: Any) -> None:
-    """The classical engine (1 iteration): unknown class and behind-camera detections pass through."""
-    harness = Harness(
+def real_engine_harness(context: Any) -> Harness:
+    """The classical engine on the CPU with the shortest schedule (1 × 1 steps, no restarts)."""
+    return Harness(
         context,
         make_node(
             context,
@@ -498,6 +498,11 @@ def test_real_engine_reports_failures_per_detection(context: Any) -> None:
             restart_below_score=0.0,
         ),
     )
+
+
+def test_real_engine_reports_failures_per_detection(context: Any) -> None:
+    """The classical engine (1 iteration): unknown class and behind-camera detections pass through."""
+    harness = real_engine_harness(context)
     try:
         assert harness.node.settings.backend == "classical"
         assert harness.node.refiner.config.restart_below_score is None  # 0 = never
@@ -515,17 +520,7 @@ def test_real_engine_refines_a_synthetic_frame(context: Any) -> None:
     synth = pytest.importorskip("rnnpose_ros.core.synth")
     from rnnpose_ros.core.render import Renderer
 
-    harness = Harness(
-        context,
-        make_node(
-            context,
-            engine="real",
-            device="cpu",
-            outer_iterations=1,
-            inner_iterations=1,
-            restart_below_score=0.0,
-        ),
-    )
+    harness = real_engine_harness(context)
     try:
         scene = synth.make_scene([harness.node.registry["duck"]], 7, Renderer(), size=SIZE, K=K)
         truth = scene.instances[0]
