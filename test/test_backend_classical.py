@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -69,14 +71,13 @@ class OracleBackend(ClassicalBackend):
 def test_oracle_recovers_ground_truth(registry, renderer):
     """Perfect correspondences through the real lifting + LM path: < 1 mm and < 0.1° from 15°/1-1-5 cm."""
     # Full 6-DoF motion from the first iteration (the default schedule starts with median shifts).
-    config = ClassicalConfig(
-        outer_iterations=8, inner_steps=3, stages=[CropStage(0, 160, 0.8), CropStage(4, 224, 0.4)]
-    )
+    config = ClassicalConfig(stages=[CropStage(0, 160, 0.8), CropStage(4, 224, 0.4)])
     backend = OracleBackend(torch.device("cpu"), config, renderer)
-    refiner = Refiner(registry, backend=backend)
+    loop = replace(ClassicalBackend.default_loop(), outer_iterations=8, inner_steps=3)
+    refiner = Refiner(registry, backend=backend, config=loop)
     scene = make_scene([registry["duck"], registry["duck"]], 11, renderer)  # default noise 15°, 1/1/5 cm
     backend.ground_truth = np.stack([i.pose_gt for i in scene.instances])
-    results = refiner.refine(scene.image, scene.K, [Instance("duck", i.pose_init) for i in scene.instances])
+    results = refiner.refine(scene.observation, [Instance("duck", i.pose_init) for i in scene.instances])
     for truth, result in zip(scene.instances, results, strict=True):
         assert result.status is RefineStatus.OK
         assert metrics.translation_error(truth.pose_init, truth.pose_gt) > 0.005  # a real start error
@@ -92,7 +93,7 @@ def test_crop_intrinsics_match_the_crop(registry, renderer):
     scene = make_scene([registry["duck"]], 2, renderer)
     models = [registry["duck"]]
     backend.prepare_objects(models)
-    frame = backend.prepare_frame(scene.image, scene.K, models, torch.zeros(1, 4, 4))
+    frame = backend.prepare_frame(scene.observation, models, torch.zeros(1, 4, 4))
     pose = scene.instances[0].pose_gt
     x0, y0, side = backend.crop_windows(frame, pose[None], config.stages[0])[0]
     crops = backend.render_crops(frame, pose[None], config.stages[0])
@@ -127,7 +128,6 @@ def test_flow_targets_vanish_when_rendering_matches_the_image(renderer):
         depth=depth[None],
         mask=mask[None],
         normals=np.where(mask[..., None], np.float32([0.0, 0.0, -1.0]), np.float32(0.0))[None],
-        scale=np.ones(1),
     )
     grid = np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1)
     for flow_input in ("region", "relit", "gray"):
@@ -148,7 +148,7 @@ def test_real_refinement_improves_add(registry, renderer):
     for seed in (21, 22, 23):
         scene = make_scene([model], seed, renderer, rot_sigma_deg=8.0, trans_sigma=(0.008, 0.008, 0.03))
         truth = scene.instances[0]
-        result = refiner.refine(scene.image, scene.K, [Instance("duck", truth.pose_init)])[0]
+        result = refiner.refine(scene.observation, [Instance("duck", truth.pose_init)])[0]
         assert result.status in (RefineStatus.OK, RefineStatus.DIVERGED, RefineStatus.TOO_FEW_CORRESPONDENCES)
         before.append(metrics.add(model.eval_points, truth.pose_init, truth.pose_gt))
         after.append(metrics.add(model.eval_points, result.pose, truth.pose_gt))
@@ -162,7 +162,7 @@ def test_region_and_relit_flows_alternate_over_inner_steps(registry, renderer):
     models = [registry["duck"]]
     backend.prepare_objects(models)
     poses = torch.as_tensor(scene.instances[0].pose_init[None])
-    frame = backend.prepare_frame(scene.image, scene.K, models, poses)
+    frame = backend.prepare_frame(scene.observation, models, poses)
     view = backend.prepare_render(frame, poses, 0)
     relative = torch.eye(4, dtype=torch.float64)[None]
     steps = [backend.correspondences(frame, view, relative, k) for k in range(3)]

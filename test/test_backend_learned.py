@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from rnnpose_ros.core.backends.base import BackendError
+from rnnpose_ros.core.backends import BackendError
 from rnnpose_ros.core.backends.learned import LearnedBackend, LearnedConfig
 from rnnpose_ros.core.checkpoint import save_checkpoint
 from rnnpose_ros.core.model import RNNPoseNet
@@ -24,7 +24,8 @@ from rnnpose_ros.core.synth import make_scene
 
 pytestmark = pytest.mark.skipif(not pybullet_mesh_available(), reason="pybullet_data meshes not installed")
 
-SMALL = LearnedConfig(outer_iterations=2, inner_steps=2, first_crop_size=160, zoom_crop_size=120)
+SMALL = LearnedConfig(first_crop_size=160, zoom_crop_size=120)
+SHORT = replace(LearnedBackend.default_loop(), outer_iterations=2, inner_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def scene(registry, renderer):
 
 def refiner(registry, renderer, weight_files, **changes) -> Refiner:
     config = replace(SMALL, weights=dict(weight_files), **changes)
-    return Refiner(registry, backend="rnnpose", config=config, renderer=renderer)
+    return Refiner(registry, backend="rnnpose", config=SHORT, backend_config=config, renderer=renderer)
 
 
 def test_batched_equals_one_by_one(registry, renderer, weight_files, scene) -> None:
@@ -68,8 +69,8 @@ def test_batched_equals_one_by_one(registry, renderer, weight_files, scene) -> N
     torch.set_num_threads(2)
     instances = [Instance(i.class_id, i.pose_init, i.instance_id) for i in scene.instances]
     engine = refiner(registry, renderer, weight_files)
-    together = engine.refine(scene.image, scene.K, instances)
-    alone = [engine.refine(scene.image, scene.K, [inst])[0] for inst in instances]
+    together = engine.refine(scene.observation, instances)
+    alone = [engine.refine(scene.observation, [inst])[0] for inst in instances]
     for a, b in zip(together, alone, strict=True):
         assert a.status is RefineStatus.OK, a.message
         assert a.instance_id == b.instance_id
@@ -81,12 +82,12 @@ def test_batched_equals_one_by_one(registry, renderer, weight_files, scene) -> N
 
 def test_random_weights_give_finite_results(registry, renderer, weight_files, scene) -> None:
     engine = refiner(registry, renderer, weight_files)
-    results = engine.refine(scene.image, scene.K, [Instance("sphere", scene.instances[1].pose_init)])
+    results = engine.refine(scene.observation, [Instance("sphere", scene.instances[1].pose_init)])
     result = results[0]
     assert result.status is RefineStatus.OK
     assert np.isfinite(result.pose).all()
     assert 0.0 <= result.score <= 1.0
-    assert len(result.trace) == SMALL.outer_iterations * SMALL.inner_steps
+    assert len(result.trace) == SHORT.outer_iterations * SHORT.inner_steps
     rotation = result.pose[:3, :3]
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-4)
 
@@ -94,9 +95,9 @@ def test_random_weights_give_finite_results(registry, renderer, weight_files, sc
 def test_object_features_are_cached_per_object(registry, weight_files) -> None:
     backend = LearnedBackend(torch.device("cpu"), replace(SMALL, weights=dict(weight_files)))
     backend.prepare_objects([registry["duck"], registry["duck"]])
-    first = backend._objects[id(registry["duck"])]
+    first = backend._objects[registry["duck"]]
     backend.prepare_objects([registry["duck"]])
-    assert backend._objects[id(registry["duck"])] is first
+    assert backend._objects[registry["duck"]] is first
     n = len(registry["duck"].vertices)
     assert first.attributes.shape == (n, 288)
     norms = torch.linalg.vector_norm(first.attributes[:, 256:], dim=1)

@@ -31,7 +31,8 @@ from tf2_msgs.msg import TFMessage  # noqa: E402
 from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose  # noqa: E402
 from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
-from rnnpose_ros.core.refiner import InputError, RefineResult, RefineStatus  # noqa: E402
+from rnnpose_ros.core.observation import InputError, Observation  # noqa: E402
+from rnnpose_ros.core.refiner import RefineResult, RefineStatus  # noqa: E402
 from rnnpose_ros.ros.conversions import instance_ids, matrix_to_pose, pose_to_matrix, rgb_to_image  # noqa: E402
 from rnnpose_ros.ros.node import PARAMETERS, ParameterError, RefinerNode  # noqa: E402
 
@@ -50,8 +51,8 @@ class ShiftRefiner:
         self.registry = registry
         self.calls: list[int] = []
 
-    def refine(self, image: np.ndarray, K: np.ndarray, instances: list) -> list[RefineResult]:
-        if K[0, 0] <= 0:
+    def refine(self, observation: Observation, instances: list) -> list[RefineResult]:
+        if observation.K[0, 0] <= 0:
             raise InputError("fx must be > 0")
         self.calls.append(len(instances))
         results = []

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from rnnpose_ros.core.backends.classical import ClassicalConfig, CropStage
+from rnnpose_ros.core.backends.classical import ClassicalBackend, ClassicalConfig, CropStage
 from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
-from rnnpose_ros.core.refiner import InputError, Instance, Refiner, RefineStatus, rotation_hypotheses
+from rnnpose_ros.core.observation import InputError, Observation
+from rnnpose_ros.core.refiner import Instance, Refiner, RefineStatus, rotation_hypotheses
 from rnnpose_ros.core.synth import make_scene
 
 pytestmark = pytest.mark.skipif(not pybullet_mesh_available(), reason="pybullet_data meshes not installed")
 
 # A short schedule keeps these tests fast; accuracy is tested in test_backend_classical.py.
-SHORT = ClassicalConfig(
-    outer_iterations=2, inner_steps=2, stages=[CropStage(0, 96, 0.5)], restart_below_score=None
-)
+SHORT = replace(ClassicalBackend.default_loop(), outer_iterations=2, inner_steps=2, restart_below_score=None)
+ONE_STAGE = ClassicalConfig(stages=[CropStage(0, 96, 0.5)])
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def registry() -> ObjectRegistry:
 
 @pytest.fixture(scope="module")
 def refiner(registry, renderer) -> Refiner:
-    return Refiner(registry, config=SHORT, renderer=renderer)
+    return Refiner(registry, config=SHORT, backend_config=ONE_STAGE, renderer=renderer)
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +49,17 @@ def test_bad_image_and_intrinsics_raise_input_error(refiner, scene):
     instances = [Instance("duck", scene.instances[0].pose_init)]
     K = scene.K
     with pytest.raises(InputError, match="shape"):
-        refiner.refine(scene.image[..., 0], K, instances)
+        refiner.refine(Observation(scene.image[..., 0], K), instances)
     with pytest.raises(InputError, match="dtype"):
-        refiner.refine(scene.image.astype(np.int32), K, instances)
+        refiner.refine(Observation(scene.image.astype(np.int32), K), instances)
     with pytest.raises(InputError, match="NaN"):
-        refiner.refine(np.full(scene.image.shape, np.nan, np.float32), K, instances)
+        refiner.refine(Observation(np.full(scene.image.shape, np.nan, np.float32), K), instances)
     with pytest.raises(InputError, match="focal"):
-        refiner.refine(scene.image, np.diag([0.0, 500.0, 1.0]), instances)
+        refiner.refine(Observation(scene.image, np.diag([0.0, 500.0, 1.0])), instances)
     with pytest.raises(InputError, match="NaN"):
-        refiner.refine(scene.image, np.full((3, 3), np.nan), instances)
+        refiner.refine(Observation(scene.image, np.full((3, 3), np.nan)), instances)
     with pytest.raises(InputError, match="shape"):
-        refiner.refine(scene.image, np.eye(4), instances)
+        refiner.refine(Observation(scene.image, np.eye(4)), instances)
 
 
 def test_bad_instances_get_a_status_not_an_exception(refiner, scene):
@@ -81,7 +81,7 @@ def test_bad_instances_get_a_status_not_an_exception(refiner, scene):
         Instance("duck", np.eye(3), "f"),
         Instance("duck", good, "g"),
     ]
-    results = refiner.refine(scene.image, scene.K, instances)
+    results = refiner.refine(scene.observation, instances)
     assert [r.instance_id for r in results] == list("abcdefg")
     assert [r.status for r in results[:6]] == [
         RefineStatus.UNKNOWN_CLASS,
@@ -100,18 +100,18 @@ def test_bad_instances_get_a_status_not_an_exception(refiner, scene):
 
 
 def test_empty_instance_list(refiner, scene):
-    assert refiner.refine(scene.image, scene.K, []) == []
+    assert refiner.refine(scene.observation, []) == []
 
 
 def test_batched_equals_one_by_one(registry, renderer):
     duck_scene = make_scene([registry["duck"], registry["duck"]], 5, renderer, rot_sigma_deg=8.0)
     ball_scene_pose = make_scene([registry["ball"]], 6, renderer).instances[0].pose_init
-    refiner = Refiner(registry, config=SHORT, renderer=renderer)
+    refiner = Refiner(registry, config=SHORT, backend_config=ONE_STAGE, renderer=renderer)
     instances = [Instance(i.class_id, i.pose_init, i.instance_id) for i in duck_scene.instances]
     instances.append(Instance("ball", ball_scene_pose, "ball"))
-    together = refiner.refine(duck_scene.image, duck_scene.K, instances)
+    together = refiner.refine(duck_scene.observation, instances)
     for instance, batched in zip(instances, together, strict=True):
-        alone = refiner.refine(duck_scene.image, duck_scene.K, [instance])[0]
+        alone = refiner.refine(duck_scene.observation, [instance])[0]
         assert alone.status == batched.status
         np.testing.assert_allclose(alone.pose, batched.pose, atol=1e-7)
         assert alone.score == pytest.approx(batched.score, abs=1e-6)
@@ -122,7 +122,7 @@ def test_batched_equals_one_by_one(registry, renderer):
 
 def test_result_fields_and_trace(refiner, scene):
     instance = scene.instances[0]
-    result = refiner.refine(scene.image, scene.K, [Instance("duck", instance.pose_init, "x")])[0]
+    result = refiner.refine(scene.observation, [Instance("duck", instance.pose_init, "x")])[0]
     assert result.class_id == "duck" and result.instance_id == "x"
     np.testing.assert_array_equal(result.initial_pose, instance.pose_init)
     assert result.pose.shape == (4, 4) and result.pose.dtype == np.float64
@@ -138,13 +138,13 @@ def test_result_fields_and_trace(refiner, scene):
 def test_float_image_is_accepted(refiner, scene):
     pose = scene.instances[0].pose_init
     as_float = scene.image.astype(np.float32) / 255.0
-    a = refiner.refine(as_float, scene.K, [Instance("duck", pose)])[0]
-    b = refiner.refine(scene.image, scene.K, [Instance("duck", pose)])[0]
+    a = refiner.refine(Observation(as_float, scene.K), [Instance("duck", pose)])[0]
+    b = refiner.refine(scene.observation, [Instance("duck", pose)])[0]
     np.testing.assert_allclose(a.pose, b.pose, atol=1e-9)
 
 
 def test_unknown_backend_is_a_clear_error(registry):
-    from rnnpose_ros.core.backends.base import BackendError
+    from rnnpose_ros.core.backends import BackendError
 
     with pytest.raises(BackendError, match="unknown backend"):
         Refiner(registry, backend="magic")
@@ -177,20 +177,24 @@ def test_rotation_hypotheses_turn_about_the_model_centre():
 def test_restarts_keep_the_best_scoring_hypothesis(registry, renderer, scene):
     """With every result counted weak, the refiner returns, per instance, the best-scoring OK result
     of the plain run and of the four hypotheses refined on their own."""
-    plain = Refiner(registry, config=SHORT, renderer=renderer)
-    always = Refiner(registry, config=replace(SHORT, restart_below_score=1.01), renderer=renderer)
-    never = Refiner(registry, config=replace(SHORT, restart_below_score=0.0), renderer=renderer)
+    plain = Refiner(registry, config=SHORT, backend_config=ONE_STAGE, renderer=renderer)
+    always = Refiner(
+        registry, config=replace(SHORT, restart_below_score=1.01), backend_config=ONE_STAGE, renderer=renderer
+    )
+    never = Refiner(
+        registry, config=replace(SHORT, restart_below_score=0.0), backend_config=ONE_STAGE, renderer=renderer
+    )
     instances = [Instance(i.class_id, i.pose_init, i.instance_id) for i in scene.instances]
-    restarted = always.refine(scene.image, scene.K, instances)
+    restarted = always.refine(scene.observation, instances)
     for instance, result in zip(instances, restarted, strict=True):
         model = registry[instance.class_id]
         starts = [instance.pose, *rotation_hypotheses(instance.pose, model.center, SHORT.restart_angle_deg)]
-        candidates = [plain.refine(scene.image, scene.K, [Instance("duck", p)])[0] for p in starts]
+        candidates = [plain.refine(scene.observation, [Instance("duck", p)])[0] for p in starts]
         best = max((c for c in candidates if c.status is RefineStatus.OK), key=lambda c: c.score)
         assert result.score == pytest.approx(best.score, abs=1e-6)
         np.testing.assert_allclose(result.pose, best.pose, atol=1e-7)
         np.testing.assert_array_equal(result.initial_pose, instance.pose)
     # A threshold of 0 restarts nothing that succeeded: the plain results come back.
-    expected = plain.refine(scene.image, scene.K, instances)
-    for a, b in zip(never.refine(scene.image, scene.K, instances), expected, strict=True):
+    expected = plain.refine(scene.observation, instances)
+    for a, b in zip(never.refine(scene.observation, instances), expected, strict=True):
         np.testing.assert_allclose(a.pose, b.pose, atol=1e-9)

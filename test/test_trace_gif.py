@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-from rnnpose_ros.core.backends.classical import ClassicalConfig
+from rnnpose_ros.core.backends.classical import ClassicalBackend
 from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
 from rnnpose_ros.core.refiner import Instance, Refiner
 from rnnpose_ros.core.synth import make_scene
@@ -31,19 +32,17 @@ def test_gif_has_one_frame_per_step(tmp_path: Path) -> None:
     renderer = Renderer()
     duck = load_pybullet_object("duck")
     registry = ObjectRegistry(models={"duck": duck})
-    config = ClassicalConfig(outer_iterations=2, inner_steps=2)
-    refiner = Refiner(registry, config=config, renderer=renderer)
+    loop = replace(ClassicalBackend.default_loop(), outer_iterations=2, inner_steps=2)
+    refiner = Refiner(registry, config=loop, renderer=renderer)
     scene = make_scene([duck], 3, renderer)
     first = scene.instances[0]
     path = tmp_path / "trace.gif"
-    result = record_trace_gif(
-        path, refiner, renderer, scene.image, scene.K, Instance("duck", first.pose_init)
-    )
+    result = record_trace_gif(path, refiner, renderer, scene.observation, Instance("duck", first.pose_init))
     frames = imageio.mimread(path)
     assert len(frames) == len(result.trace) == 4
     assert frames[0].shape[1] <= 800
     # The last recorded pose is the result's pose.
     recorder = InstanceRecorder(0)
-    again = refiner.refine(scene.image, scene.K, [Instance("duck", first.pose_init)], observer=recorder)[0]
+    again = refiner.refine(scene.observation, [Instance("duck", first.pose_init)], observer=recorder)[0]
     np.testing.assert_allclose(recorder.poses[-1], again.pose, atol=1e-9)
     assert len(recorder.weights) == 4 and recorder.weights[0].ndim == 2

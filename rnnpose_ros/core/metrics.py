@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
+from rnnpose_ros.core.pinhole import project_to_pixels
+
 ArrayLike = np.ndarray
 
 
@@ -48,8 +50,7 @@ def project(points_camera: ArrayLike, K: ArrayLike) -> np.ndarray:
     K = np.asarray(K, dtype=np.float64)
     if K.shape != (3, 3):
         raise MetricsInputError(f"K must be 3×3, got {K.shape}")
-    uvw = np.asarray(points_camera, dtype=np.float64) @ K.T
-    return uvw[:, :2] / uvw[:, 2:3]
+    return project_to_pixels(points_camera, K)
 
 
 def add(points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLike) -> float:

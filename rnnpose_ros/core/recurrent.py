@@ -5,8 +5,8 @@ Per render iteration (reference rendered at the current pose Ti, in the zoom cro
 correlation pyramid and initialises the GRU state from the rendered context map. Each inner step,
 :func:`predict_correspondences` turns the current relative pose Tij into the pose-induced flow,
 runs one GRU update on top of it, upsamples the flow to the crop and weights every correspondence
-by the agreement of rendered 3D and observed 2D descriptors. The caller then solves one LM step
-(:func:`rnnpose_ros.core.solver.solve_lm_step`) on (reference depth, targets, weights).
+by the agreement of rendered 3D and observed 2D descriptors. The caller then solves one LM step on
+(reference depth, targets, weights) in :func:`rnnpose_ros.core.loop.run_render_iteration`.
 
 All tensors are batched over instances (B); the crop is H×W (240×240 published), the flow grid
 H/8×W/8. No host synchronisation happens here.
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .geometry import backproject_depth, pixel_grid, project_points, transform_points
+from .loop import Correspondences
 from .model import CONTEXT_DIM, RNNPoseNet
 from .nets.confidence import descriptor_confidence
 from .nets.raft import FLOW_DOWNSAMPLING, CorrPyramid, convex_upsample, encode_image_pair, run_update_block
-from .solver import solve_lm_step
 
 #: The published code adds this to the rendered depth before lifting it (background → 1e-5 m).
 DEPTH_EPSILON = 1e-5
@@ -68,17 +68,16 @@ class RecurrentState:
 
 
 @dataclass
-class StepCorrespondences:
-    """Correspondences predicted at one inner step.
+class StepCorrespondences(Correspondences):
+    """Correspondences predicted at one inner step (``target`` and ``weight`` as in
+    :class:`~rnnpose_ros.core.loop.Correspondences`, plus the intermediate fields).
 
     Attributes:
         flow_init: (B, 2, H, W) pose-induced flow, 0 on background.
         coarse_flow: (B, 2, H/8, W/8) flow handed to the update block.
         delta_flow: (B, 2, H/8, W/8) the update block's correction.
         flow: (B, 2, H, W) predicted flow in crop pixels.
-        target: (B, H, W, 2) target pixel x* = (x, y) + flow.
         similarity: (B, H, W) descriptor agreement s.
-        weight: (B, H, W) confidence weight in [0, 1], 0 on background.
         hidden: (B, 128, H/8, W/8) GRU state after this step.
     """
 
@@ -86,15 +85,19 @@ class StepCorrespondences:
     coarse_flow: Tensor
     delta_flow: Tensor
     flow: Tensor
-    target: Tensor
     similarity: Tensor
-    weight: Tensor
     hidden: Tensor
+
+
+def solver_depth(depth: Tensor) -> Tensor:
+    """(B, H, W) reference depth as the published solver lifts it: depth + ε (background → ε, which
+    stays below the solver's minimum depth)."""
+    return depth + DEPTH_EPSILON
 
 
 def lift_reference(depth: Tensor, K: Tensor) -> Tensor:
     """(B, H·W, 3) reference points from (B, H, W) depth + ε, as the published solver lifts them."""
-    return backproject_depth(depth + DEPTH_EPSILON, K).flatten(1, 2)
+    return backproject_depth(solver_depth(depth), K).flatten(1, 2)
 
 
 def pose_induced_flow(lifted: Tensor, foreground: Tensor, Tij: Tensor, K: Tensor) -> Tensor:
@@ -128,7 +131,7 @@ def start_render_iteration(
         context=torch.relu(gru_input),
         lifted=lift_reference(reference.depth, reference.K),
         # The published mask of the induced flow: lifted depth above the ε it added.
-        foreground=(reference.depth + DEPTH_EPSILON) > DEPTH_EPSILON,
+        foreground=solver_depth(reference.depth) > DEPTH_EPSILON,
     )
 
 
@@ -173,45 +176,3 @@ def predict_correspondences(
         weight=confidence.weight,
         hidden=update.net,
     )
-
-
-@dataclass
-class InnerStepTrace:
-    """One inner step of :func:`run_render_iteration`: correspondences and the LM step taken."""
-
-    pose_in: Tensor  # (B, 4, 4)
-    correspondences: StepCorrespondences
-    hessian: Tensor  # (B, 6, 6) float64
-    gradient: Tensor  # (B, 6) float64
-    delta: Tensor  # (B, 6)
-    pose_out: Tensor  # (B, 4, 4)
-    residual_rms: Tensor  # (B,) pixels
-
-
-def run_render_iteration(
-    net: RNNPoseNet,
-    reference: RenderedReference,
-    Tij: Tensor,
-    num_steps: int = 4,
-    published_conventions: bool = True,
-    mixed_precision: bool = False,
-) -> tuple[Tensor, list[InnerStepTrace]]:
-    """All inner steps of one render iteration: GRU correspondences + one LM step each.
-
-    Args:
-        Tij: (B, 4, 4) float32 relative pose at the start (identity in the published loop).
-
-    Returns:
-        ``(Tij, trace)``: the final relative pose and one :class:`InnerStepTrace` per step.
-        Gradients are cut between steps (Tij detached), as published.
-    """
-    state = start_render_iteration(net, reference, published_conventions, mixed_precision)
-    lm_depth = reference.depth + DEPTH_EPSILON
-    trace = []
-    for _ in range(num_steps):
-        Tij = Tij.detach()
-        step = predict_correspondences(net, state, Tij, published_conventions, mixed_precision)
-        lm = solve_lm_step(Tij, lm_depth, reference.K, step.target, step.weight)
-        trace.append(InnerStepTrace(Tij, step, lm.hessian, lm.gradient, lm.delta, lm.pose, lm.residual_rms))
-        Tij = lm.pose
-    return Tij, trace

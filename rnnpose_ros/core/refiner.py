@@ -1,14 +1,16 @@
 """Public engine API: refine the 6-DoF poses of all known-object instances of one image.
 
     refiner = Refiner(ObjectRegistry.from_yaml("config/objects.yaml"), backend="classical")
-    results = refiner.refine(image, K, [Instance("duck", T0)])
+    results = refiner.refine(Observation(image, K), [Instance("duck", T0)])
 
 The refiner validates inputs at the edge, batches every refinable instance of the frame, and runs the
 render-and-compare loop shared by all backends (see :mod:`rnnpose_ros.core.backends.base`): per render
 iteration the backend crops and renders at the current poses, per inner step it produces dense 3D–2D
-correspondences, and the refiner solves one damped Gauss–Newton step (:func:`solve_lm_step`) for the
-whole batch. Instances that cannot be refined get a status instead of an exception, and every input
-instance has exactly one result, in input order.
+correspondences, and :func:`~rnnpose_ros.core.loop.run_render_iteration` solves one damped
+Gauss–Newton step for the whole batch. The loop policy (schedule, solver options, divergence,
+restarts, score) is a :class:`~rnnpose_ros.core.loop.RefinerConfig`; each backend has its own default.
+Instances that cannot be refined get a status instead of an exception, and every input instance has
+exactly one result, in input order.
 
 Restarts (``config.restart_below_score``): instances whose refinement ends with a low score, or fails,
 are refined again from ``restart_hypotheses`` rotation hypotheses (the initial pose turned by
@@ -42,19 +44,17 @@ from scipy.spatial.transform import Rotation
 from torch import Tensor
 
 from rnnpose_ros.core.backends import create_backend
-from rnnpose_ros.core.backends.base import BackendConfig, CorrespondenceBackend, Correspondences, RenderState
+from rnnpose_ros.core.backends.base import CorrespondenceBackend, RenderState
 from rnnpose_ros.core.geometry import backproject_depth, pixel_grid, project_points
+from rnnpose_ros.core.loop import Correspondences, InnerStep, RefinerConfig, run_render_iteration
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
-from rnnpose_ros.core.solver import solve_lm_step
+from rnnpose_ros.core.observation import Observation
+from rnnpose_ros.core.pinhole import project_to_pixels
 
 # Tolerance of the rigidity check on input rotations (max |RᵀR − I|); within it R is re-orthonormalised.
 ROTATION_TOLERANCE = 1e-3
 # Closest depth (m) a model vertex may have for the instance to count as in front of the camera.
 NEAR_PLANE_M = 1e-3
-
-
-class InputError(ValueError):
-    """The image or the camera matrix given to :meth:`Refiner.refine` cannot be used."""
 
 
 class RefineStatus(str, enum.Enum):
@@ -67,10 +67,6 @@ class RefineStatus(str, enum.Enum):
     UNKNOWN_CLASS = "unknown_class"
     INVALID_POSE = "invalid_pose"
     DIVERGED = "diverged"
-
-
-# Failures detected inside the batched loop, encoded on the device as small integers (0 = OK).
-_LOOP_FAILURES = (RefineStatus.OK, RefineStatus.TOO_FEW_CORRESPONDENCES, RefineStatus.DIVERGED)
 
 
 @dataclass
@@ -157,8 +153,21 @@ class RefineResult:
     trace: list[IterationTrace] = field(default_factory=list)
 
 
-# What the batched loop returns per instance: pose, score, status, message, trace.
-_Outcome = tuple[np.ndarray, float, RefineStatus, str, list[IterationTrace]]
+@dataclass
+class _Outcome:
+    """What the batched loop gives one instance (refined pose or, on failure, the pose it stopped at)."""
+
+    pose: np.ndarray
+    score: float
+    status: RefineStatus
+    message: str
+    trace: list[IterationTrace]
+
+    def better_than(self, other: _Outcome) -> bool:
+        """OK beats a failure; among OK outcomes the higher score wins."""
+        return self.status is RefineStatus.OK and (
+            other.status is not RefineStatus.OK or self.score > other.score
+        )
 
 
 class Refiner:
@@ -166,10 +175,13 @@ class Refiner:
 
     Args:
         registry: the known objects.
-        backend: "classical" (DIS optical flow, no weights), "rnnpose" (learned, issue 5), or a
-            ready :class:`CorrespondenceBackend` instance (then ``config`` and ``renderer`` are unused).
+        backend: a name in :data:`~rnnpose_ros.core.backends.BACKENDS` ("classical": DIS optical flow,
+            no weights; "rnnpose": the learned networks), or a ready
+            :class:`~rnnpose_ros.core.backends.base.CorrespondenceBackend` (then ``backend_config`` and
+            ``renderer`` are unused).
         device: torch device of the batched tensors ("cpu", "cuda", ...).
-        config: the backend's config dataclass (default: the backend's own defaults).
+        config: the loop policy (default: the backend's own, ``default_loop()``).
+        backend_config: the backend's options (default: the backend's defaults).
         renderer: a shared :class:`~rnnpose_ros.core.render.Renderer` (created on first use if None).
     """
 
@@ -178,7 +190,8 @@ class Refiner:
         registry: ObjectRegistry,
         backend: str | CorrespondenceBackend = "classical",
         device: str | torch.device = "cpu",
-        config: Any = None,
+        config: RefinerConfig | None = None,
+        backend_config: Any = None,
         renderer: Any = None,
     ) -> None:
         self.registry = registry
@@ -186,24 +199,30 @@ class Refiner:
         if isinstance(backend, CorrespondenceBackend):
             self.backend = backend
         else:
-            self.backend = create_backend(backend, device=self.device, config=config, renderer=renderer)
+            self.backend = create_backend(
+                backend, device=self.device, config=backend_config, renderer=renderer
+            )
+        self.config = config if config is not None else self.backend.default_loop()
 
-    @property
-    def config(self) -> BackendConfig:
-        return self.backend.config
+    def prepare(self, models: Sequence[ObjectModel] | None = None) -> None:
+        """Build the backend's per-object caches now (default: every registered object), so that a
+        missing or broken weights file shows at start rather than in the first frame.
+
+        Raises:
+            BackendError: an object cannot be prepared (e.g. its weights file is missing).
+        """
+        self.backend.prepare_objects(list(self.registry) if models is None else models)
 
     def refine(
         self,
-        image: np.ndarray,
-        K: np.ndarray,
+        observation: Observation,
         instances: Sequence[Instance],
         observer: StepObserver | None = None,
     ) -> list[RefineResult]:
-        """Refine every instance of one image.
+        """Refine every instance of one observation.
 
         Args:
-            image: (H, W, 3) uint8 RGB (a float image in [0, 1] is accepted and quantised).
-            K: (3, 3) pinhole intrinsics in pixels (no skew, no distortion).
+            observation: the camera frame (image, intrinsics; validated here).
             instances: the instances to refine (any mix of classes, repeats allowed).
             observer: called with a :class:`StepSnapshot` after every inner step (visualisation,
                 debugging); None on the product path, which then keeps nothing per step.
@@ -214,15 +233,13 @@ class Refiner:
         Raises:
             InputError: for an unusable image or K (never for a bad instance).
         """
-        image = _validate_image(image)
-        K = _validate_intrinsics(K)
-        height, width = image.shape[:2]
+        observation = observation.validated()
         results: list[RefineResult | None] = [None] * len(instances)
         batch_index: list[int] = []
         batch_models: list[ObjectModel] = []
         batch_poses: list[np.ndarray] = []
         for i, instance in enumerate(instances):
-            checked = self._check_instance(instance, K, height, width)
+            checked = self._check_instance(instance, observation)
             if isinstance(checked, RefineResult):
                 results[i] = checked
             else:
@@ -231,27 +248,30 @@ class Refiner:
                 batch_models.append(model)
                 batch_poses.append(pose)
         if batch_index:
-            refined = self._refine_batch(image, K, batch_models, np.stack(batch_poses), batch_index, observer)
-            refined = self._restart_weak(image, K, batch_models, batch_poses, batch_index, refined, observer)
-            for i, (pose, score, status, message, trace) in zip(batch_index, refined, strict=True):
+            self.backend.prepare_objects(batch_models)
+            outcomes = self._refine_batch(observation, batch_models, batch_poses, batch_index, observer)
+            outcomes = self._restart_weak(
+                observation, batch_models, batch_poses, batch_index, outcomes, observer
+            )
+            for i, outcome in zip(batch_index, outcomes, strict=True):
                 instance = instances[i]
-                ok = status is RefineStatus.OK
+                ok = outcome.status is RefineStatus.OK
                 results[i] = RefineResult(
                     class_id=instance.class_id,
                     instance_id=instance.instance_id,
-                    pose=pose if ok else _as_pose_array(instance.pose),
+                    pose=outcome.pose if ok else _as_pose_array(instance.pose),
                     initial_pose=_as_pose_array(instance.pose),
-                    score=score if ok else 0.0,
-                    status=status,
-                    message=message,
-                    trace=trace,
+                    score=outcome.score if ok else 0.0,
+                    status=outcome.status,
+                    message=outcome.message,
+                    trace=outcome.trace,
                 )
         return [r for r in results if r is not None]
 
     # --- per-instance validation -----------------------------------------------------------------------
 
     def _check_instance(
-        self, instance: Instance, K: np.ndarray, height: int, width: int
+        self, instance: Instance, observation: Observation
     ) -> RefineResult | tuple[ObjectModel, np.ndarray]:
         """The model and re-orthonormalised pose of a refinable instance, or a failed result."""
 
@@ -282,8 +302,9 @@ class Refiner:
             centre_z = float(pose[2, :3] @ model.center + pose[2, 3])
             where = "behind the camera" if centre_z <= 0 else "crossing the camera plane"
             return failed(RefineStatus.BEHIND_CAMERA, f"object is {where} (centre z = {centre_z:.3f} m)")
-        pixels = camera_points[:, :2] / camera_points[:, 2:] * np.diag(K)[:2] + K[:2, 2]
+        pixels = project_to_pixels(camera_points, observation.K)
         lo, hi = pixels.min(axis=0), pixels.max(axis=0)
+        height, width = observation.size
         if hi[0] < -0.5 or hi[1] < -0.5 or lo[0] > width - 0.5 or lo[1] > height - 0.5:
             return failed(
                 RefineStatus.OUTSIDE_IMAGE,
@@ -296,8 +317,7 @@ class Refiner:
 
     def _restart_weak(
         self,
-        image: np.ndarray,
-        K: np.ndarray,
+        observation: Observation,
         models: list[ObjectModel],
         initial: list[np.ndarray],
         instance_index: list[int],
@@ -306,148 +326,79 @@ class Refiner:
     ) -> list[_Outcome]:
         """Refine weak outcomes again from rotation hypotheses (``config.restart_below_score``), all in
         one batch, and keep per instance the OK outcome with the best score (the first one if none)."""
-        config = self.backend.config
+        config = self.config
         if config.restart_below_score is None:
             return outcomes
         weak = [
             b
-            for b, (_, score, status, _, _) in enumerate(outcomes)
-            if status is not RefineStatus.OK or score < config.restart_below_score
+            for b, outcome in enumerate(outcomes)
+            if outcome.status is not RefineStatus.OK or outcome.score < config.restart_below_score
         ]
         if not weak:
             return outcomes
         owners, hypotheses = [], []
         for b in weak:
-            hypotheses_b = rotation_hypotheses(
+            for pose in rotation_hypotheses(
                 initial[b], models[b].center, config.restart_angle_deg, config.restart_hypotheses
-            )
-            for pose in hypotheses_b:
+            ):
                 owners.append(b)
                 hypotheses.append(pose)
         retried = self._refine_batch(
-            image,
-            K,
+            observation,
             [models[b] for b in owners],
-            np.stack(hypotheses),
+            hypotheses,
             [instance_index[b] for b in owners],
             observer,
         )
         best = list(outcomes)
         for b, outcome in zip(owners, retried, strict=True):
-            _, score, status, _, _ = outcome
-            if status is RefineStatus.OK and (best[b][2] is not RefineStatus.OK or score > best[b][1]):
+            if outcome.better_than(best[b]):
                 best[b] = outcome
         return best
 
     def _refine_batch(
         self,
-        image: np.ndarray,
-        K: np.ndarray,
+        observation: Observation,
         models: list[ObjectModel],
-        initial: np.ndarray,
+        initial: list[np.ndarray],
         instance_index: list[int],
         observer: StepObserver | None,
     ) -> list[_Outcome]:
         """Run the shared outer/inner loop on B valid instances; returns per-instance outcomes."""
-        config = self.backend.config
-        lm = config.lm
-        device = self.device
-        batch = len(models)
-        poses = torch.as_tensor(initial, dtype=torch.float64, device=device)
-        initial_t = poses.clone()
-        diameters = torch.tensor([m.diameter for m in models], dtype=torch.float64, device=device)
-        failure = torch.zeros(batch, dtype=torch.int64, device=device)  # index into _LOOP_FAILURES
-        eye = torch.eye(4, dtype=lm.pose_dtype, device=device).expand(batch, 4, 4)
-        trace_poses, trace_weight, trace_residual, trace_count, trace_flow = [], [], [], [], []
-
-        self.backend.prepare_objects(models)
-        frame = self.backend.prepare_frame(image, K, models, poses)
-        view: RenderState | None = None
-        corr: Correspondences | None = None
-        relative = eye.clone()
+        config = self.config
+        batch = _BatchState.start(initial, models, self.device)
+        frame = self.backend.prepare_frame(observation, models, batch.poses)
+        recorder = _TraceRecorder(config.lm.min_depth)
+        last: tuple[RenderState, Correspondences, Tensor] | None = None
         for outer in range(config.outer_iterations):
-            view = self.backend.prepare_render(frame, poses, outer)
-            relative = eye.clone()
-            for inner in range(config.inner_steps):
-                corr = self.backend.correspondences(frame, view, relative, inner)
-                # Instances that failed keep a zero weight: their step is exactly 0 (b = 0).
-                active = (failure == 0).to(corr.weight.dtype)[:, None, None]
-                step = solve_lm_step(
-                    relative,
-                    view.depth,
-                    view.K,
-                    corr.target,
-                    corr.weight * active,
-                    num_iters=lm.num_iters,
-                    ep_lambda=lm.ep_lambda,
-                    lm_lambda=lm.lm_lambda,
-                    min_depth=lm.min_depth,
-                    max_step=lm.max_step,
-                    robust=lm.robust,
-                    robust_scale=lm.robust_scale,
-                )
-                relative = step.pose
-                few = step.num_valid < config.min_correspondences
-                failure = torch.where((failure == 0) & few, torch.ones_like(failure), failure)
-                foreground = (view.depth > lm.min_depth).to(corr.weight.dtype)
-                mean_weight = (corr.weight * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp_min(1.0)
-                trace_poses.append(relative.to(torch.float64) @ poses)
-                trace_weight.append(mean_weight)
-                trace_residual.append(step.residual_rms)
-                trace_count.append(step.num_valid)
-                trace_flow.append(_mean_flow(corr.target, foreground))
-                if observer is not None:
-                    observer(
-                        StepSnapshot(
-                            outer,
-                            inner,
-                            instance_index,
-                            trace_poses[-1],
-                            view.K,
-                            view.depth,
-                            corr.target,
-                            corr.weight,
-                        )
-                    )
-            poses = torch.where((failure == 0)[:, None, None], relative.to(torch.float64) @ poses, poses)
-            moved = torch.linalg.vector_norm(poses[:, :3, 3] - initial_t[:, :3, 3], dim=-1)
-            centre_z = poses[:, 2, 3]
-            diverged = ~torch.isfinite(poses).all(-1).all(-1) | (
-                moved > config.max_translation_change * diameters
-            )
-            diverged = diverged | (centre_z <= 0)
-            failure = torch.where((failure == 0) & diverged, torch.full_like(failure, 2), failure)
+            view = self.backend.prepare_render(frame, batch.poses, outer)
 
-        scores = (
-            self._score(view, corr, relative) if view is not None and corr is not None else torch.zeros(batch)
-        )
-        # One host transfer for the whole batch, after the loop.
-        poses_np = poses.cpu().numpy()
-        failure_np = failure.cpu().numpy()
-        scores_np = scores.cpu().numpy()
-        traces = _traces(
-            trace_poses, trace_weight, trace_residual, trace_count, trace_flow, config.inner_steps
-        )
-        outcomes = []
-        for b in range(batch):
-            status = _LOOP_FAILURES[int(failure_np[b])]
-            message = {
-                RefineStatus.OK: "",
-                RefineStatus.TOO_FEW_CORRESPONDENCES: (
-                    f"fewer than {config.min_correspondences} weighted correspondences (object hidden, "
-                    "too small, or lost); initial pose returned"
-                ),
-                RefineStatus.DIVERGED: (
-                    f"pose moved more than {config.max_translation_change} diameters or behind the camera; "
-                    "initial pose returned"
-                ),
-            }[status]
-            outcomes.append((poses_np[b], float(scores_np[b]), status, message, traces[b]))
-        return outcomes
+            def correspond(relative: Tensor, inner: int, view: RenderState = view) -> Correspondences:
+                corr = self.backend.correspondences(frame, view, relative, inner)
+                # Instances that failed get zero weight: their step is exactly 0 (b = 0).
+                return Correspondences(
+                    corr.target, corr.weight * batch.active(corr.weight.dtype)[:, None, None]
+                )
+
+            relative = torch.eye(4, dtype=config.lm.pose_dtype, device=self.device).expand(len(models), 4, 4)
+            for step in run_render_iteration(
+                correspond, view.depth, view.K, relative, config.inner_steps, config.lm
+            ):
+                relative = step.solve.pose
+                batch.fail_where(
+                    step.solve.num_valid < config.min_correspondences, RefineStatus.TOO_FEW_CORRESPONDENCES
+                )
+                recorder.record(step, view, batch.poses)
+                if observer is not None:
+                    observer(recorder.snapshot(outer, step, view, instance_index))
+                last = (view, step.correspondences, relative)
+            batch.advance(relative, config.max_translation_change)
+        scores = self._score(*last) if last is not None else torch.zeros(len(models))
+        return batch.outcomes(scores, recorder.traces(config.inner_steps), config)
 
     def _score(self, view: RenderState, corr: Correspondences, relative: Tensor) -> Tensor:
         """(B,) weighted inlier fraction of the last render iteration (module docstring)."""
-        config = self.backend.config
+        config = self.config
         batch = view.depth.shape[0]
         rel = relative.to(torch.float64)
         X0 = backproject_depth(view.depth.to(torch.float64), view.K.to(torch.float64)).reshape(batch, -1, 3)
@@ -461,6 +412,140 @@ class Refiner:
         weight = corr.weight.reshape(batch, -1).to(torch.float64).clamp(0.0, 1.0)
         score = (weight * inlier).sum(-1) / foreground.sum(-1).clamp_min(1)
         return score.clamp(0.0, 1.0)
+
+
+# Failures detected inside the batched loop, encoded on the device as small integers (0 = OK).
+_LOOP_FAILURES = (RefineStatus.OK, RefineStatus.TOO_FEW_CORRESPONDENCES, RefineStatus.DIVERGED)
+
+
+@dataclass
+class _BatchState:
+    """Poses and failures of the B instances of one batched run, on the refiner's device.
+
+    Attributes:
+        poses: (B, 4, 4) float64 current absolute poses (model → camera, metres).
+        initial: (B, 4, 4) float64 starting poses.
+        diameters: (B,) float64 object diameters, metres.
+        failure: (B,) int64 index into ``_LOOP_FAILURES`` (0 = still fine); a failed instance keeps
+            the pose it had when it failed.
+    """
+
+    poses: Tensor
+    initial: Tensor
+    diameters: Tensor
+    failure: Tensor
+
+    @classmethod
+    def start(
+        cls, initial: Sequence[np.ndarray], models: Sequence[ObjectModel], device: torch.device
+    ) -> _BatchState:
+        poses = torch.as_tensor(np.stack(initial), dtype=torch.float64, device=device)
+        return cls(
+            poses=poses,
+            initial=poses.clone(),
+            diameters=torch.tensor([m.diameter for m in models], dtype=torch.float64, device=device),
+            failure=torch.zeros(len(models), dtype=torch.int64, device=device),
+        )
+
+    def active(self, dtype: torch.dtype) -> Tensor:
+        """(B,) 1 for instances still being refined, 0 for failed ones."""
+        return (self.failure == 0).to(dtype)
+
+    def fail_where(self, condition: Tensor, status: RefineStatus) -> None:
+        """Mark the still-active instances where ``condition`` (B,) holds as failed with ``status``."""
+        code = torch.full_like(self.failure, _LOOP_FAILURES.index(status))
+        self.failure = torch.where((self.failure == 0) & condition, code, self.failure)
+
+    def advance(self, relative: Tensor, max_translation_change: float) -> None:
+        """Apply the render iteration's relative poses to the active instances, then mark DIVERGED those
+        that left the camera's front, became non-finite or moved more than ``max_translation_change``
+        diameters from their start."""
+        moved_poses = relative.to(torch.float64) @ self.poses
+        self.poses = torch.where((self.failure == 0)[:, None, None], moved_poses, self.poses)
+        moved = torch.linalg.vector_norm(self.poses[:, :3, 3] - self.initial[:, :3, 3], dim=-1)
+        diverged = (
+            ~torch.isfinite(self.poses).all(-1).all(-1)
+            | (moved > max_translation_change * self.diameters)
+            | (self.poses[:, 2, 3] <= 0)
+        )
+        self.fail_where(diverged, RefineStatus.DIVERGED)
+
+    def outcomes(
+        self, scores: Tensor, traces: list[list[IterationTrace]], config: RefinerConfig
+    ) -> list[_Outcome]:
+        """Per-instance outcomes, with one host transfer for the whole batch."""
+        poses, failure, scores_np = self.poses.cpu().numpy(), self.failure.cpu().numpy(), scores.cpu().numpy()
+        messages = {
+            RefineStatus.OK: "",
+            RefineStatus.TOO_FEW_CORRESPONDENCES: (
+                f"fewer than {config.min_correspondences} weighted correspondences (object hidden, "
+                "too small, or lost); initial pose returned"
+            ),
+            RefineStatus.DIVERGED: (
+                f"pose moved more than {config.max_translation_change} diameters or behind the camera; "
+                "initial pose returned"
+            ),
+        }
+        outcomes = []
+        for b in range(len(poses)):
+            status = _LOOP_FAILURES[int(failure[b])]
+            trace = traces[b] if traces else []
+            outcomes.append(_Outcome(poses[b], float(scores_np[b]), status, messages[status], trace))
+        return outcomes
+
+
+class _TraceRecorder:
+    """Per-step batched figures of a run, turned into per-instance :class:`IterationTrace` lists at the
+    end (one host transfer per figure)."""
+
+    def __init__(self, min_depth: float) -> None:
+        self.min_depth = min_depth
+        self.poses: list[Tensor] = []
+        self.weights: list[Tensor] = []
+        self.residuals: list[Tensor] = []
+        self.counts: list[Tensor] = []
+        self.flows: list[Tensor] = []
+
+    def record(self, step: InnerStep, view: RenderState, poses: Tensor) -> None:
+        corr = step.correspondences
+        foreground = (view.depth > self.min_depth).to(corr.weight.dtype)
+        self.poses.append(step.solve.pose.to(torch.float64) @ poses)
+        self.weights.append((corr.weight * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp_min(1.0))
+        self.residuals.append(step.solve.residual_rms)
+        self.counts.append(step.solve.num_valid)
+        self.flows.append(_mean_flow(corr.target, foreground))
+
+    def snapshot(
+        self, outer: int, step: InnerStep, view: RenderState, instance_index: list[int]
+    ) -> StepSnapshot:
+        corr = step.correspondences
+        return StepSnapshot(
+            outer, step.index, instance_index, self.poses[-1], view.K, view.depth, corr.target, corr.weight
+        )
+
+    def traces(self, inner_steps: int) -> list[list[IterationTrace]]:
+        if not self.poses:
+            return []
+        poses = torch.stack(self.poses, 1).cpu().numpy()  # (B, S, 4, 4)
+        weights, residuals, counts, flows = (
+            torch.stack(values, 1).cpu().numpy()
+            for values in (self.weights, self.residuals, self.counts, self.flows)
+        )
+        return [
+            [
+                IterationTrace(
+                    outer=s // inner_steps,
+                    inner=s % inner_steps,
+                    pose=poses[b, s],
+                    mean_weight=float(weights[b, s]),
+                    residual_px=float(residuals[b, s]),
+                    num_correspondences=int(counts[b, s]),
+                    flow_px=float(flows[b, s]),
+                )
+                for s in range(poses.shape[1])
+            ]
+            for b in range(poses.shape[0])
+        ]
 
 
 def rotation_hypotheses(
@@ -487,82 +572,6 @@ def _mean_flow(target: Tensor, foreground: Tensor) -> Tensor:
     grid = pixel_grid(height, width, target.dtype, target.device)
     length = torch.linalg.vector_norm(target - grid, dim=-1)
     return (length * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp_min(1.0)
-
-
-def _traces(
-    poses: list[Tensor],
-    weights: list[Tensor],
-    residuals: list[Tensor],
-    counts: list[Tensor],
-    flows: list[Tensor],
-    inner_steps: int,
-) -> list[list[IterationTrace]]:
-    """Per-instance trace lists from per-step batched tensors (one host transfer each)."""
-    if not poses:
-        return []
-    poses_np = torch.stack(poses, 1).cpu().numpy()  # (B, S, 4, 4)
-    weights_np = torch.stack(weights, 1).cpu().numpy()
-    residuals_np = torch.stack(residuals, 1).cpu().numpy()
-    counts_np = torch.stack(counts, 1).cpu().numpy()
-    flows_np = torch.stack(flows, 1).cpu().numpy()
-    return [
-        [
-            IterationTrace(
-                outer=s // inner_steps,
-                inner=s % inner_steps,
-                pose=poses_np[b, s],
-                mean_weight=float(weights_np[b, s]),
-                residual_px=float(residuals_np[b, s]),
-                num_correspondences=int(counts_np[b, s]),
-                flow_px=float(flows_np[b, s]),
-            )
-            for s in range(poses_np.shape[1])
-        ]
-        for b in range(poses_np.shape[0])
-    ]
-
-
-def _validate_image(image: Any) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, or raise InputError naming the problem."""
-    if not isinstance(image, np.ndarray):
-        raise InputError(f"image must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InputError(f"image must have shape (H, W, 3) (RGB), got {image.shape}")
-    if image.shape[0] < 2 or image.shape[1] < 2:
-        raise InputError(f"image is too small: {image.shape[1]}x{image.shape[0]} pixels")
-    if image.dtype == np.uint8:
-        return np.ascontiguousarray(image)
-    if np.issubdtype(image.dtype, np.floating):
-        if not np.isfinite(image).all():
-            raise InputError("image contains NaN or infinite values")
-        if image.min() < 0.0 or image.max() > 1.0:
-            raise InputError(
-                f"a floating-point image must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]; "
-                "pass uint8 RGB instead"
-            )
-        return np.round(image * 255.0).astype(np.uint8)
-    raise InputError(f"image must be uint8 RGB (or float in [0, 1]), got dtype {image.dtype}")
-
-
-def _validate_intrinsics(K: Any) -> np.ndarray:
-    """(3, 3) float64 pinhole matrix, or raise InputError naming the problem."""
-    try:
-        K = np.asarray(K, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"K must be a 3x3 numeric matrix: {exc}") from exc
-    if K.shape != (3, 3):
-        raise InputError(f"K must have shape (3, 3), got {K.shape}")
-    if not np.isfinite(K).all():
-        raise InputError("K contains NaN or infinite values")
-    if K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise InputError(f"K focal lengths must be positive, got fx={K[0, 0]:g}, fy={K[1, 1]:g}")
-    if not np.allclose(K[2], (0.0, 0.0, 1.0)) or K[1, 0] != 0.0:
-        raise InputError(
-            f"K must be a pinhole matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], got {K.tolist()}"
-        )
-    if abs(K[0, 1]) > 1e-6 * K[0, 0]:
-        raise InputError(f"K has skew {K[0, 1]:g}; skewed intrinsics are not supported")
-    return K
 
 
 def _as_pose_array(pose: Any) -> np.ndarray:

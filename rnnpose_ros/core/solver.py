@@ -15,7 +15,7 @@ re-evaluated at every iteration (iteratively reweighted least squares).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -34,6 +34,35 @@ ROBUST_KINDS = ("huber", "cauchy")
 
 class SolverInputError(ValueError):
     """Inputs of the LM solver have inconsistent shapes or an unknown option."""
+
+
+@dataclass
+class LMConfig:
+    """Options of :func:`solve_lm_step` for every inner step of a refinement (published defaults).
+
+    Attributes:
+        num_iters: Gauss–Newton iterations per inner step on the same correspondences (published: 1).
+        robust: None (published), "huber" or "cauchy": IRLS kernel on the reprojection residual.
+        robust_scale: kernel scale, pixels of the crop.
+        ep_lambda: constant damping λ_ep (published 100).
+        lm_lambda: relative damping λ_lm (published 1e-4).
+        min_depth: correspondences need reference and moved depth above this, metres (published 0.1).
+        max_step: per-component clamp of one increment, metres / radians (published 1).
+        pose_dtype: dtype of the relative pose in the solve (published: float32).
+    """
+
+    num_iters: int = 1
+    robust: str | None = None
+    robust_scale: float = 2.0
+    ep_lambda: float = EP_LAMBDA
+    lm_lambda: float = LM_LAMBDA
+    min_depth: float = MIN_DEPTH
+    max_step: float = MAX_STEP
+    pose_dtype: torch.dtype = torch.float32
+
+    def solver_options(self) -> dict:
+        """The keyword arguments of :func:`solve_lm_step` (everything but ``pose_dtype``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pose_dtype"}
 
 
 @dataclass

@@ -23,6 +23,8 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from rnnpose_ros.core.objects import ObjectModel
+from rnnpose_ros.core.observation import Observation
+from rnnpose_ros.core.pinhole import project_to_pixels
 from rnnpose_ros.core.render import Lighting, Renderer
 
 DEFAULT_SIZE = (480, 640)
@@ -96,6 +98,11 @@ class Scene:
     def visible_fraction(self) -> list[float]:
         """Per-instance visible fraction (see :class:`SceneInstance`)."""
         return [inst.visible_fraction for inst in self.instances]
+
+    @property
+    def observation(self) -> Observation:
+        """What the refiner is given of this scene."""
+        return Observation(self.image, self.K)
 
 
 # --- initial-pose noise ----------------------------------------------------------------------------
@@ -204,7 +211,7 @@ def sample_object_pose(
 def _fraction_in_view(points: np.ndarray, T: np.ndarray, K: np.ndarray, size: tuple[int, int]) -> float:
     cam = points.astype(np.float64) @ T[:3, :3].T + T[:3, 3]
     z = cam[:, 2]
-    uv = (cam @ K.T)[:, :2] / np.maximum(z, 1e-6)[:, None]
+    uv = project_to_pixels(cam, K, min_depth=1e-6)
     inside = (z > 0.01) & (uv[:, 0] >= -0.5) & (uv[:, 0] < size[1] - 0.5) & (uv[:, 1] >= -0.5)
     inside &= uv[:, 1] < size[0] - 0.5
     return float(inside.mean())

@@ -24,6 +24,8 @@ from std_msgs.msg import Header
 from vision_msgs.msg import BoundingBox3D, Detection3D, Detection3DArray, ObjectHypothesisWithPose
 from visualization_msgs.msg import Marker, MarkerArray
 
+from rnnpose_ros.core.pinhole import project_to_pixels
+
 # encoding -> (channels, bytes per channel). 16-bit colour/depth encodings are not accepted: a 16UC1
 # image is almost always depth, which this node does not take.
 IMAGE_ENCODINGS: dict[str, tuple[int, int]] = {
@@ -498,8 +500,7 @@ def silhouette(
     keep = in_front[faces].all(axis=1)
     if not keep.any():
         return mask
-    z = np.where(in_front, camera[:, 2], 1.0)
-    pixels = (camera @ K.T)[:, :2] / z[:, None]
+    pixels = project_to_pixels(np.where(in_front[:, None], camera, (0.0, 0.0, 1.0)), K)
     # Clamp far-off vertices so the fixed-point rasteriser cannot overflow.
     limit = 4.0 * max(height, width)
     pixels = np.clip(pixels, -limit, limit)

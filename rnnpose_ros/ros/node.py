@@ -535,6 +535,7 @@ class RefinerNode(Node):
 
     def _warm_up(self) -> None:
         """One engine call on a grey 320×240 image with each class 3 diameters ahead (results unused)."""
+        from rnnpose_ros.core.observation import Observation
         from rnnpose_ros.core.refiner import Instance
 
         start = time.monotonic()
@@ -545,7 +546,7 @@ class RefinerNode(Node):
             pose[:3, 3] = -model.center + (0.0, 0.0, 3.0 * model.diameter)
             instances.append(Instance(model.class_id, pose, "warmup"))
         try:
-            self.refiner.refine(np.full((240, 320, 3), 128, np.uint8), K, instances)
+            self.refiner.refine(Observation(np.full((240, 320, 3), 128, np.uint8), K), instances)
         except Exception as error:  # a failed warm-up only costs first-frame latency
             self.get_logger().warning(f"warm-up failed (the first frame will be slower): {error}")
             return
@@ -638,7 +639,8 @@ class RefinerNode(Node):
         self, rgb: np.ndarray, K: np.ndarray, inputs: list[DetectionInput], outputs: list[DetectionOutput]
     ) -> tuple[str | None, int]:
         """Refine the usable detections in one engine call, filling ``outputs``; returns (problem, count)."""
-        from rnnpose_ros.core.refiner import InputError, Instance, RefineStatus
+        from rnnpose_ros.core.observation import InputError, Observation
+        from rnnpose_ros.core.refiner import Instance, RefineStatus
 
         usable = []
         for item in inputs:
@@ -653,7 +655,7 @@ class RefinerNode(Node):
             return None, 0
         instances = [Instance(item.class_id, item.pose, item.instance_id) for item in usable]
         try:
-            results = self.refiner.refine(rgb, K, instances)
+            results = self.refiner.refine(Observation(rgb, K), instances)
         except InputError as error:
             return f"engine rejected the input: {error}", 0
         except Exception as error:  # the detections are still published (passed through)
@@ -860,7 +862,7 @@ def resolve_backend(requested: str, registry: Any) -> str:
 
 def create_refiner(settings: Settings, registry: Any) -> Any:
     """The engine for ``settings``; resolves ``device``/``backend`` in place and applies iteration counts."""
-    from rnnpose_ros.core.backends.base import BackendError
+    from rnnpose_ros.core.backends import BackendError
     from rnnpose_ros.core.refiner import Refiner
 
     settings.device = resolve_device(settings.device)
@@ -869,7 +871,7 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
         refiner = Refiner(registry, backend=settings.backend, device=settings.device)
         # Per-object caches (learned: weights + 3D features) are built now, so a missing or broken
         # weights file stops the node at start instead of failing every frame.
-        refiner.backend.prepare_objects(list(registry))
+        refiner.prepare()
     except BackendError as error:
         raise ParameterError(f"parameter 'backend' = {settings.backend!r}: {error}") from None
     if settings.outer_iterations:

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rnnpose_ros.core.backends.classical import ClassicalConfig
-from rnnpose_ros.core.backends.learned import LearnedConfig
+from rnnpose_ros.core.backends import BACKENDS, backend_help
 from rnnpose_ros.core.checkpoint import save_checkpoint
 from rnnpose_ros.core.model import RNNPoseNet
 from rnnpose_ros.core.objects import ObjectRegistry
@@ -62,7 +61,7 @@ def time_refine(refiner: Refiner, scene, batch: int, repeats: int, device: torch
     """
     base = scene.instances
     instances = [Instance(base[i % len(base)].class_id, base[i % len(base)].pose_init) for i in range(batch)]
-    failed = [r for r in refiner.refine(scene.image, scene.K, instances) if r.status.value != "ok"]
+    failed = [r for r in refiner.refine(scene.observation, instances) if r.status.value != "ok"]
     if failed:
         raise RuntimeError(
             f"benchmark scene instance not refined: {failed[0].status.value}: {failed[0].message}"
@@ -72,7 +71,7 @@ def time_refine(refiner: Refiner, scene, batch: int, repeats: int, device: torch
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        refiner.refine(scene.image, scene.K, instances)
+        refiner.refine(scene.observation, instances)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
@@ -93,17 +92,27 @@ def bench_refiners(
         torch.manual_seed(0)
         save_checkpoint(weights, RNNPoseNet())
         for backend in backends:
-            if backend == "rnnpose":
-                config = LearnedConfig(weights={class_id: weights for class_id in registry.class_ids})
-            else:
-                config = ClassicalConfig()
+            info = BACKENDS[backend]
+            backend_config = None
+            if info.needs_weights:
+                backend_config = info.config_class()(
+                    weights={class_id: weights for class_id in registry.class_ids}
+                )
+            loop = info.default_loop()
             # The schedule alone, and where the backend restarts weak results, its worst case: every
             # instance refined again from the rotation hypotheses (the evaluate tool reports the mean).
-            variants = {backend: replace(config, restart_below_score=None)}
-            if config.restart_below_score is not None:
-                variants[f"{backend}+restarts"] = replace(config, restart_below_score=2.0)
+            variants = {backend: replace(loop, restart_below_score=None)}
+            if loop.restart_below_score is not None:
+                variants[f"{backend}+restarts"] = replace(loop, restart_below_score=2.0)
             for label, variant in variants.items():
-                refiner = Refiner(registry, backend=backend, device=device, config=variant, renderer=renderer)
+                refiner = Refiner(
+                    registry,
+                    backend=backend,
+                    device=device,
+                    config=variant,
+                    backend_config=backend_config,
+                    renderer=renderer,
+                )
                 for batch in batches:
                     seconds = statistics.median(time_refine(refiner, scene, batch, repeats, device)) / batch
                     per_instance[(label, batch)] = seconds
@@ -132,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
-        "--backends", nargs="+", default=["classical", "rnnpose"], choices=["classical", "rnnpose"]
+        "--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS), help=backend_help()
     )
     parser.add_argument("--skip-nets", action="store_true", help="skip the per-module network timings")
     args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnpose_ros.core.backends import BACKENDS, backend_help
 from rnnpose_ros.package_files import default_objects_file
 
 DEFAULT_OBJECTS = default_objects_file()
@@ -114,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--noise-trans", type=str, default="0.01,0.01,0.05", help="translation noise σ X,Y,Z in metres"
     )
     parser.add_argument("--occluders", type=int, default=0, help="random occluder patches per scene")
-    parser.add_argument("--backend", choices=("classical", "rnnpose"), default="classical")
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default="classical", help=backend_help())
     parser.add_argument(
         "--weights", nargs="*", default=[], metavar="CLASS=FILE", help="weights per class (rnnpose backend)"
     )
@@ -165,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_refiner(args: argparse.Namespace, registry, renderer):
     """The Refiner for ``args.backend`` (raises EvaluationError with the reason if it cannot be built)."""
-    from rnnpose_ros.core.backends.base import BackendError
+    from rnnpose_ros.core.backends import BACKENDS, BackendError
     from rnnpose_ros.core.refiner import Refiner
 
     for class_id, path in args.weights.items():
@@ -173,19 +174,25 @@ def build_refiner(args: argparse.Namespace, registry, renderer):
             raise EvaluationError(f"--weights names unknown class {class_id!r}; known: {registry.class_ids}")
         if not path.is_file():
             raise EvaluationError(f"--weights file for {class_id!r} not found: {path}")
-    schedule = {} if args.outer_iterations is None else {"outer_iterations": args.outer_iterations}
+    info = BACKENDS[args.backend]
     try:
-        if args.backend == "rnnpose":
-            from rnnpose_ros.core.backends.learned import LearnedConfig
-
-            config = LearnedConfig(weights=dict(args.weights), **schedule)
+        loop = info.default_loop()
+        if args.outer_iterations is not None:
+            loop.outer_iterations = args.outer_iterations
+        if info.needs_weights:
+            backend_config = info.config_class()(weights=dict(args.weights))
         else:
-            from rnnpose_ros.core.backends.classical import ClassicalConfig
-
             if args.weights:
-                print("note: --weights is ignored by the classical backend", file=sys.stderr)
-            config = ClassicalConfig(**schedule)
-        return Refiner(registry, backend=args.backend, device=args.device, config=config, renderer=renderer)
+                print(f"note: --weights is ignored by the {info.name} backend", file=sys.stderr)
+            backend_config = None
+        return Refiner(
+            registry,
+            backend=info.name,
+            device=args.device,
+            config=loop,
+            backend_config=backend_config,
+            renderer=renderer,
+        )
     except (BackendError, ImportError) as exc:
         raise EvaluationError(f"backend {args.backend!r} is not available: {exc}") from exc
 
@@ -219,7 +226,7 @@ def evaluate_level(
         )
         instances = [Instance(s.class_id, s.pose_init, s.instance_id) for s in scene.instances]
         start = time.perf_counter()
-        refined = refiner.refine(scene.image, scene.K, instances)
+        refined = refiner.refine(scene.observation, instances)
         result.refine_seconds += time.perf_counter() - start
         for truth, out in zip(scene.instances, refined, strict=True):
             model = registry[truth.class_id]
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         device=str(refiner.device),
         num_scenes=args.num_scenes,
         seed=args.seed,
-        config=_config_summary(refiner.config),
+        config=_config_summary(refiner),
     )
     if args.sweep:
         output["sweep"] = summaries
@@ -367,16 +374,16 @@ def write_trace_gif(args: argparse.Namespace, registry, renderer, refiner) -> No
     )
     first = scene.instances[0]
     record_trace_gif(
-        args.trace_gif, refiner, renderer, scene.image, scene.K, Instance(first.class_id, first.pose_init)
+        args.trace_gif, refiner, renderer, scene.observation, Instance(first.class_id, first.pose_init)
     )
 
 
-def _config_summary(config) -> dict:
-    """The schedule of the backend config, for the JSON record."""
+def _config_summary(refiner) -> dict:
+    """The schedule of the refiner, for the JSON record."""
     return {
-        "outer_iterations": config.outer_iterations,
-        "inner_steps": config.inner_steps,
-        "published_conventions": config.published_conventions,
+        "outer_iterations": refiner.config.outer_iterations,
+        "inner_steps": refiner.config.inner_steps,
+        "published_conventions": getattr(refiner.backend.config, "published_conventions", False),
     }
 
 

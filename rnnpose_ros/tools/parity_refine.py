@@ -11,8 +11,15 @@ from pathlib import Path
 
 import torch
 
+from rnnpose_ros.core.loop import run_render_iteration
 from rnnpose_ros.core.model import RNNPoseNet, published_to_ours
-from rnnpose_ros.core.recurrent import RenderedReference, run_render_iteration, start_render_iteration
+from rnnpose_ros.core.recurrent import (
+    RenderedReference,
+    predict_correspondences,
+    solver_depth,
+    start_render_iteration,
+)
+from rnnpose_ros.core.solver import LMConfig
 from rnnpose_ros.tools.parity_common import Comparison, FixtureCheck, compare, float_state_dict, load_fixture
 
 FLOW_TOL = {"atol": 1e-3, "rtol": 1e-4}
@@ -80,7 +87,17 @@ def check_refine_core(fixture: dict, fixture_dir: Path) -> list[Comparison]:
         state = start_render_iteration(net, reference)
         results.append(compare("gru_init_net", state.hidden, fixture["gru_init_net"], **GRU_TOL))
         results.append(compare("gru_init_inp", state.context, fixture["gru_init_inp"], **GRU_TOL))
-        Tij, trace = run_render_iteration(net, reference, inputs["Tij0"][:, 0], num_steps=num_steps)
+        trace = list(
+            run_render_iteration(
+                lambda Tij, _: predict_correspondences(net, state, Tij),
+                solver_depth(reference.depth),
+                reference.K,
+                inputs["Tij0"][:, 0],
+                num_steps,
+                LMConfig(),
+            )
+        )
+    Tij = trace[-1].solve.pose
     per_step = {
         "Tij_in": [s.pose_in for s in trace],
         "flow_init": [s.correspondences.flow_init for s in trace],
@@ -89,10 +106,10 @@ def check_refine_core(fixture: dict, fixture_dir: Path) -> list[Comparison]:
         "flow": [s.correspondences.flow for s in trace],
         "weight": [s.correspondences.weight for s in trace],
         "gru_net": [s.correspondences.hidden for s in trace],
-        "H_damped": [s.hessian for s in trace],
-        "b": [s.gradient for s in trace],
-        "delta": [s.delta for s in trace],
-        "Tij_out": [s.pose_out for s in trace],
+        "H_damped": [s.solve.hessian for s in trace],
+        "b": [s.solve.gradient for s in trace],
+        "delta": [s.solve.delta for s in trace],
+        "Tij_out": [s.solve.pose for s in trace],
     }
     tolerances = {
         "Tij_in": POSE_TOL,

@@ -16,6 +16,7 @@ import imageio.v2 as imageio
 import numpy as np
 
 from rnnpose_ros.core.objects import ObjectModel
+from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.refiner import Instance, Refiner, RefineResult, StepSnapshot
 from rnnpose_ros.core.render import Renderer
 
@@ -62,8 +63,7 @@ def record_trace_gif(
     path: Path,
     refiner: Refiner,
     renderer: Renderer,
-    image: np.ndarray,
-    K: np.ndarray,
+    observation: Observation,
     instance: Instance,
     frame_seconds: float = 0.4,
     max_width: int = 800,
@@ -73,7 +73,8 @@ def record_trace_gif(
     Frames wider than ``max_width`` pixels are scaled down (GIF size grows with the pixel count).
     """
     recorder = InstanceRecorder(0)
-    result = refiner.refine(image, K, [instance], observer=recorder)[0]
+    result = refiner.refine(observation, [instance], observer=recorder)[0]
+    image, K = observation.image, observation.K
     model = refiner.registry[instance.class_id]
     frames = []
     for pose, weight, (outer, inner) in zip(recorder.poses, recorder.weights, recorder.steps, strict=True):

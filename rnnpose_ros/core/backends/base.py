@@ -1,14 +1,15 @@
 """The correspondence-backend interface shared by the classical and the learned refiners.
 
 The :class:`~rnnpose_ros.core.refiner.Refiner` owns the refinement loop and the pose solve; a backend
-only produces dense 3D–2D correspondences. The loop (spec §1.4–§1.5) is the same for every backend::
+only produces dense 3D–2D correspondences. The loop (docs/method.md §1.4–§1.5) is the same for every
+backend::
 
-    frame = backend.prepare_frame(image, K, models, T0)           # once per frame
+    frame = backend.prepare_frame(observation, models, T0)        # once per frame
     T = T0
     for r in range(config.outer_iterations):                       # render iterations
         view = backend.prepare_render(frame, T, r)                 # crop + render at T (+ per-render state)
         T_rel = I
-        for k in range(config.inner_steps):                        # inner steps
+        for k in range(config.inner_steps):                        # inner steps (core/loop.py)
             corr = backend.correspondences(frame, view, T_rel, k)  # target pixels + weights
             T_rel = solve_lm_step(T_rel, view.depth, view.K, corr.target, corr.weight, ...)
         T = T_rel · T
@@ -16,7 +17,7 @@ only produces dense 3D–2D correspondences. The loop (spec §1.4–§1.5) is th
 Where each backend's work lands:
 
 =================  ==========================================  ===========================================
-stage              classical (``classical.py``)                learned RNNPose (issue 5, spec §1)
+stage              classical (``classical.py``)                learned RNNPose (``learned.py``)
 =================  ==========================================  ===========================================
 prepare_objects    vertex subset for crop windows              KPConv pyramid, 3D features A (N×288)
 prepare_frame      image kept for cropping                     first 320 crop, K320, 2D descriptors D2
@@ -27,87 +28,28 @@ correspondences    the flow target (fixed per render);         induced flow from
 =================  ==========================================  ===========================================
 
 All tensors are batched over the B valid instances of one frame, in one pass per stage. ``view.depth``
-and ``view.K`` define the reference points X0 = depth·K⁻¹(u, v, 1) of the LM step (spec §2.10); the
-relative pose T_rel maps reference-camera points to the corrected camera, and since crops only
-change intrinsics, the absolute update is T ← T_rel·T in the original camera frame.
+and ``view.K`` define the reference points X0 = depth·K⁻¹(u, v, 1) of the LM step (docs/method.md
+§2.10); the relative pose T_rel maps reference-camera points to the corrected camera, and since crops
+only change intrinsics, the absolute update is T ← T_rel·T in the original camera frame.
+
+A backend is generic over its own frame and view types, so it reads its own state without downcasts;
+the refiner treats both as opaque.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from rnnpose_ros.core.backends import BackendError
+from rnnpose_ros.core.loop import Correspondences, RefinerConfig
 from rnnpose_ros.core.objects import ObjectModel
-from rnnpose_ros.core.solver import EP_LAMBDA, LM_LAMBDA, MAX_STEP, MIN_DEPTH
-
-
-class BackendError(ValueError):
-    """A backend cannot be created (unknown name, not implemented yet, missing weights)."""
-
-
-@dataclass
-class LMConfig:
-    """Options of :func:`rnnpose_ros.core.solver.solve_lm_step` used at every inner step.
-
-    Attributes:
-        num_iters: Gauss–Newton iterations per inner step on the same correspondences (published: 1).
-        robust: None (published), "huber" or "cauchy": IRLS kernel on the reprojection residual.
-        robust_scale: kernel scale, pixels of the crop.
-        ep_lambda: constant damping λ_ep (published 100).
-        lm_lambda: relative damping λ_lm (published 1e-4).
-        min_depth: correspondences need reference and moved depth above this, metres (published 0.1).
-        max_step: per-component clamp of one increment, metres / radians (published 1).
-        pose_dtype: dtype of the relative pose in the solve (published: float32).
-    """
-
-    num_iters: int = 1
-    robust: str | None = None
-    robust_scale: float = 2.0
-    ep_lambda: float = EP_LAMBDA
-    lm_lambda: float = LM_LAMBDA
-    min_depth: float = MIN_DEPTH
-    max_step: float = MAX_STEP
-    pose_dtype: torch.dtype = torch.float32
-
-
-@dataclass
-class BackendConfig:
-    """What every backend configuration provides to the refiner.
-
-    Attributes:
-        outer_iterations: render iterations (re-renders at the current pose).
-        inner_steps: correspondence + LM steps per render iteration.
-        lm: the pose-solve options.
-        published_conventions: reproduce the published implementation's quirks (spec §1.8); True only
-            where published checkpoints are used.
-        min_correspondences: an instance with fewer weighted correspondences in a render iteration
-            stops with status TOO_FEW_CORRESPONDENCES.
-        score_inlier_px: residual threshold (pixels of the final crop) of the score (see refiner).
-        max_translation_change: an instance whose translation moves by more than this many object
-            diameters from its initial pose is reported DIVERGED.
-        restart_below_score: an instance whose refinement ends with a score below this (or fails) is
-            refined again from rotation hypotheses, and the result with the best score is kept
-            (None: no restarts). It widens the rotation basin of a backend that is locally accurate.
-        restart_angle_deg, restart_hypotheses: the hypotheses turn the initial pose by this angle
-            about ``restart_hypotheses`` axes evenly spaced in the camera's x–y plane, through the
-            model centre (out-of-plane errors are the ones a silhouette aligns worst).
-    """
-
-    outer_iterations: int = 3
-    inner_steps: int = 4
-    lm: LMConfig = field(default_factory=LMConfig)
-    published_conventions: bool = False
-    min_correspondences: int = 30
-    score_inlier_px: float = 2.0
-    max_translation_change: float = 2.0
-    restart_below_score: float | None = None
-    restart_angle_deg: float = 25.0
-    restart_hypotheses: int = 4
+from rnnpose_ros.core.observation import Observation
 
 
 @dataclass
@@ -115,14 +57,12 @@ class FrameState:
     """Per-frame state a backend builds in :meth:`CorrespondenceBackend.prepare_frame`.
 
     Attributes:
-        image: (H, W, 3) uint8 RGB, the observed image.
-        K: (3, 3) float64 camera intrinsics of ``image``.
+        observation: the validated observation (uint8 RGB, float64 K).
         models: the B object models, one per instance (an object may appear several times).
     Backends subclass it to add their own per-frame tensors (e.g. the 320 crop and 2D descriptors).
     """
 
-    image: np.ndarray
-    K: np.ndarray
+    observation: Observation
     models: list[ObjectModel]
 
 
@@ -132,39 +72,81 @@ class RenderState:
 
     Attributes:
         K: (B, 3, 3) float32 intrinsics of the reference crop, on the refiner's device.
-        depth: (B, h, w) float32 rendered depth at the render pose, metres, 0 = background.
-        crop_scale: (B,) float32 crop pixels per image pixel (to report residuals in image pixels).
+        depth: (B, h, w) float32 rendered depth at the render pose, metres; background at or below
+            the solver's ``min_depth`` (0 classically, 1e-5 m in the learned backend, as published).
     Backends subclass it to add their own (rendered features, flow, correlation pyramid, GRU state).
     """
 
     K: Tensor
     depth: Tensor
-    crop_scale: Tensor
 
 
-@dataclass
-class Correspondences:
-    """Dense 3D–2D correspondences of one inner step, on the reference pixels of the render.
+CachedT = TypeVar("CachedT")
 
-    Attributes:
-        target: (B, h, w, 2) float32 target pixel x* of every reference pixel (crop pixels, x first).
-        weight: (B, h, w) float32 confidence in [0, 1]; 0 on background and rejected pixels.
+
+class ObjectCache(Generic[CachedT]):
+    """Per-object values built once, keyed by class id.
+
+    An entry belongs to the model object it was built from: when another model is registered under
+    the same class id (an object replaced at run time), the entry is built again.
     """
 
-    target: Tensor
-    weight: Tensor
+    def __init__(self, build: Callable[[ObjectModel], CachedT]) -> None:
+        self._build = build
+        self._entries: dict[str, tuple[ObjectModel, CachedT]] = {}
+
+    def prepare(self, models: Sequence[ObjectModel]) -> None:
+        """Build the entries of ``models`` that are missing or stale."""
+        for model in models:
+            entry = self._entries.get(model.class_id)
+            if entry is None or entry[0] is not model:
+                self._entries[model.class_id] = (model, self._build(model))
+
+    def __getitem__(self, model: ObjectModel) -> CachedT:
+        entry = self._entries.get(model.class_id)
+        if entry is None or entry[0] is not model:
+            raise KeyError(f"object {model.class_id!r} was not prepared (call prepare_objects first)")
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
-class CorrespondenceBackend(ABC):
+FrameT = TypeVar("FrameT", bound=FrameState)
+ViewT = TypeVar("ViewT", bound=RenderState)
+
+
+class CorrespondenceBackend(ABC, Generic[FrameT, ViewT]):
     """One correspondence stage of the refiner (see the module docstring for the call order).
 
-    A backend instance belongs to one Refiner: its per-object caches live on it (keyed by class id,
-    on the refiner's device). Every method is batched over the B instances of one frame.
+    A backend instance belongs to one Refiner: its per-object caches live on it (an
+    :class:`ObjectCache`, on the refiner's device). Every method is batched over the B instances of
+    one frame.
+
+    Args:
+        device: torch device of the batched tensors.
+        config: the backend's options (an instance of ``config_class``; None = its defaults).
+        renderer: a shared :class:`~rnnpose_ros.core.render.Renderer` (created on first use if None).
     """
 
-    name: str
-    config: BackendConfig
-    _renderer = None  # a shared Renderer given at construction, else created by :attr:`renderer`
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, device: torch.device | str, config: Any = None, renderer: Any = None) -> None:
+        if config is None:
+            config = self.config_class()
+        if not isinstance(config, self.config_class):
+            raise BackendError(
+                f"the {self.name} backend needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        self.device = torch.device(device)
+        self._renderer = renderer
+
+    @staticmethod
+    @abstractmethod
+    def default_loop() -> RefinerConfig:
+        """The loop policy this backend is tuned for (schedule, solver, restarts)."""
 
     @property
     def renderer(self):
@@ -175,29 +157,27 @@ class CorrespondenceBackend(ABC):
             self._renderer = Renderer()
         return self._renderer
 
-    def prepare_objects(self, models: Sequence[ObjectModel]) -> None:  # noqa: B027 (optional hook)
-        """Build per-object caches once (learned: 3D features); called before each frame's first use."""
+    @abstractmethod
+    def prepare_objects(self, models: Sequence[ObjectModel]) -> None:
+        """Build the per-object caches of ``models`` that are missing (learned: 3D features)."""
 
     @abstractmethod
-    def prepare_frame(
-        self, image: np.ndarray, K: np.ndarray, models: Sequence[ObjectModel], poses: Tensor
-    ) -> FrameState:
+    def prepare_frame(self, observation: Observation, models: Sequence[ObjectModel], poses: Tensor) -> FrameT:
         """Per-frame work shared by all render iterations.
 
         Args:
-            image: (H, W, 3) uint8 RGB, validated.
-            K: (3, 3) float64 intrinsics, validated.
-            models: B object models, one per instance.
+            observation: the validated observation.
+            models: B object models, one per instance, prepared by :meth:`prepare_objects`.
             poses: (B, 4, 4) float64 initial poses (model → camera, metres).
         """
 
     @abstractmethod
-    def prepare_render(self, frame: FrameState, poses: Tensor, iteration: int) -> RenderState:
+    def prepare_render(self, frame: FrameT, poses: Tensor, iteration: int) -> ViewT:
         """Crop and render at the current poses (B, 4, 4) float64; ``iteration`` counts from 0."""
 
     @abstractmethod
     def correspondences(
-        self, frame: FrameState, view: RenderState, relative_pose: Tensor, step: int
+        self, frame: FrameT, view: ViewT, relative_pose: Tensor, step: int
     ) -> Correspondences:
         """Correspondences for inner step ``step`` given the relative pose T_rel (B, 4, 4)
-        (dtype ``config.lm.pose_dtype``)."""
+        (dtype ``RefinerConfig.lm.pose_dtype``)."""

@@ -24,7 +24,7 @@ Per render iteration, for all B instances of a frame:
      without the order-2 terms (one directional light on depth-derived normals) pulled the matched
      silhouette inwards by ≈ 1 % of the object's size (+15–40 mm of depth on a 10 cm object at 0.8 m);
      this one by ≈ 0.2 %;
-   - ``"gray"``: the rendering composited over the observed crop, in grey levels (the prototype);
+   - ``"gray"``: the rendering composited over the observed crop, in grey levels;
    - ``"region+relit"``: both flows; the inner steps alternate between them (region, relit, region…),
      so the LM sees the silhouette and the object's interior texture (beak, eyes, shading);
 
@@ -41,7 +41,7 @@ constrained depth far off), 2 iterations of full 6-DoF region flow in that crop,
 224² crop with region and relit flows. Results scoring below 0.6 are refined again from four rotation
 hypotheses (``restart_below_score``, see :mod:`rnnpose_ros.core.refiner`).
 
-Why not plain grey-level flow (the prototype's choice): on photographs whose lighting differs from
+Why not plain grey-level flow: on photographs whose lighting differs from
 the rendering (the synthetic scenes vary light direction, strengths and colour gain, then blur and
 add noise), DIS on grey levels is biased by the contrast difference (mean-normalised patch matching
 pulls low-contrast edges), and the LM turns that bias into large depth errors; started at the ground
@@ -58,17 +58,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rnnpose_ros.core.backends import BackendError
 from rnnpose_ros.core.backends.base import (
-    BackendConfig,
-    BackendError,
     CorrespondenceBackend,
-    Correspondences,
     FrameState,
-    LMConfig,
+    ObjectCache,
     RenderState,
 )
+from rnnpose_ros.core.loop import Correspondences, RefinerConfig
 from rnnpose_ros.core.objects import ObjectModel
+from rnnpose_ros.core.observation import Observation
+from rnnpose_ros.core.pinhole import project_to_pixels
 from rnnpose_ros.core.render import Lighting
+from rnnpose_ros.core.solver import LMConfig
 
 # Vertices projected to place the crop window (a deterministic subset of big meshes is enough).
 MAX_WINDOW_VERTICES = 2000
@@ -105,23 +107,16 @@ def _default_stages() -> list[CropStage]:
     ]
 
 
-def _default_lm() -> LMConfig:
-    # Huber IRLS at 1 crop pixel down-weights flow outliers (occlusion, clutter of the same colour);
-    # float64 poses so that converged steps of < 0.1 mm are not lost to rounding; correspondences
-    # count from 2 cm depth on (the published 10 cm would ignore close objects).
-    return LMConfig(num_iters=1, robust="huber", robust_scale=1.0, min_depth=0.02, pose_dtype=torch.float64)
-
-
 def _flat_lighting() -> Lighting:
     # Albedo only: the photograph's lighting is unknown; "region" ignores colours, "relit" re-shades.
     return Lighting(ambient=1.0, diffuse=0.0, specular=0.0)
 
 
 @dataclass
-class ClassicalConfig(BackendConfig):
-    """Schedule and parameters of the classical backend.
+class ClassicalConfig:
+    """Options of the classical backend (its loop policy is :meth:`ClassicalBackend.default_loop`).
 
-    Attributes (besides :class:`BackendConfig`):
+    Attributes:
         stages: crop/flow schedule over the render iterations (sorted by ``start``).
         dis_finest_scale: finest DIS pyramid level (0 = full crop resolution).
         dis_patch_size, dis_patch_stride: DIS patch size / stride, pixels.
@@ -138,16 +133,6 @@ class ClassicalConfig(BackendConfig):
         lighting: renderer lighting (albedo only by default).
     """
 
-    outer_iterations: int = 12
-    inner_steps: int = 3
-    lm: LMConfig = field(default_factory=_default_lm)
-    # Out-of-plane rotation errors above ~25° are beyond the flow's basin; restarting weak results
-    # (score < 0.6, about a quarter of them at the default noise) from ±25° hypotheses recovers most.
-    # Measured on 80 scenes (seeds 80-159, 19 cm duck, default noise): recall 0.71 without restarts
-    # (0.9 s per instance), 0.86 with the 4 hypotheses (2.2 s), 0.90 with 8 (3.6 s). Probing the 4 for
-    # the 5 wide-crop iterations and finishing only the best one was 30 % faster but lost 4 points.
-    restart_below_score: float | None = 0.6
-    published_conventions: bool = False
     stages: list[CropStage] = field(default_factory=_default_stages)
     dis_finest_scale: int = 0
     dis_patch_size: int = 8
@@ -186,7 +171,6 @@ class CropBatch:
             composited over the observed crop.
         depth: (B, h, w) float32 rendered depth, metres, 0 = background; mask: (B, h, w) bool.
         normals: (B, h, w, 3) float32 camera-frame unit surface normals, 0 on background.
-        scale: (B,) float64 crop pixels per image pixel.
     """
 
     poses: np.ndarray
@@ -196,7 +180,6 @@ class CropBatch:
     depth: np.ndarray
     mask: np.ndarray
     normals: np.ndarray
-    scale: np.ndarray
 
 
 @dataclass
@@ -217,16 +200,17 @@ class ClassicalView(RenderState):
     alternates: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
-class ClassicalBackend(CorrespondenceBackend):
+class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
     """DIS optical flow between the rendering and the observed crop, forward–backward weights."""
 
     name = "classical"
+    config_class = ClassicalConfig
 
-    def __init__(self, device: torch.device, config: ClassicalConfig | None = None, renderer=None) -> None:
-        if config is None:
-            config = ClassicalConfig()
-        if not isinstance(config, ClassicalConfig):
-            raise BackendError(f"the classical backend needs a ClassicalConfig, got {type(config).__name__}")
+    def __init__(
+        self, device: torch.device | str, config: ClassicalConfig | None = None, renderer=None
+    ) -> None:
+        super().__init__(device, config, renderer)
+        config = self.config
         if not config.stages:
             raise BackendError("ClassicalConfig.stages must name at least one stage")
         for stage in config.stages:
@@ -234,10 +218,7 @@ class ClassicalBackend(CorrespondenceBackend):
                 raise BackendError(
                     f"stage {stage}: flow_input must be one of {FLOW_INPUTS} and motion one of {MOTIONS}"
                 )
-        self.config = config
-        self.device = torch.device(device)
-        self._renderer = renderer
-        self._window_vertices: dict[ObjectModel, np.ndarray] = {}  # per-object (M, 3) float64 subset
+        self._window_vertices = ObjectCache(_window_vertices)
         # DIS "medium" preset made explicit, at full crop resolution; mean normalisation of the
         # patches absorbs brightness offsets between the two images.
         self._flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
@@ -249,20 +230,32 @@ class ClassicalBackend(CorrespondenceBackend):
         self._flow.setUseMeanNormalization(True)
         self._flow.setUseSpatialPropagation(True)
 
+    @staticmethod
+    def default_loop() -> RefinerConfig:
+        """12 render iterations × 3 LM steps (three stages, see the module docstring), Huber IRLS at 1
+        crop pixel (flow outliers from occlusion or clutter of the same colour count less), float64
+        poses (converged steps below 0.1 mm are not lost to rounding), correspondences from 2 cm depth
+        on (the published 10 cm would ignore close objects), and restarts below score 0.6: out-of-plane
+        rotation errors above ≈ 25° are beyond the flow's basin, and restarting weak results from ±25°
+        hypotheses recovers most of them (README, evaluation)."""
+        return RefinerConfig(
+            outer_iterations=12,
+            inner_steps=3,
+            lm=LMConfig(
+                num_iters=1, robust="huber", robust_scale=1.0, min_depth=0.02, pose_dtype=torch.float64
+            ),
+            restart_below_score=0.6,
+        )
+
     def prepare_objects(self, models: Sequence[ObjectModel]) -> None:
-        for model in models:
-            if model not in self._window_vertices:
-                vertices = np.asarray(model.vertices, dtype=np.float64)
-                if len(vertices) > MAX_WINDOW_VERTICES:
-                    vertices = vertices[:: int(np.ceil(len(vertices) / MAX_WINDOW_VERTICES))]
-                self._window_vertices[model] = vertices
+        self._window_vertices.prepare(models)
 
     def prepare_frame(
-        self, image: np.ndarray, K: np.ndarray, models: Sequence[ObjectModel], poses: Tensor
+        self, observation: Observation, models: Sequence[ObjectModel], poses: Tensor
     ) -> ClassicalFrame:
-        return ClassicalFrame(image=image, K=np.asarray(K, dtype=np.float64), models=list(models))
+        return ClassicalFrame(observation=observation, models=list(models))
 
-    def prepare_render(self, frame: FrameState, poses: Tensor, iteration: int) -> ClassicalView:
+    def prepare_render(self, frame: ClassicalFrame, poses: Tensor, iteration: int) -> ClassicalView:
         stage = self.config.stage(iteration)
         # Host synchronisation: OpenCV flow and the OpenGL rasteriser work on host arrays.
         poses_np = poses.detach().cpu().numpy().astype(np.float64)
@@ -279,7 +272,6 @@ class ClassicalBackend(CorrespondenceBackend):
         return ClassicalView(
             K=as_tensor(crops.K.astype(np.float32)),
             depth=as_tensor(crops.depth.astype(np.float32)),
-            crop_scale=as_tensor(crops.scale.astype(np.float32)),
             target=as_tensor(target),
             weight=as_tensor(weight),
             crops=crops,
@@ -287,33 +279,31 @@ class ClassicalBackend(CorrespondenceBackend):
         )
 
     def correspondences(
-        self, frame: FrameState, view: RenderState, relative_pose: Tensor, step: int
+        self, frame: ClassicalFrame, view: ClassicalView, relative_pose: Tensor, step: int
     ) -> Correspondences:
         # The flow does not depend on the relative pose: the inner steps are IRLS iterations of the
         # solver's robust kernel on the same targets.
-        if not isinstance(view, ClassicalView):
-            raise BackendError(f"the classical backend got a {type(view).__name__} render state")
         choices = [(view.target, view.weight), *view.alternates]
         target, weight = choices[step % len(choices)]
         return Correspondences(target=target, weight=weight)
 
     # --- stages ----------------------------------------------------------------------------------------
 
-    def crop_windows(self, frame: FrameState, poses: np.ndarray, stage: CropStage) -> np.ndarray:
+    def crop_windows(self, frame: ClassicalFrame, poses: np.ndarray, stage: CropStage) -> np.ndarray:
         """Square windows around the projected models: (B, 3) float64 (x0, y0, side) in image pixels."""
         windows = np.empty((len(poses), 3))
-        K = frame.K
+        K = frame.observation.K
         for b, (model, pose) in enumerate(zip(frame.models, poses, strict=True)):
             cam = self._window_vertices[model] @ pose[:3, :3].T + pose[:3, 3]
-            z = np.maximum(cam[:, 2], 1e-3)  # a pose that drifted behind the camera still gets a window
-            pixels = np.clip(cam[:, :2] / z[:, None] * np.diag(K)[:2] + K[:2, 2], -1e5, 1e5)
+            # A pose that drifted behind the camera still gets a window.
+            pixels = np.clip(project_to_pixels(cam, K, min_depth=1e-3), -1e5, 1e5)
             lo, hi = pixels.min(0), pixels.max(0)
             side = max(float((hi - lo).max()) * (1.0 + 2.0 * stage.margin), MIN_WINDOW_PX)
             centre = (lo + hi) / 2.0
             windows[b] = (centre[0] - side / 2.0, centre[1] - side / 2.0, side)
         return windows
 
-    def render_crops(self, frame: FrameState, poses: np.ndarray, stage: CropStage) -> CropBatch:
+    def render_crops(self, frame: ClassicalFrame, poses: np.ndarray, stage: CropStage) -> CropBatch:
         """Crop the observed image, render at ``poses`` (B, 4, 4) and composite, for one stage."""
         size = stage.crop_size
         windows = self.crop_windows(frame, poses, stage)
@@ -325,9 +315,13 @@ class ClassicalBackend(CorrespondenceBackend):
             # integer coordinates on both sides), so fx' = s·fx and cx' = s·(cx − x0) − 0.5.
             s = size / side
             affine = np.array([[s, 0.0, -s * x0 - 0.5], [0.0, s, -s * y0 - 0.5]])
-            K_crop[b] = np.vstack((affine @ frame.K, (0.0, 0.0, 1.0)))
+            K_crop[b] = np.vstack((affine @ frame.observation.K, (0.0, 0.0, 1.0)))
             observed[b] = cv2.warpAffine(
-                frame.image, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+                frame.observation.image,
+                affine,
+                (size, size),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
             )
         render = self.renderer.render(
             frame.models, poses, K_crop, (size, size), lighting=self.config.lighting
@@ -343,7 +337,6 @@ class ClassicalBackend(CorrespondenceBackend):
             depth=render.depth,
             mask=mask,
             normals=self.renderer.surface_normals(frame.models, poses, render),
-            scale=size / windows[:, 2],
         )
 
     def flow_images(self, crops: CropBatch, b: int, flow_input: str) -> tuple[np.ndarray, np.ndarray]:
@@ -397,6 +390,14 @@ class ClassicalBackend(CorrespondenceBackend):
             weights[b] = np.where((fb_error <= config.fb_max_px) & inside & (mask > 0), weight, 0.0)
             targets[b] = target
         return targets, weights
+
+
+def _window_vertices(model: ObjectModel) -> np.ndarray:
+    """(M, 3) float64 model vertices that place the crop window (a deterministic subset of big meshes)."""
+    vertices = np.asarray(model.vertices, dtype=np.float64)
+    if len(vertices) > MAX_WINDOW_VERTICES:
+        vertices = vertices[:: int(np.ceil(len(vertices) / MAX_WINDOW_VERTICES))]
+    return vertices
 
 
 def _median_shift_targets(target: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -32,33 +32,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
+from rnnpose_ros.core.backends import BackendError
 from rnnpose_ros.core.backends.base import (
-    BackendConfig,
-    BackendError,
     CorrespondenceBackend,
-    Correspondences,
     FrameState,
+    ObjectCache,
     RenderState,
 )
 from rnnpose_ros.core.checkpoint import CheckpointError, load_checkpoint, mesh_fingerprint
 from rnnpose_ros.core.geometry import CropWindow, first_crop_window, sample_crop, zoom_crop_window
+from rnnpose_ros.core.loop import Correspondences, RefinerConfig
 from rnnpose_ros.core.model import CONTEXT_DIM, DESCRIPTOR_DIM, RNNPoseNet
 from rnnpose_ros.core.nets.kpconv_pyramid import build_point_pyramid
 from rnnpose_ros.core.objects import ObjectModel
+from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.recurrent import (
-    DEPTH_EPSILON,
     RecurrentState,
     RenderedReference,
     predict_correspondences,
+    solver_depth,
     start_render_iteration,
 )
 from rnnpose_ros.core.render import interpolate_vertex_attributes, nearest_vertex_depth
+from rnnpose_ros.core.solver import LMConfig
 
 #: Largest vertex cloud fed to the KPConv nets (the published data loader's ``max_points``).
 MAX_CLOUD_POINTS = 20000
@@ -67,8 +70,9 @@ FEATURE_NEIGHBOURS = 3
 
 
 @dataclass
-class LearnedConfig(BackendConfig):
-    """RNNPose schedule and options (published defaults: 3 renders × 4 recurrent steps).
+class LearnedConfig:
+    """RNNPose options (its loop policy, 3 renders × 4 recurrent steps as published, is
+    :meth:`LearnedBackend.default_loop`).
 
     Attributes:
         weights: class_id → weight file, overriding the registry's ``weights`` entries.
@@ -81,8 +85,6 @@ class LearnedConfig(BackendConfig):
         max_cloud_points: vertex count above which the feature cloud is decoupled from the mesh.
     """
 
-    outer_iterations: int = 3
-    inner_steps: int = 4
     published_conventions: bool = True
     weights: dict[str, Path] = field(default_factory=dict)
     first_crop_size: int = 320
@@ -113,40 +115,54 @@ class ObjectFeatures:
 
 @dataclass
 class LearnedFrame(FrameState):
-    """Per-frame tensors: first crop window, its RGB and 2D descriptors, weights groups."""
+    """Per-frame tensors.
 
-    window: CropWindow | None = None
-    crop_rgb: Tensor | None = None  # (B, 3, S, S) float32 in [0, 1]
-    crop_descriptors: Tensor | None = None  # (B, 32, S, S) float32
-    groups: list[tuple[RNNPoseNet, Tensor]] = field(default_factory=list)  # (net, instance indices)
-    vertices: Tensor | None = None  # (B, Nmax, 3) float32, padded
-    vertex_mask: Tensor | None = None  # (B, Nmax) bool
+    Attributes (besides :class:`FrameState`):
+        features: the B instances' object caches.
+        window: the first crop window of every instance.
+        crop_rgb: (B, 3, S, S) float32 first crop in [0, 1].
+        crop_descriptors: (B, 32, S, S) float32 2D descriptors of the first crop.
+        groups: (net, (G,) int64 instance indices) per weights group, in first-appearance order.
+        vertices: (B, Nmax, 3) float32 render vertices, zero-padded; vertex_mask: (B, Nmax) bool.
+    """
+
+    features: list[ObjectFeatures]
+    window: CropWindow
+    crop_rgb: Tensor
+    crop_descriptors: Tensor
+    groups: list[tuple[RNNPoseNet, Tensor]]
+    vertices: Tensor
+    vertex_mask: Tensor
 
 
 @dataclass
 class LearnedView(RenderState):
-    """Per-render-iteration state: the rendered reference and the recurrent state per group."""
+    """Per-render-iteration state: the rendered reference, its zoom crop window, and the recurrent
+    state of each weights group (same order as ``LearnedFrame.groups``)."""
 
-    reference: RenderedReference | None = None
-    states: list[RecurrentState] = field(default_factory=list)
-    window: CropWindow | None = None
+    reference: RenderedReference
+    window: CropWindow
+    states: list[RecurrentState]
 
 
-class LearnedBackend(CorrespondenceBackend):
+class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
     """RNNPose: GRU correspondence fields weighted by 3D–2D descriptor agreement."""
 
     name = "rnnpose"
+    config_class = LearnedConfig
 
-    def __init__(self, device: torch.device, config: LearnedConfig | None = None, renderer=None) -> None:
-        if config is None:
-            config = LearnedConfig()
-        if not isinstance(config, LearnedConfig):
-            raise BackendError(f"the rnnpose backend needs a LearnedConfig, got {type(config).__name__}")
-        self.config = config
-        self.device = torch.device(device)
-        self._renderer = renderer
+    def __init__(
+        self, device: torch.device | str, config: LearnedConfig | None = None, renderer=None
+    ) -> None:
+        super().__init__(device, config, renderer)
         self._nets: dict[Path, tuple[RNNPoseNet, dict]] = {}  # weight file → (net, per-object metadata)
-        self._objects: dict[int, ObjectFeatures] = {}  # id(model) → features
+        self._objects = ObjectCache(self.object_features)
+
+    @staticmethod
+    def default_loop() -> RefinerConfig:
+        """As published: 3 render iterations × 4 recurrent steps, the published LM constants, no
+        restarts."""
+        return RefinerConfig(outer_iterations=3, inner_steps=4, lm=LMConfig())
 
     @property
     def mixed_precision(self) -> bool:
@@ -175,9 +191,7 @@ class LearnedBackend(CorrespondenceBackend):
         return self._nets[path]
 
     def prepare_objects(self, models: Sequence[ObjectModel]) -> None:
-        for model in models:
-            if id(model) not in self._objects:
-                self._objects[id(model)] = self.object_features(model)
+        self._objects.prepare(models)
 
     @torch.no_grad()
     def object_features(self, model: ObjectModel) -> ObjectFeatures:
@@ -216,10 +230,11 @@ class LearnedBackend(CorrespondenceBackend):
 
     @torch.no_grad()
     def prepare_frame(
-        self, image: np.ndarray, K: np.ndarray, models: Sequence[ObjectModel], poses: Tensor
+        self, observation: Observation, models: Sequence[ObjectModel], poses: Tensor
     ) -> LearnedFrame:
         config = self.config
-        features = [self._objects[id(m)] for m in models]
+        image, K = observation.image, observation.K
+        features = [self._objects[m] for m in models]
         vertices, vertex_mask = _pad_clouds([f.vertices for f in features])
         batch = len(models)
         image_t = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
@@ -240,9 +255,9 @@ class LearnedBackend(CorrespondenceBackend):
         for net, index in groups:
             crop_descriptors[index] = net.desc2d(crop_rgb[index]).descriptors
         return LearnedFrame(
-            image=image,
-            K=np.asarray(K, dtype=np.float64),
+            observation=observation,
             models=list(models),
+            features=features,
             window=window,
             crop_rgb=crop_rgb,
             crop_descriptors=crop_descriptors,
@@ -254,58 +269,26 @@ class LearnedBackend(CorrespondenceBackend):
     # --- once per render iteration -----------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare_render(self, frame: FrameState, poses: Tensor, iteration: int) -> LearnedView:
-        assert isinstance(frame, LearnedFrame)
+    def prepare_render(self, frame: LearnedFrame, poses: Tensor, iteration: int) -> LearnedView:
         config = self.config
-        size = config.zoom_crop_size
-        render_poses = poses.float()
         window = zoom_crop_window(
             frame.vertices,
-            render_poses,
+            poses.float(),
             frame.window.K,
             tuple(frame.crop_rgb.shape[-2:]),
-            size=size,
+            size=config.zoom_crop_size,
             vertex_mask=frame.vertex_mask,
             published_conventions=config.published_conventions,
         )
-        observed_rgb = sample_crop(frame.crop_rgb, window)
-        observed_descriptors = sample_crop(frame.crop_descriptors, window)
-        # The rasteriser runs on the host: the one synchronisation point of a render iteration.
-        rendered = self.renderer.render(
-            frame.models, poses.detach().cpu().numpy(), window.K.detach().cpu().numpy(), (size, size)
-        )
-        features = [self._objects[id(m)] for m in frame.models]
-        attributes = torch.cat(
-            [
-                interpolate_vertex_attributes(
-                    rendered.face_index[b : b + 1], rendered.barycentric[b : b + 1], f.faces, f.attributes
-                )
-                for b, f in enumerate(features)
-            ]
-        )
-        if config.interpolated_depth:
-            depth = torch.from_numpy(rendered.depth).to(self.device)
-        else:
-            depth = torch.cat(
-                [
-                    nearest_vertex_depth(
-                        rendered.face_index[b : b + 1],
-                        rendered.barycentric[b : b + 1],
-                        f.faces,
-                        f.vertices,
-                        poses[b : b + 1],
-                    )
-                    for b, f in enumerate(features)
-                ]
-            )
-        reference = RenderedReference(
-            rgb=torch.from_numpy(rendered.rgb).to(self.device).permute(0, 3, 1, 2),
-            context=attributes[:, :CONTEXT_DIM],
-            descriptors=attributes[:, CONTEXT_DIM:],
-            depth=depth,
-            observed_rgb=observed_rgb,
-            observed_descriptors=observed_descriptors,
-            K=window.K,
+        reference = render_reference(
+            self.renderer,
+            frame.models,
+            frame.features,
+            poses,
+            window,
+            sample_crop(frame.crop_rgb, window),
+            sample_crop(frame.crop_descriptors, window),
+            interpolated_depth=config.interpolated_depth,
         )
         states = [
             start_render_iteration(
@@ -313,24 +296,16 @@ class LearnedBackend(CorrespondenceBackend):
             )
             for net, index in frame.groups
         ]
-        crop_scale = (config.first_crop_size / frame.window.side) * (size / window.side)
         return LearnedView(
-            K=window.K,
-            # The published solver lifts depth + ε (background 1e-5 m stays below min_depth).
-            depth=depth + DEPTH_EPSILON,
-            crop_scale=crop_scale.float(),
-            reference=reference,
-            states=states,
-            window=window,
+            K=window.K, depth=solver_depth(reference.depth), reference=reference, window=window, states=states
         )
 
     # --- per inner step ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def correspondences(
-        self, frame: FrameState, view: RenderState, relative_pose: Tensor, step: int
+        self, frame: LearnedFrame, view: LearnedView, relative_pose: Tensor, step: int
     ) -> Correspondences:
-        assert isinstance(frame, LearnedFrame) and isinstance(view, LearnedView)
         batch, height, width = view.depth.shape
         target = view.depth.new_zeros(batch, height, width, 2)
         weight = view.depth.new_zeros(batch, height, width)
@@ -345,6 +320,69 @@ class LearnedBackend(CorrespondenceBackend):
             target[index] = predicted.target
             weight[index] = predicted.weight
         return Correspondences(target=target, weight=weight)
+
+
+def render_reference(
+    renderer: Any,
+    models: Sequence[ObjectModel],
+    features: Sequence[ObjectFeatures],
+    poses: Tensor,
+    window: CropWindow,
+    observed_rgb: Tensor,
+    observed_descriptors: Tensor,
+    interpolated_depth: bool = False,
+) -> RenderedReference:
+    """Render the B instances at ``poses`` in the zoom crop ``window`` and pair them with the observed
+    crop (docs/method.md §1.4). Differentiable with respect to the per-vertex attributes in
+    ``features`` (training calls it with gradients on; the refiner under ``no_grad``).
+
+    Args:
+        renderer: a :class:`~rnnpose_ros.core.render.Renderer` (rasterises on the host).
+        models, features: the B object models and their caches.
+        poses: (B, 4, 4) render poses, model → camera, metres.
+        window: the zoom crop windows (``window.K``: (B, 3, 3) crop intrinsics, ``window.side``).
+        observed_rgb: (B, 3, S, S) float32 observed zoom crop in [0, 1].
+        observed_descriptors: (B, 32, S, S) float32 observed 2D descriptors on the same crop.
+        interpolated_depth: interpolated z-buffer depth instead of the published nearest-vertex depth.
+    """
+    size = observed_rgb.shape[-1]
+    device = observed_rgb.device
+    # The rasteriser runs on the host: the one synchronisation point of a render iteration.
+    rendered = renderer.render(
+        list(models), poses.detach().cpu().numpy(), window.K.detach().cpu().numpy(), (size, size)
+    )
+    attributes = torch.cat(
+        [
+            interpolate_vertex_attributes(
+                rendered.face_index[b : b + 1], rendered.barycentric[b : b + 1], f.faces, f.attributes
+            )
+            for b, f in enumerate(features)
+        ]
+    )
+    if interpolated_depth:
+        depth = torch.from_numpy(rendered.depth).to(device)
+    else:
+        depth = torch.cat(
+            [
+                nearest_vertex_depth(
+                    rendered.face_index[b : b + 1],
+                    rendered.barycentric[b : b + 1],
+                    f.faces,
+                    f.vertices,
+                    poses[b : b + 1],
+                )
+                for b, f in enumerate(features)
+            ]
+        )
+    return RenderedReference(
+        rgb=torch.from_numpy(rendered.rgb).to(device).permute(0, 3, 1, 2),
+        context=attributes[:, :CONTEXT_DIM],
+        descriptors=attributes[:, CONTEXT_DIM:],
+        depth=depth,
+        observed_rgb=observed_rgb,
+        observed_descriptors=observed_descriptors,
+        K=window.K,
+    )
 
 
 def _pad_clouds(clouds: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

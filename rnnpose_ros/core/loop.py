@@ -1,0 +1,126 @@
+"""The render-and-compare loop shared by every backend: its policy and one render iteration.
+
+Per render iteration the reference (depth ``view.depth`` in a crop with intrinsics ``view.K``) is
+rendered at the current pose; each inner step asks for dense correspondences given the relative pose
+T_rel and solves one damped Gauss–Newton step (:func:`~rnnpose_ros.core.solver.solve_lm_step`)::
+
+    T_rel = I
+    for k in range(inner_steps):
+        corr = correspond(T_rel, k)              # target pixel x* and weight w per reference pixel
+        T_rel = solve_lm_step(T_rel, depth, K, corr.target, corr.weight, ...)
+
+:func:`run_render_iteration` is that loop, used by the refiner (all backends), by the parity check
+against the published implementation, and by training. The outer loop (re-rendering), divergence,
+restarts and the score are the refiner's (:mod:`rnnpose_ros.core.refiner`), configured by
+:class:`RefinerConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from torch import Tensor
+
+from rnnpose_ros.core.solver import LMConfig, LMStep, solve_lm_step
+
+
+@dataclass
+class RefinerConfig:
+    """The refiner's loop policy (each backend has its own default, see ``default_loop``).
+
+    Attributes:
+        outer_iterations: render iterations (re-renders at the current pose).
+        inner_steps: correspondence + LM steps per render iteration.
+        lm: the pose-solve options.
+        min_correspondences: an instance with fewer weighted correspondences in an inner step stops
+            with status TOO_FEW_CORRESPONDENCES.
+        score_inlier_px: residual threshold (pixels of the final crop) of the score (see refiner).
+        max_translation_change: an instance whose translation moves by more than this many object
+            diameters from its initial pose is reported DIVERGED.
+        restart_below_score: an instance whose refinement ends with a score below this (or fails) is
+            refined again from rotation hypotheses, and the result with the best score is kept
+            (None: no restarts). It widens the rotation basin of a backend that is locally accurate.
+        restart_angle_deg, restart_hypotheses: the hypotheses turn the initial pose by this angle
+            about ``restart_hypotheses`` axes evenly spaced in the camera's x–y plane, through the
+            model centre (out-of-plane errors are the ones a silhouette aligns worst).
+    """
+
+    outer_iterations: int = 3
+    inner_steps: int = 4
+    lm: LMConfig = field(default_factory=LMConfig)
+    min_correspondences: int = 30
+    score_inlier_px: float = 2.0
+    max_translation_change: float = 2.0
+    restart_below_score: float | None = None
+    restart_angle_deg: float = 25.0
+    restart_hypotheses: int = 4
+
+
+@dataclass
+class Correspondences:
+    """Dense 3D–2D correspondences of one inner step, on the reference pixels of the render.
+
+    Attributes:
+        target: (B, h, w, 2) float32 target pixel x* of every reference pixel (crop pixels, x first).
+        weight: (B, h, w) float32 confidence in [0, 1]; 0 on background and rejected pixels.
+    """
+
+    target: Tensor
+    weight: Tensor
+
+
+CorrespondencesT = TypeVar("CorrespondencesT", bound=Correspondences)
+
+
+@dataclass
+class InnerStep(Generic[CorrespondencesT]):
+    """One inner step: the relative pose it started from, its correspondences and the LM solve.
+
+    Attributes:
+        index: inner step within the render iteration (from 0).
+        pose_in: (B, 4, 4) relative pose T_rel before the step (detached from earlier steps).
+        correspondences: what ``correspond`` returned for it.
+        solve: the LM step; ``solve.pose`` is T_rel after the step.
+    """
+
+    index: int
+    pose_in: Tensor
+    correspondences: CorrespondencesT
+    solve: LMStep
+
+
+def run_render_iteration(
+    correspond: Callable[[Tensor, int], CorrespondencesT],
+    depth: Tensor,
+    K: Tensor,
+    relative: Tensor,
+    steps: int,
+    lm: LMConfig,
+) -> Iterator[InnerStep[CorrespondencesT]]:
+    """The inner steps of one render iteration, one :class:`InnerStep` at a time.
+
+    Args:
+        correspond: (T_rel (B, 4, 4), step index) -> correspondences on the reference pixels.
+        depth: (B, h, w) reference depth of the render, metres (background ≤ ``lm.min_depth``).
+        K: (B, 3, 3) intrinsics of the reference crop.
+        relative: (B, 4, 4) relative pose at the start (identity in the refiner), dtype
+            ``lm.pose_dtype``.
+        steps: number of inner steps.
+        lm: the solve options.
+
+    Yields:
+        One :class:`InnerStep` per inner step. The pose is detached before every step, so gradients
+        flow through each step's correspondences and solve but not from one step into the next (the
+        published gradient truncation). A caller may change what ``correspond`` returns between
+        steps (the refiner zeroes the weights of instances that failed).
+    """
+    for k in range(steps):
+        relative = relative.detach()
+        correspondences = correspond(relative, k)
+        solve = solve_lm_step(
+            relative, depth, K, correspondences.target, correspondences.weight, **lm.solver_options()
+        )
+        yield InnerStep(k, relative, correspondences, solve)
+        relative = solve.pose
