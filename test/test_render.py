@@ -14,7 +14,6 @@ from rnnpose_ros.core.render import (
     Renderer,
     interpolate_vertex_attributes,
     nearest_vertex_depth,
-    project_vertex_mask,
 )
 
 
@@ -185,17 +184,6 @@ def test_camera_inside_object_is_valid(renderer, box):
     assert not bad.mask.any()
 
 
-def test_vertex_mask_matches_projection(box):
-    T = pose(t=(0.0, 0.0, 0.5))
-    K = intrinsics(cx=120, cy=100)
-    mask = project_vertex_mask(box.vertices, T[None], K, (200, 240))
-    uv = K @ (box.vertices.T.astype(np.float64) + T[:3, 3:4])
-    uv = np.round(uv[:2] / uv[2]).astype(int)
-    expected = np.zeros((200, 240), dtype=bool)
-    expected[uv[1], uv[0]] = True
-    np.testing.assert_array_equal(mask[0].numpy(), expected)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("pybullet_data") is None, reason="pybullet_data not installed")
 def test_textured_duck_renders_colour(renderer):
     from rnnpose_ros.core.objects import load_pybullet_object
@@ -257,9 +245,3 @@ def test_interpolate_many_channels_and_released_models(renderer):
     assert renderer.render(
         [model_from_trimesh(trimesh.creation.box(), "b")], pose(t=(0, 0, 3.0)), intrinsics(), (40, 40)
     ).mask.any()
-
-
-def test_to_torch(renderer, box):
-    out = renderer.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80)).to_torch()
-    assert out["rgb"].shape == (1, 3, 60, 80) and out["face_index"].dtype == torch.int64
-    assert out["depth"].shape == (1, 60, 80) and out["barycentric"].shape == (1, 60, 80, 3)

@@ -1,6 +1,6 @@
 """Rigid-body geometry and pinhole camera helpers (batched torch, any device).
 
-Conventions (spec §1.7): poses are 4×4 model→camera matrices (OpenCV camera: x right, y down,
+Conventions (docs/method.md §1.7): poses are 4×4 model→camera matrices (OpenCV camera: x right, y down,
 z forward), metres. Twists are δ = (v_x, v_y, v_z, ω_x, ω_y, ω_z), translation first, and updates
 multiply on the left: T ← exp(δ^)·T. Pixel (x = column, y = row) has the integer coordinate (x, y).
 
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Below this rotation angle the exp/log coefficients use their Taylor series (spec §2.10).
+# Below this rotation angle the exp/log coefficients use their Taylor series (docs/method.md §2.10).
 SE3_TAYLOR_THRESHOLD = 1e-4
-# Default minimum depth of the projection (spec §1.7): Z is clamped to at least this, metres.
+# Default minimum depth of the projection (docs/method.md §1.7): Z is clamped to at least this, metres.
 PROJECTION_MIN_DEPTH = 0.01
 
 
@@ -188,7 +188,7 @@ def project_points(points: Tensor, K: Tensor, min_depth: float = PROJECTION_MIN_
     Args:
         points: (..., N, 3) camera-frame points, metres.
         K: (..., 3, 3) intrinsics (broadcast against the leading dims of ``points``).
-        min_depth: lower clamp of Z, metres (spec §1.7: 0.01). Points behind the camera therefore
+        min_depth: lower clamp of Z, metres (docs/method.md §1.7: 0.01). Points behind the camera therefore
             project to finite but meaningless pixels; callers mask them with Z themselves.
 
     Returns:
@@ -235,7 +235,7 @@ def backproject_depth(depth: Tensor, K: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Crop windows (spec §1.3 first crop, §1.4 zoom crop)
+# Crop windows (docs/method.md §1.3 first crop, §1.4 zoom crop)
 # ---------------------------------------------------------------------------------------------
 
 FIRST_CROP_SIZE = 320
@@ -270,7 +270,7 @@ class CropWindow:
             the first crop (integer x0, y0), c − S/2 for the zoom crop (published convention).
         side: (B,) window side in source pixels (L of §1.3, S of §1.4).
         K: (B, 3, 3) intrinsics of the crop. With ``published_conventions`` these are the
-            published formulas, which disagree with the sampling by up to a pixel (spec §1.8).
+            published formulas, which disagree with the sampling by up to a pixel (docs/method.md §1.8).
         status: (B,) int64 :class:`CropStatus` codes; windows of invalid instances are finite.
         size: output side, pixels.
         source_size: (H, W) of the source image.
@@ -307,7 +307,7 @@ class CropWindow:
 def _vertex_mask_bbox(
     vertices: Tensor, poses: Tensor, K: Tensor, image_size: tuple[int, int], vertex_mask: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Bounding box of the sparse vertex mask (spec §1.3.1): projected vertices with positive depth,
+    """Bounding box of the sparse vertex mask (docs/method.md §1.3.1): projected vertices with positive depth,
     rounded to pixels and clamped into the image.
 
     Returns:
@@ -357,7 +357,7 @@ def first_crop_window(
     vertex_mask: Tensor | None = None,
     published_conventions: bool = False,
 ) -> CropWindow:
-    """First square crop around each instance (spec §1.3), computed on the device.
+    """First square crop around each instance (docs/method.md §1.3), computed on the device.
 
     Sparse vertex mask → bbox (x, y, w, h) with w, h the inclusive pixel extents → centre
     c = (x + w/2, y + h/2) → side L = ⌊max(w, h)·(1 + 2·margin_ratio)⌋ → top-left
@@ -412,7 +412,7 @@ def zoom_crop_window(
     vertex_mask: Tensor | None = None,
     published_conventions: bool = False,
 ) -> CropWindow:
-    """Zoom crop inside the first crop (spec §1.4.2), recomputed at every render iteration.
+    """Zoom crop inside the first crop (docs/method.md §1.4.2), recomputed at every render iteration.
 
     Centre c = projection of the model origin (K·t)/t_z; half-extent h = largest distance from c
     to the four edges of the sparse-vertex-mask bbox (edges x and x + w); side S = 2·h·(1 + margin).
@@ -421,7 +421,7 @@ def zoom_crop_window(
 
     Intrinsics: published K = A⁻¹·K_src with output pixels 0 and size−1 on the window edges, i.e.
     fx' = fx·(size − 1)/S, cx' = (cx − c_x + S/2)·(size − 1)/S (inconsistent with the sampling by
-    up to 0.5 px and a size/(size−1) scale, spec §1.8); default fx' = fx·size/S,
+    up to 0.5 px and a size/(size−1) scale, docs/method.md §1.8); default fx' = fx·size/S,
     cx' = (cx − c_x + S/2 + 0.5)·size/S − 0.5, consistent with it.
 
     Args:

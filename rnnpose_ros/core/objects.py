@@ -11,7 +11,7 @@ YAML schema::
 
 Vertex order: the model's vertex set is the vertex array exactly as trimesh loads the file (without
 merging or reordering). A textured OBJ is split on UV seams, so a 3D position may appear several times
-with different UVs; the faces index this array, and per-vertex features (spec §1.1, §6.7) must be
+with different UVs; the faces index this array, and per-vertex features (docs/method.md §1.1, §6.7) must be
 defined on this same array so that they can be rendered through the faces.
 """
 

@@ -1,4 +1,4 @@
-"""The RNNPose recurrent correspondence stage of one render iteration (spec §1.4.4–§1.5).
+"""The RNNPose recurrent correspondence stage of one render iteration (docs/method.md §1.4.4–§1.5).
 
 Per render iteration (reference rendered at the current pose Ti, in the zoom crop):
 :func:`start_render_iteration` encodes the rendered and observed crops (RAFT encoder), builds the

@@ -11,10 +11,12 @@ threads and slows both down badly on a shared machine):
 - barycentrics and depth by intersecting each pixel's ray with its triangle (exact, perspective
   correct, metric camera z);
 - RGB by interpolating UVs and sampling the texture bilinearly (or interpolating vertex colours), lit
-  with the Phong model of spec §2.9: ``albedo·(ambient + diffuse·max(0, n·l)) + specular·max(0, r·v)^s``
-  with interpolated vertex normals and one point light fixed in the object frame (defaults: ambient 0.5,
-  diffuse 0.3, specular 0.2, shininess 0, light at (1, 1, −1) m). With shininess 0 the specular term is
-  the constant 0.2 wherever the light reaches (``0^0 = 1``), as in the published renderer.
+  with the Phong model of docs/method.md §2.9:
+  ``albedo·(ambient + diffuse·max(0, n·l)) + specular·max(0, r·v)^s`` with interpolated vertex
+  normals and one point light fixed in the object frame (defaults: ambient 0.5, diffuse 0.3, specular
+  0.2, shininess 0, light at (1, 1, −1) m). With shininess 0 the specular term is the constant 0.2 on
+  every object pixel (``0^0 = 1``, even where the surface faces away from the light), as in the
+  published renderer.
 
 pyrender's own draw pass is not used because it always multisamples colour, which blends face ids at
 triangle edges. Meshes are uploaded once per model (cached by object identity).
@@ -61,7 +63,7 @@ class RenderError(RuntimeError):
 
 @dataclass(frozen=True)
 class Lighting:
-    """Phong parameters; the light position is in the object frame (metres), as in spec §2.9."""
+    """Phong parameters; the light position is in the object frame (metres), as in docs/method.md §2.9."""
 
     ambient: float = 0.5
     diffuse: float = 0.3
@@ -88,16 +90,6 @@ class RenderOutput:
     mask: np.ndarray
     face_index: np.ndarray
     barycentric: np.ndarray
-
-    def to_torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """The same fields as torch tensors on ``device`` (rgb as (B, 3, H, W), NCHW like the networks)."""
-        return {
-            "rgb": torch.from_numpy(self.rgb).to(device).permute(0, 3, 1, 2).contiguous(),
-            "depth": torch.from_numpy(self.depth).to(device),
-            "mask": torch.from_numpy(self.mask).to(device),
-            "face_index": torch.from_numpy(self.face_index).to(device),
-            "barycentric": torch.from_numpy(self.barycentric).to(device),
-        }
 
 
 @dataclass
@@ -558,7 +550,8 @@ def nearest_vertex_depth(
     vertices: torch.Tensor | np.ndarray,
     poses: torch.Tensor | np.ndarray,
 ) -> torch.Tensor:
-    """Published depth (spec §1.4.3): camera z of the face vertex with the largest barycentric weight.
+    """Published depth (docs/method.md §1.4.3): camera z of the face vertex with the largest
+    barycentric weight.
 
     Args:
         face_index: (B, H, W) int64, -1 on background; barycentric: (B, H, W, 3).
@@ -584,32 +577,3 @@ def nearest_vertex_depth(
         z = verts[vertex] @ poses[b, 2, :3] + poses[b, 2, 3]
         out[b, fg] = z.float()
     return out.reshape(batch, height, width)
-
-
-def project_vertex_mask(
-    vertices: torch.Tensor | np.ndarray,
-    poses: torch.Tensor | np.ndarray,
-    K: torch.Tensor | np.ndarray,
-    size: tuple[int, int],
-    min_depth: float = 0.01,
-) -> torch.Tensor:
-    """Sparse vertex mask (spec §2.9 "crop mask"): projected vertices rounded to the nearest pixel.
-
-    Args: vertices (N, 3) metres; poses (B, 4, 4); K (B, 3, 3) or (3, 3); size (H, W).
-    Returns: (B, H, W) bool on the device of ``vertices``; vertices with z < min_depth are ignored.
-    """
-    vertices = torch.as_tensor(vertices).to(torch.float64)
-    device = vertices.device
-    poses = torch.as_tensor(poses, device=device, dtype=torch.float64).reshape(-1, 4, 4)
-    K = torch.as_tensor(K, device=device, dtype=torch.float64).reshape(-1, 3, 3).expand(poses.shape[0], 3, 3)
-    height, width = size
-    cam = vertices @ poses[:, :3, :3].transpose(1, 2) + poses[:, None, :3, 3]  # (B, N, 3)
-    z = cam[..., 2]
-    pix = cam @ K.transpose(1, 2)
-    u = torch.round(pix[..., 0] / z.clamp(min=min_depth))
-    v = torch.round(pix[..., 1] / z.clamp(min=min_depth))
-    ok = (z >= min_depth) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
-    mask = torch.zeros(poses.shape[0], height * width, dtype=torch.bool, device=device)
-    b_idx = torch.arange(poses.shape[0], device=device)[:, None].expand_as(u)
-    mask[b_idx[ok], (v[ok] * width + u[ok]).long()] = True
-    return mask.reshape(-1, height, width)

@@ -1,6 +1,6 @@
 """Weighted, damped Gauss–Newton / Levenberg–Marquardt pose step on dense 3D–2D correspondences.
 
-Implements spec §2.10 exactly (the published ``reprojction_optim`` behaviour, checked against the
+Implements docs/method.md §2.10 exactly (the published ``reprojction_optim`` behaviour, checked against the
 golden ``lm_step.pt``), batched over B instances and differentiable through ``torch.linalg``:
 
 - X0 = depth·K⁻¹(x, y, 1) at integer pixels, X1 = T·X0, x1 = π(K, X1) with Z clamped to ≥ 0.01 m;
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rnnpose_ros.core.geometry import backproject_depth, se3_exp, skew
 
-# Published constants (spec §2.10, §1.7).
+# Published constants (docs/method.md §2.10, §1.7).
 EP_LAMBDA = 100.0
 LM_LAMBDA = 1e-4
 MIN_DEPTH = 0.1
@@ -151,7 +151,7 @@ def solve_lm_step(
     robust: str | None = None,
     robust_scale: float = 2.0,
 ) -> LMStep:
-    """Run ``num_iters`` damped Gauss–Newton steps on T (spec §2.10), batched over instances.
+    """Run ``num_iters`` damped Gauss–Newton steps on T (docs/method.md §2.10), batched over instances.
 
     Args:
         T: (B, 4, 4) pose taking reference-camera points to the target camera (float32 in the

@@ -1,14 +1,14 @@
-"""Learned RNNPose correspondence backend (spec §1): the product's refinement stage.
+"""Learned RNNPose correspondence backend (docs/method.md §1): the product's refinement stage.
 
 Once per object (:meth:`LearnedBackend.prepare_objects`): load its weight file strictly, build
 the KPConv point pyramid of its vertex cloud, run the descriptor and context nets, and keep the
 per-vertex attribute A = [context (256) ‖ descriptor (32)] on the device.
 
 Once per frame (:meth:`~LearnedBackend.prepare_frame`): the first 320×320 crop around each
-instance (spec §1.3) and its 2D descriptors.
+instance (docs/method.md §1.3) and its 2D descriptors.
 
 Once per render iteration (:meth:`~LearnedBackend.prepare_render`): the 240×240 zoom crop of the
-first crop and of its descriptors (spec §1.4), a render at the current pose with the crop's
+first crop and of its descriptors (docs/method.md §1.4), a render at the current pose with the crop's
 intrinsics (RGB, per-pixel surface lookup → A interpolated in torch, nearest-vertex depth as
 published), RAFT features, correlation pyramid and GRU state (:mod:`rnnpose_ros.core.recurrent`).
 
@@ -24,7 +24,7 @@ the renderer (an OpenGL rasteriser reads poses and returns pixels on the host).
 Meshes whose vertex count exceeds ``max_cloud_points`` are handled by decoupling: the KPConv nets
 run on a deterministic subsample of the vertices, and every render vertex takes the
 inverse-distance blend of its three nearest cloud points' features (never a silent permutation of
-the render mesh, which broke the published code, spec §6.7).
+the render mesh, which broke the published code, docs/method.md §6.7).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class LearnedConfig:
 
     Attributes:
         weights: class_id → weight file, overriding the registry's ``weights`` entries.
-        published_conventions: reproduce the published quirks (spec §1.8) — keep True with the
+        published_conventions: reproduce the published quirks (docs/method.md §1.8) — keep True with the
             published checkpoints, which were trained with them.
         first_crop_size, zoom_crop_size: crop sides, pixels (published 320 and 240).
         interpolated_depth: use the interpolated z-buffer instead of the published nearest-vertex
@@ -195,7 +195,7 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
 
     @torch.no_grad()
     def object_features(self, model: ObjectModel) -> ObjectFeatures:
-        """Pyramid + both KPConv nets for one object (spec §1.2); cached by :meth:`prepare_objects`."""
+        """Pyramid + both KPConv nets for one object (docs/method.md §1.2); cached per object."""
         net, stored = self._load_net(self.weights_path(model))
         vertices = np.asarray(model.vertices, dtype=np.float32)
         faces = np.asarray(model.faces, dtype=np.int64)

@@ -1,4 +1,4 @@
-"""Descriptor-agreement confidence of dense correspondences (spec §1.5 step 5).
+"""Descriptor-agreement confidence of dense correspondences (docs/method.md §1.5 step 5).
 
 For every reference pixel p = (x, y) with flow F(p), the target is x* = p + F(p). The observed
 2D descriptor map is sampled bilinearly at x*, compared with the rendered 3D descriptor at p by
@@ -50,7 +50,7 @@ def sample_at_pixels(
 
     Positions are normalised as 2·x/(W−1) − 1. With ``published_conventions`` they are then
     sampled with ``align_corners=False`` as the published code does, which shifts the lookup by
-    up to half a pixel (spec §1.8); otherwise with ``align_corners=True``, which samples exactly
+    up to half a pixel (docs/method.md §1.8); otherwise with ``align_corners=True``, which samples exactly
     at x* under the pixel-centres-at-integers convention.
     """
     height, width = features.shape[-2:]

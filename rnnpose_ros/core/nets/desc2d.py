@@ -1,4 +1,4 @@
-"""2D descriptor network: the SuperPoint-derived U-Net of RNNPose (spec §2.1).
+"""2D descriptor network: the SuperPoint-derived U-Net of RNNPose (docs/method.md §2.1).
 
 Sub-module names reproduce the published parameter keys (relative to
 ``hybrid_desc_net.corr_fea_extractor_2d.``): ``conv1a`` … ``conv4b``, ``decode{1,2,3}.1``,

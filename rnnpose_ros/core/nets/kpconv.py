@@ -1,11 +1,11 @@
-"""KPConv operator, blocks and the RNNPose 3D feature nets (spec §2.5, §2.7), pure PyTorch.
+"""KPConv operator, blocks and the RNNPose 3D feature nets (docs/method.md §2.5, §2.7), pure PyTorch.
 
 ``KPConvFeatureNet`` is the published ``KPSuperpoint3Dv2`` encoder–decoder: its ``state_dict`` keys
 equal the checkpoint keys below the prefixes ``hybrid_desc_net.corr_fea_extractor_3d.`` (descriptor
 net, ``out_dim=32``, normalised) and ``ctx_fea_net.context_fea_extractor_3d.`` (context net,
 ``out_dim=256``, not normalised). Features are (N, C) float32, one row per point of a pyramid level.
 
-Published behaviour reproduced on purpose (spec §1.8): the "batch norm" is InstanceNorm over all
+Published behaviour reproduced on purpose (docs/method.md §1.8): the "batch norm" is InstanceNorm over all
 points of the cloud, and KPConv divides by the number of neighbours whose feature *sum* is > 0.
 """
 
@@ -71,7 +71,7 @@ def _initial_kernel_points(radius: float) -> torch.Tensor:
 
 
 class KPConv(nn.Module):
-    """Rigid kernel-point convolution, linear influence, sum aggregation (spec §2.7).
+    """Rigid kernel-point convolution, linear influence, sum aggregation (docs/method.md §2.7).
 
     Parameters: ``weights`` (15, Cin, Cout); buffer ``kernel_points`` (15, 3) normalised units
     (loaded from the checkpoint; the constructor's value is only a training placeholder).
@@ -236,7 +236,7 @@ class NearestUpsampleBlock(nn.Module):
 
 
 class KPConvFeatureNet(nn.Module):
-    """RNNPose 3D feature net (``KPSuperpoint3Dv2``, spec §2.5) on a 4-level :class:`PointPyramid`.
+    """RNNPose 3D feature net (``KPSuperpoint3Dv2``, docs/method.md §2.5) on a 4-level :class:`PointPyramid`.
 
     Args:
         out_dim: output channels per point: 32 (descriptor net) or 256 (context net). The last

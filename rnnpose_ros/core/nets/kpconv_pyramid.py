@@ -1,4 +1,4 @@
-"""Multi-level point pyramid for the KPConv nets (spec §1.1, §2.6, §2.8), pure NumPy/SciPy.
+"""Multi-level point pyramid for the KPConv nets (docs/method.md §1.1, §2.6, §2.8), pure NumPy/SciPy.
 
 Replaces the published C++ extensions (grid subsampling, radius neighbours) and the neighbour-limit
 calibration. All coordinates are in *normalised model units*: the object's vertices centred on
@@ -189,7 +189,7 @@ def neighbor_counts(neighbors: np.ndarray, num_supports: int) -> np.ndarray:
 
 
 def calibrate_neighbor_limit(counts: np.ndarray, keep_ratio: float = 0.8, hist_cap: int = 905) -> int:
-    """Neighbour limit of one level from its untruncated conv-neighbour counts (spec §2.8).
+    """Neighbour limit of one level from its untruncated conv-neighbour counts (docs/method.md §2.8).
 
     The published rule, applied to one object's cloud: histogram the counts (length ``hist_cap``,
     counts ≥ ``hist_cap`` dropped), then the limit is the number of count values whose cumulative

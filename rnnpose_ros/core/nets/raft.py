@@ -1,4 +1,4 @@
-"""RAFT pieces used by RNNPose's flow network (spec §2.2–2.4).
+"""RAFT pieces used by RNNPose's flow network (docs/method.md §2.2–2.4).
 
 * :class:`BasicEncoder`: the feature encoder (instance norm), keys relative to
   ``motion_net.image_fea_enc.fnet.``; :func:`published_encoder_input` is the input transform of
@@ -9,7 +9,7 @@
   relative to ``motion_net.cf_net.update_block.``.
 * :func:`convex_upsample`: learned convex 8× upsampling of a coarse flow.
 
-Mixed precision (``mixed_precision=True``, spec §1.8): on CUDA the encoder
+Mixed precision (``mixed_precision=True``, docs/method.md §1.8): on CUDA the encoder
 (:func:`encode_image_pair`) and the update block (:func:`run_update_block`) run under
 ``torch.autocast('cuda', dtype=torch.float16)``, and their outputs are cast back to float32; the
 correlation volume, lookup coordinates and convex upsampling always stay float32. The published
@@ -60,7 +60,7 @@ def published_encoder_input(images: torch.Tensor) -> torch.Tensor:
     """Input transform of the published RNNPose wrapper: ``2·(x/255) − 1`` on images in [0, 1].
 
     The published code applies RAFT's [0, 255] normalisation to images that are already in
-    [0, 1], so the encoder sees values in [−1, −0.99216] (spec §1.8). Released weights were
+    [0, 1], so the encoder sees values in [−1, −0.99216] (docs/method.md §1.8). Released weights were
     trained with this; reproduce it whenever they are used.
 
     Args:
