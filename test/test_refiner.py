@@ -99,6 +99,41 @@ def test_bad_instances_get_a_status_not_an_exception(refiner, scene):
     assert 0.0 <= results[6].score <= 1.0
 
 
+def test_absurd_depth_costs_only_its_own_detection(refiner, scene):
+    """A detection 1e17 m away is refused (TOO_FAR); the duck beside it is refined as if alone."""
+    good = scene.instances[0].pose_init
+    far = good.copy()
+    far[:3, 3] *= 1e17 / far[2, 3]
+    together = refiner.refine(scene.observation, [Instance("duck", far, "far"), Instance("duck", good, "ok")])
+    alone = refiner.refine(scene.observation, [Instance("duck", good, "ok")])[0]
+    assert together[0].status is RefineStatus.TOO_FAR and "depth limit" in together[0].message
+    assert together[1].status is RefineStatus.OK
+    np.testing.assert_allclose(together[1].pose, alone.pose, atol=1e-7)
+    assert together[1].score == pytest.approx(alone.score, abs=1e-6)
+
+
+class _FailsOnBall(ClassicalBackend):
+    """The classical backend, failing inside a render iteration whenever a ball is in the batch."""
+
+    def prepare_render(self, frame, poses, iteration):
+        if any(model.class_id == "ball" for model in frame.models):
+            raise RuntimeError("simulated stage failure")
+        return super().prepare_render(frame, poses, iteration)
+
+
+def test_engine_failure_costs_only_the_instances_it_concerns(registry, renderer, scene):
+    backend = _FailsOnBall("cpu", ONE_STAGE, renderer)
+    refiner = Refiner(registry, backend=backend, config=SHORT)
+    ball = make_scene([registry["ball"]], 6, renderer).instances[0].pose_init
+    duck = scene.instances[0].pose_init
+    results = refiner.refine(scene.observation, [Instance("duck", duck, "d"), Instance("ball", ball, "b")])
+    alone = refiner.refine(scene.observation, [Instance("duck", duck, "d")])[0]
+    assert results[1].status is RefineStatus.ENGINE_ERROR and "simulated stage failure" in results[1].message
+    np.testing.assert_array_equal(results[1].pose, ball)
+    assert results[0].status is RefineStatus.OK
+    np.testing.assert_allclose(results[0].pose, alone.pose, atol=1e-7)
+
+
 def test_empty_instance_list(refiner, scene):
     assert refiner.refine(scene.observation, []) == []
 

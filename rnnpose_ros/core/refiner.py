@@ -55,6 +55,9 @@ from rnnpose_ros.core.pinhole import project_to_pixels
 ROTATION_TOLERANCE = 1e-3
 # Closest depth (m) a model vertex may have for the instance to count as in front of the camera.
 NEAR_PLANE_M = 1e-3
+# Farthest depth (m) of an object's centre that is refined: no camera resolves an object usefully
+# beyond it, and depths near float limits break the renderer's projection (near = far).
+FAR_LIMIT_M = 100.0
 
 
 class RefineStatus(str, enum.Enum):
@@ -67,6 +70,8 @@ class RefineStatus(str, enum.Enum):
     UNKNOWN_CLASS = "unknown_class"
     INVALID_POSE = "invalid_pose"
     DIVERGED = "diverged"
+    TOO_FAR = "too_far"
+    ENGINE_ERROR = "engine_error"
 
 
 @dataclass
@@ -249,7 +254,7 @@ class Refiner:
                 batch_poses.append(pose)
         if batch_index:
             self.backend.prepare_objects(batch_models)
-            outcomes = self._refine_batch(observation, batch_models, batch_poses, batch_index, observer)
+            outcomes = self._refine_isolated(observation, batch_models, batch_poses, batch_index, observer)
             outcomes = self._restart_weak(
                 observation, batch_models, batch_poses, batch_index, outcomes, observer
             )
@@ -297,9 +302,14 @@ class Refiner:
         pose, problem = _rigid_pose(getattr(instance, "pose", None))
         if pose is None:
             return failed(RefineStatus.INVALID_POSE, problem)
+        centre_z = float(pose[2, :3] @ model.center + pose[2, 3])
+        if centre_z > FAR_LIMIT_M:
+            return failed(
+                RefineStatus.TOO_FAR,
+                f"object centre at z = {centre_z:.3g} m is beyond the {FAR_LIMIT_M:g} m depth limit",
+            )
         camera_points = model.vertices.astype(np.float64) @ pose[:3, :3].T + pose[:3, 3]
         if camera_points[:, 2].min() <= NEAR_PLANE_M:
-            centre_z = float(pose[2, :3] @ model.center + pose[2, 3])
             where = "behind the camera" if centre_z <= 0 else "crossing the camera plane"
             return failed(RefineStatus.BEHIND_CAMERA, f"object is {where} (centre z = {centre_z:.3f} m)")
         pixels = project_to_pixels(camera_points, observation.K)
@@ -343,7 +353,7 @@ class Refiner:
             ):
                 owners.append(b)
                 hypotheses.append(pose)
-        retried = self._refine_batch(
+        retried = self._refine_isolated(
             observation,
             [models[b] for b in owners],
             hypotheses,
@@ -355,6 +365,30 @@ class Refiner:
             if outcome.better_than(best[b]):
                 best[b] = outcome
         return best
+
+    def _refine_isolated(
+        self,
+        observation: Observation,
+        models: list[ObjectModel],
+        initial: list[np.ndarray],
+        instance_index: list[int],
+        observer: StepObserver | None,
+    ) -> list[_Outcome]:
+        """:meth:`_refine_batch`, and where it raises, each instance alone, so that an instance the
+        engine cannot handle costs only its own result (status ENGINE_ERROR), never its neighbours'."""
+        try:
+            return self._refine_batch(observation, models, initial, instance_index, observer)
+        except Exception as error:  # any failure of a stage: isolate the instance(s) it concerns
+            if len(models) == 1:
+                message = f"engine failed on this instance: {type(error).__name__}: {error}"
+                return [_Outcome(initial[0], 0.0, RefineStatus.ENGINE_ERROR, message, [])]
+            return [
+                outcome
+                for b in range(len(models))
+                for outcome in self._refine_isolated(
+                    observation, models[b : b + 1], initial[b : b + 1], instance_index[b : b + 1], observer
+                )
+            ]
 
     def _refine_batch(
         self,
