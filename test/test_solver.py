@@ -47,6 +47,18 @@ def test_golden_lm_step_parity(golden):
     assert {"H_damped", "b", "delta", "Tij_out", "Tij_out_2iters", "se3_exp", "se3_log_round_trip"} <= names
 
 
+def test_log_round_trip_is_checked_on_the_group(golden):
+    """A twist turning by more than π has another principal log; the check must still pass."""
+    fixture = dict(load_fixture(golden / "lm_step.pt"))
+    xi = fixture["se3_xi"].clone()
+    xi[..., 3:] = torch.nn.functional.normalize(xi[..., 3:] + 0.1, dim=-1) * 4.0  # 4 rad > π
+    fixture["se3_xi"] = xi
+    fixture["se3_exp"] = se3_exp(xi)
+    fixture["se3_inverse_of_exp"] = se3_inverse(fixture["se3_exp"])
+    round_trip = next(c for c in CHECKS["lm_step"](fixture, golden) if c.name == "se3_log_round_trip")
+    assert round_trip.passed, round_trip
+
+
 def test_golden_frame_axis_shapes(golden):
     fixture = load_fixture(golden / "lm_step.pt")
     step = solve_lm_step(
