@@ -105,6 +105,33 @@ def test_mesh_errors(tmp_path):
         ObjectModel.from_file(tmp_path / "points.obj")
 
 
+def test_non_utf8_registry_is_a_clear_error(tmp_path):
+    path = tmp_path / "objects.yaml"
+    path.write_bytes(b"objects:\n  box: {mesh: caf\xe9.ply}\n")
+    with pytest.raises(ObjectModelError, match=r"not UTF-8 text \(byte 0xe9"):
+        ObjectRegistry.from_yaml(path)
+
+
+def test_obj_with_a_latin1_byte_loads(tmp_path):
+    write_box(tmp_path / "box.obj")
+    text = (tmp_path / "box.obj").read_bytes()
+    (tmp_path / "latin1.obj").write_bytes(b"# bo\xeete en carton\n" + text)
+    plain, latin1 = (
+        ObjectModel.from_file(tmp_path / "box.obj"),
+        ObjectModel.from_file(tmp_path / "latin1.obj"),
+    )
+    np.testing.assert_array_equal(plain.vertices, latin1.vertices)
+
+
+@pytest.mark.parametrize("suffix", [".stl", ".obj", ".ply"])
+def test_random_bytes_mesh_names_the_reason(tmp_path, suffix):
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(np.random.default_rng(1).bytes(3000))
+    with pytest.raises(ObjectModelError) as error:
+        ObjectModel.from_file(path)
+    assert "module" not in str(error.value)  # not trimesh's missing optional dependency
+
+
 def test_implausible_units_suggest_scale(tmp_path):
     write_box(tmp_path / "mug_mm.ply", extents=(80.0, 80.0, 100.0))  # a mug in millimetres
     with pytest.raises(ObjectModelError, match=r"millimetres, use scale: 0\.001"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,12 +75,28 @@ def read_weight_file(path: str | Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = _unpickler_reason(str(exc))
+        if "global" in reason.lower():
+            raise CheckpointError(
+                f"weight file {path} holds objects other than tensors and plain containers "
+                f"(refused, nothing of it was run): {reason}"
+            ) from exc
+        raise CheckpointError(f"weight file {path} is not a readable torch file ({reason})") from exc
+    except Exception as exc:  # garbage makes torch's loader raise almost any type
         raise CheckpointError(
-            f"weight file {path} holds objects other than tensors and plain containers "
-            f"(refused by weights_only loading): {str(exc).splitlines()[0]}"
+            f"weight file {path} is truncated or not a torch file: {type(exc).__name__}: {exc}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"weight file {path} is truncated or not a torch file: {exc}") from exc
+
+
+def _unpickler_reason(message: str) -> str:
+    """The weights-only unpickler's own reason, without torch's advice around it (which suggests
+    loading with ``weights_only=False``, exactly what a refused file must never get)."""
+    _, found, rest = message.partition("WeightsUnpickler error:")
+    if not found:
+        return "refused by the weights-only unpickler"
+    return (
+        " ".join(rest.split("Check the documentation")[0].split()) or "refused by the weights-only unpickler"
+    )
 
 
 def _summarise(keys: list[str]) -> str:

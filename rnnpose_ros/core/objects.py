@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import logging
 import math
 import re
@@ -236,6 +237,19 @@ def sample_eval_points(vertices: np.ndarray, max_points: int = DEFAULT_EVAL_POIN
     return unique.astype(np.float32)
 
 
+def _read_mesh(path: Path, resolver: trimesh.resolvers.Resolver) -> trimesh.Trimesh | trimesh.Scene:
+    """``trimesh.load`` of ``path``; an OBJ that is not UTF-8 (a Latin-1 comment or material name) is
+    read as Latin-1: OBJ keywords and numbers are ASCII, which every single-byte encoding keeps."""
+    if path.suffix.lower() == ".obj":
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1").encode("utf-8")
+            return trimesh.load(io.BytesIO(text), file_type="obj", process=False, resolver=resolver)
+    return trimesh.load(str(path), process=False, resolver=resolver)
+
+
 def _load_trimesh(path: Path) -> trimesh.Trimesh:
     if not path.exists():
         raise ObjectModelError(f"mesh file not found: {path}")
@@ -244,13 +258,19 @@ def _load_trimesh(path: Path) -> trimesh.Trimesh:
     try:
         # allow_anywhere: MTL files may reference textures outside the mesh folder (e.g. ../cube.png)
         resolver = trimesh.resolvers.FilePathResolver(str(path), allow_anywhere=True)
-        loaded = trimesh.load(str(path), process=False, resolver=resolver)
+        loaded = _read_mesh(path, resolver)
         if isinstance(loaded, trimesh.Scene):
             if not loaded.geometry:
                 raise ObjectModelError(f"{path}: mesh is empty (no geometry)")
             loaded = loaded.to_mesh()  # several materials/parts: one mesh (textures packed by trimesh)
     except ObjectModelError:
         raise
+    except ModuleNotFoundError as exc:
+        # trimesh guesses the encoding of non-UTF-8 text with an optional package we do not ship;
+        # reaching it means the file is neither a valid binary mesh nor UTF-8 text.
+        raise ObjectModelError(
+            f"cannot read mesh {path}: not a valid binary {path.suffix or 'mesh'} file and not UTF-8 text"
+        ) from exc
     except Exception as exc:  # trimesh raises many types for bad files
         raise ObjectModelError(f"cannot read mesh {path}: {type(exc).__name__}: {exc}") from exc
     if isinstance(loaded, trimesh.PointCloud):
@@ -356,7 +376,11 @@ class ObjectRegistry:
         if not path.is_file():
             raise ObjectModelError(f"object registry file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ObjectModelError(
+                f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+            ) from None
         except yaml.YAMLError as exc:
             raise ObjectModelError(f"{path}: invalid YAML: {exc}") from exc
         if not isinstance(data, dict) or "objects" not in data:
