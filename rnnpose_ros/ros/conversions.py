@@ -171,7 +171,9 @@ def intrinsics_from_camera_info(msg: CameraInfo) -> np.ndarray:
     if msg.binning_x > 1 or msg.binning_y > 1:
         raise CameraInfoError(f"camera_info binning {msg.binning_x}×{msg.binning_y} is not supported")
     roi = msg.roi
-    if roi.width and (roi.width, roi.height) != (msg.width, msg.height):
+    if (roi.width or roi.height or roi.x_offset or roi.y_offset) and (
+        (roi.width, roi.height) != (msg.width, msg.height) or roi.x_offset or roi.y_offset
+    ):
         raise CameraInfoError(
             f"camera_info ROI {roi.width}×{roi.height}+{roi.x_offset}+{roi.y_offset} is not supported"
         )
@@ -232,14 +234,18 @@ def pose_to_matrix(pose: Pose) -> tuple[np.ndarray, str | None]:
         raise PoseError(f"non-finite position {position.tolist()}")
     if not np.all(np.isfinite(quat)):
         raise PoseError(f"non-finite quaternion {quat.tolist()}")
-    norm = float(np.linalg.norm(quat))
+    # Scale by the largest component first: the norm of a quaternion with components beyond ~1e154
+    # overflows to inf, and quat / inf would be a zero quaternion, i.e. the identity rotation.
+    largest = float(np.abs(quat).max())
+    unit = quat / largest if largest > 0.0 else quat
+    norm = largest * float(np.linalg.norm(unit))
     if norm < QUATERNION_MIN_NORM:
         raise PoseError(f"zero-length quaternion {quat.tolist()} (unset orientation?)")
     warning = None
     if abs(norm - 1.0) > QUATERNION_WARN_TOLERANCE:
         warning = f"quaternion norm {norm:.4g} != 1, normalised"
     T = np.eye(4)
-    T[:3, :3] = quaternion_to_matrix(*(quat / norm))
+    T[:3, :3] = quaternion_to_matrix(*(unit / np.linalg.norm(unit)))
     T[:3, 3] = position
     return T, warning
 
@@ -320,7 +326,8 @@ def instance_ids(class_ids: Sequence[str], input_ids: Sequence[str]) -> list[str
     ``index`` is the input ``Detection3D.id`` when the detector sets one (a tracker id stays stable
     across frames), else the running count of that class in the frame (0, 1, ...). A repeated id gets
     ``_<n>`` appended so that no two TF frames of one image collide. Characters that are not allowed in
-    a TF frame id (anything but letters, digits, ``_``, ``-``, ``.``) become ``_``.
+    a TF frame id (anything but ASCII letters, digits, ``_``, ``-``, ``.``) become ``_``; the id is
+    both the output ``Detection3D.id`` and the TF frame name.
     """
     counts: dict[str, int] = {}
     used: set[str] = set()
@@ -343,7 +350,9 @@ def instance_ids(class_ids: Sequence[str], input_ids: Sequence[str]) -> list[str
 
 
 def _frame_safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+    """``name`` with every character outside ASCII letters, digits, ``_``, ``-`` and ``.`` replaced by
+    ``_`` (TF frame ids are ASCII names; a non-ASCII letter would not survive every TF consumer)."""
+    return "".join(c if (c.isascii() and c.isalnum()) or c in "_-." else "_" for c in name)
 
 
 # ---------------------------------------------------------------- detections out
