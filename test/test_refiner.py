@@ -11,7 +11,13 @@ from scipy.spatial.transform import Rotation
 from rnnpose_ros.core.backends.classical import ClassicalBackend, ClassicalConfig, CropStage
 from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
 from rnnpose_ros.core.observation import InputError, Observation
-from rnnpose_ros.core.refiner import Instance, Refiner, RefineStatus, rotation_hypotheses
+from rnnpose_ros.core.refiner import (
+    Instance,
+    RefinementCancelledError,
+    Refiner,
+    RefineStatus,
+    rotation_hypotheses,
+)
 from rnnpose_ros.core.synth import make_scene
 
 pytestmark = pytest.mark.skipif(not pybullet_mesh_available(), reason="pybullet_data meshes not installed")
@@ -132,6 +138,24 @@ def test_engine_failure_costs_only_the_instances_it_concerns(registry, renderer,
     np.testing.assert_array_equal(results[1].pose, ball)
     assert results[0].status is RefineStatus.OK
     np.testing.assert_allclose(results[0].pose, alone.pose, atol=1e-7)
+
+
+def test_stop_ends_the_call_between_stages(refiner, scene):
+    """``stop`` is polled before every stage: it ends the call within one stage, and a later call with
+    ``stop`` never true refines normally."""
+    polls = []
+
+    def stop_after_five() -> bool:
+        polls.append(1)
+        return len(polls) > 5
+
+    instances = [Instance("duck", i.pose_init) for i in scene.instances]
+    with pytest.raises(RefinementCancelledError):
+        refiner.refine(scene.observation, instances, stop=stop_after_five)
+    assert len(polls) == 6
+    assert all(
+        r.status is RefineStatus.OK for r in refiner.refine(scene.observation, instances, stop=lambda: False)
+    )
 
 
 def test_empty_instance_list(refiner, scene):

@@ -139,6 +139,23 @@ class StepSnapshot:
 StepObserver = Callable[[StepSnapshot], None]
 
 
+class RefinementCancelledError(Exception):
+    """The caller's ``stop`` callback asked :meth:`Refiner.refine` to stop (between two stages)."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one :meth:`Refiner.refine` call carries through its batches."""
+
+    observation: Observation
+    observer: StepObserver | None
+    stop: Callable[[], bool] | None
+
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop():
+            raise RefinementCancelledError("refinement stopped on request")
+
+
 @dataclass
 class RefineResult:
     """Refinement outcome of one instance (the initial pose is returned when status is not OK).
@@ -223,6 +240,7 @@ class Refiner:
         observation: Observation,
         instances: Sequence[Instance],
         observer: StepObserver | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> list[RefineResult]:
         """Refine every instance of one observation.
 
@@ -231,14 +249,19 @@ class Refiner:
             instances: the instances to refine (any mix of classes, repeats allowed).
             observer: called with a :class:`StepSnapshot` after every inner step (visualisation,
                 debugging); None on the product path, which then keeps nothing per step.
+            stop: polled before every stage (frame preparation, render iteration, inner step); when
+                it returns True the call ends with :class:`RefinementCancelledError`, so that a node can
+                shut down within one stage's time instead of abandoning a thread in native code.
 
         Returns:
             One :class:`RefineResult` per instance, in input order.
 
         Raises:
             InputError: for an unusable image or K (never for a bad instance).
+            RefinementCancelledError: ``stop`` returned True.
         """
         observation = observation.validated()
+        call = _Call(observation, observer, stop)
         results: list[RefineResult | None] = [None] * len(instances)
         batch_index: list[int] = []
         batch_models: list[ObjectModel] = []
@@ -254,10 +277,8 @@ class Refiner:
                 batch_poses.append(pose)
         if batch_index:
             self.backend.prepare_objects(batch_models)
-            outcomes = self._refine_isolated(observation, batch_models, batch_poses, batch_index, observer)
-            outcomes = self._restart_weak(
-                observation, batch_models, batch_poses, batch_index, outcomes, observer
-            )
+            outcomes = self._refine_isolated(call, batch_models, batch_poses, batch_index)
+            outcomes = self._restart_weak(call, batch_models, batch_poses, batch_index, outcomes)
             for i, outcome in zip(batch_index, outcomes, strict=True):
                 instance = instances[i]
                 ok = outcome.status is RefineStatus.OK
@@ -327,12 +348,11 @@ class Refiner:
 
     def _restart_weak(
         self,
-        observation: Observation,
+        call: _Call,
         models: list[ObjectModel],
         initial: list[np.ndarray],
         instance_index: list[int],
         outcomes: list[_Outcome],
-        observer: StepObserver | None,
     ) -> list[_Outcome]:
         """Refine weak outcomes again from rotation hypotheses (``config.restart_below_score``), all in
         one batch, and keep per instance the OK outcome with the best score (the first one if none)."""
@@ -354,11 +374,7 @@ class Refiner:
                 owners.append(b)
                 hypotheses.append(pose)
         retried = self._refine_isolated(
-            observation,
-            [models[b] for b in owners],
-            hypotheses,
-            [instance_index[b] for b in owners],
-            observer,
+            call, [models[b] for b in owners], hypotheses, [instance_index[b] for b in owners]
         )
         best = list(outcomes)
         for b, outcome in zip(owners, retried, strict=True):
@@ -367,17 +383,14 @@ class Refiner:
         return best
 
     def _refine_isolated(
-        self,
-        observation: Observation,
-        models: list[ObjectModel],
-        initial: list[np.ndarray],
-        instance_index: list[int],
-        observer: StepObserver | None,
+        self, call: _Call, models: list[ObjectModel], initial: list[np.ndarray], instance_index: list[int]
     ) -> list[_Outcome]:
         """:meth:`_refine_batch`, and where it raises, each instance alone, so that an instance the
         engine cannot handle costs only its own result (status ENGINE_ERROR), never its neighbours'."""
         try:
-            return self._refine_batch(observation, models, initial, instance_index, observer)
+            return self._refine_batch(call, models, initial, instance_index)
+        except RefinementCancelledError:
+            raise
         except Exception as error:  # any failure of a stage: isolate the instance(s) it concerns
             if len(models) == 1:
                 message = f"engine failed on this instance: {type(error).__name__}: {error}"
@@ -386,28 +399,26 @@ class Refiner:
                 outcome
                 for b in range(len(models))
                 for outcome in self._refine_isolated(
-                    observation, models[b : b + 1], initial[b : b + 1], instance_index[b : b + 1], observer
+                    call, models[b : b + 1], initial[b : b + 1], instance_index[b : b + 1]
                 )
             ]
 
     def _refine_batch(
-        self,
-        observation: Observation,
-        models: list[ObjectModel],
-        initial: list[np.ndarray],
-        instance_index: list[int],
-        observer: StepObserver | None,
+        self, call: _Call, models: list[ObjectModel], initial: list[np.ndarray], instance_index: list[int]
     ) -> list[_Outcome]:
         """Run the shared outer/inner loop on B valid instances; returns per-instance outcomes."""
         config = self.config
         batch = _BatchState.start(initial, models, self.device)
-        frame = self.backend.prepare_frame(observation, models, batch.poses)
+        call.check_stop()
+        frame = self.backend.prepare_frame(call.observation, models, batch.poses)
         recorder = _TraceRecorder(config.lm.min_depth)
         last: tuple[RenderState, Correspondences, Tensor] | None = None
         for outer in range(config.outer_iterations):
+            call.check_stop()
             view = self.backend.prepare_render(frame, batch.poses, outer)
 
             def correspond(relative: Tensor, inner: int, view: RenderState = view) -> Correspondences:
+                call.check_stop()
                 corr = self.backend.correspondences(frame, view, relative, inner)
                 # Instances that failed get zero weight: their step is exactly 0 (b = 0).
                 return Correspondences(
@@ -423,8 +434,8 @@ class Refiner:
                     step.solve.num_valid < config.min_correspondences, RefineStatus.TOO_FEW_CORRESPONDENCES
                 )
                 recorder.record(step, view, batch.poses)
-                if observer is not None:
-                    observer(recorder.snapshot(outer, step, view, instance_index))
+                if call.observer is not None:
+                    call.observer(recorder.snapshot(outer, step, view, instance_index))
                 last = (view, step.correspondences, relative)
             batch.advance(relative, config.max_translation_change)
         scores = self._score(*last) if last is not None else torch.zeros(len(models))
