@@ -71,6 +71,7 @@ from rnnpose_ros.ros.conversions import (
     overlay_image,
     parse_detections,
     rgb_to_image,
+    stamp_text,
 )
 
 NODE_NAME = "rnnpose_refiner"
@@ -512,7 +513,7 @@ class RefinerNode(Node):
             self._warn(
                 "dropped",
                 f"refinement cannot keep up: dropped the oldest pending frame (stamp "
-                f"{_stamp_text(dropped.image.header)}; {total} dropped so far, max_pending_frames = "
+                f"{stamp_text(dropped.image.header.stamp)}; {total} dropped so far, max_pending_frames = "
                 f"{self.queue.capacity})",
             )
 
@@ -584,7 +585,7 @@ class RefinerNode(Node):
         if problem is None and rgb is not None and K is not None:
             problem, refined_count = self._refine(rgb, K, inputs, outputs)
         if problem is not None:
-            self._warn(f"frame:{problem[:40]}", f"frame {_stamp_text(header)} not refined: {problem}")
+            self._warn(f"frame:{problem[:40]}", f"frame {stamp_text(header.stamp)} not refined: {problem}")
         refined = time.monotonic()
         message = detection_array(header, frame.detections, inputs, outputs)
         self.pub_detections.publish(message)
@@ -830,10 +831,6 @@ class RefinerNode(Node):
             if self._worker.is_alive() and threading.current_thread() is not self._worker:
                 self._worker.join(timeout=SHUTDOWN_WAIT_S)
         super().destroy_node()
-
-
-def _stamp_text(header: Header) -> str:
-    return f"{header.stamp.sec}.{header.stamp.nanosec:09d}"
 
 
 # ---------------------------------------------------------------- engine construction

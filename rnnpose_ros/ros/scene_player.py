@@ -56,6 +56,7 @@ from rnnpose_ros.ros.conversions import (
     matrix_to_pose,
     pose_to_matrix,
     rgb_to_image,
+    stamp_nanoseconds,
 )
 from rnnpose_ros.ros.node import ParameterSpec
 
@@ -102,7 +103,7 @@ class PlayedFrame:
 
     @property
     def stamp_ns(self) -> int:
-        return stamp_nanoseconds(self.header)
+        return stamp_nanoseconds(self.header.stamp)
 
     @property
     def latency_s(self) -> float | None:
@@ -203,11 +204,6 @@ def score_frame(frame: PlayedFrame, registry: ObjectRegistry) -> list[InstanceSc
 
 
 # ---------------------------------------------------------------- messages
-
-
-def stamp_nanoseconds(header: Header) -> int:
-    """``header.stamp`` as integer nanoseconds (the key that matches a frame with its answer)."""
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 def camera_info_message(K: np.ndarray, size: tuple[int, int], header: Header) -> CameraInfo:
@@ -499,7 +495,7 @@ class ScenePlayer(Node):
         return frame
 
     def _on_result(self, msg: Detection3DArray) -> None:
-        frame = self._by_stamp.get(stamp_nanoseconds(msg.header))
+        frame = self._by_stamp.get(stamp_nanoseconds(msg.header.stamp))
         if frame is None or frame.result is not None:
             return  # not ours (another publisher) or a duplicate
         frame.answered_at = time.monotonic()
