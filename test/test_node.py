@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -247,6 +249,25 @@ def test_cuda_without_gpu_is_a_parameter_error(context: Any) -> None:
         pytest.skip("a CUDA device is present")
     with pytest.raises(ParameterError, match="'device' = 'cuda'"):
         make_node(context, engine="real", device="cuda")
+
+
+def test_parameter_errors_come_before_torch_is_imported() -> None:
+    """The cheap checks stay cheap: a bad parameter stops the node before the engine's imports."""
+    code = (
+        "import sys, rclpy\n"
+        "from rclpy.parameter import Parameter\n"
+        "from rnnpose_ros.ros.node import RefinerNode\n"
+        "from rnnpose_ros.ros.parameters import ParameterError\n"
+        "rclpy.init()\n"
+        "try:\n"
+        "    RefinerNode(parameter_overrides=[Parameter('device', value='gpu')])\n"
+        "except ParameterError:\n"
+        "    assert 'torch' not in sys.modules, 'torch imported'\n"
+        "else:\n"
+        "    raise AssertionError('no ParameterError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_runtime_parameters_are_validated(context: Any) -> None:
