@@ -346,9 +346,7 @@ def test_score_threshold_gates_tf_but_not_detections(harness: Harness) -> None:
 
 def test_debug_image_only_when_subscribed(harness: Harness) -> None:
     harness.send(*inputs([("duck", pose(), "")]))
-    harness.spin_until(
-        lambda: harness.node.diagnostics.stats.processed == 1
-    )  # the frame is completely handled
+    harness.spin_until(lambda: harness.node.diagnostics.stats.processed == 1)  # frame fully handled
     harness.subscribe_debug()
     assert harness.debug == []
     image, info, detections = inputs([("duck", pose(), "")])
@@ -424,9 +422,7 @@ def test_bad_input_is_passed_through_and_the_node_keeps_going(harness: Harness, 
     # the node is still alive and refines the next good frame
     out = harness.send(*inputs([("duck", pose(), "")]))
     assert out.detections[0].results[0].hypothesis.score == pytest.approx(0.8)
-    harness.spin_until(
-        lambda: harness.node.diagnostics.stats.processed == 2
-    )  # stats are recorded after publishing
+    harness.spin_until(lambda: harness.node.diagnostics.stats.processed == 2)  # recorded after publishing
 
 
 @pytest.mark.parametrize("harness", [{"frame_id_check": "warn"}], indirect=True)

@@ -3,9 +3,9 @@
 On a ROS 2 distribution (Humble, Jazzy, Kilted) the real ``message_filters`` and ``tf2_ros`` packages are
 importable and this module re-exports them. The Kilted PyPI wheels ship neither, so this module then
 provides local implementations with the same API shape (only the subset the node uses). The node
-imports ``Subscriber``, ``TimeSynchronizer``, ``ApproximateTimeSynchronizer`` and
-``TransformBroadcaster`` from here and has a single code path either way. ``IMPLEMENTATION`` says which
-one is in use.
+imports ``Subscriber``, ``TimeSynchronizer``, ``ApproximateTimeSynchronizer`` (in
+:mod:`~rnnpose_ros.ros.inputs`) and ``TransformBroadcaster`` from here and has a single code path
+either way. ``IMPLEMENTATION`` says which one is in use.
 
 Local synchroniser semantics (as message_filters' Python synchronisers): every input keeps at most
 ``queue_size`` messages keyed by ``header.stamp`` (the oldest is dropped first); a set is emitted when

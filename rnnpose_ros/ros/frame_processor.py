@@ -56,7 +56,7 @@ class FrameOutcome:
     """
 
     detections: list[DetectionInput]
-    outputs: list[DetectionOutput]
+    outputs: list[DetectionOutput] = field(default_factory=list)
     observation: Observation | None = None
     problem: str | None = None
     warnings: dict[str, str] = field(default_factory=dict)
@@ -74,6 +74,7 @@ class FrameOutcome:
         return len(self.outputs) - self.refined_count
 
     def warn(self, key: str, text: str) -> None:
+        """Record ``text`` for reason ``key`` unless this frame already has a warning for that reason."""
         self.warnings.setdefault(key, text)
 
 
@@ -83,14 +84,14 @@ def process_frame(frame: Frame, refiner: Any, settings: Settings, registry: Obje
     ``settings`` and the models' boxes from ``registry``. Never raises for bad input."""
     start = time.monotonic()
     detections = parse_detections(frame.detections)
-    outcome = FrameOutcome(detections, outputs=[])
+    outcome = FrameOutcome(detections)
     for item in detections:
         if item.warning:
             outcome.warn(
                 f"detection-warning:{item.warning.split()[0]}",
                 f"detection {item.instance_id}: {item.warning}",
             )
-    outcome.problem = frame_problem(frame, settings, outcome)
+    outcome.problem = _frame_problem(frame, settings, outcome)
     if outcome.problem is None:
         try:
             outcome.observation = Observation(
@@ -118,7 +119,7 @@ def process_frame(frame: Frame, refiner: Any, settings: Settings, registry: Obje
     return outcome
 
 
-def frame_problem(frame: Frame, settings: Settings, outcome: FrameOutcome) -> str | None:
+def _frame_problem(frame: Frame, settings: Settings, outcome: FrameOutcome) -> str | None:
     """Why the whole frame cannot be refined (frame-id and size checks), or None; mismatched frame ids
     with ``frame_id_check: warn`` become a warning of ``outcome`` instead."""
     image_frame = frame.image.header.frame_id

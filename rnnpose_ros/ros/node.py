@@ -208,7 +208,7 @@ class RefinerNode(Node):
     def destroy_node(self) -> None:
         """Stop the worker, waiting up to ``SHUTDOWN_WAIT_S`` for the frame in progress (a slow CPU
         refinement or the warm-up is abandoned: the worker is a daemon thread)."""
-        if hasattr(self, "queue"):  # absent when the constructor failed
+        if hasattr(self, "_worker"):  # absent when the constructor failed
             self.queue.close()
             if self._worker.is_alive() and threading.current_thread() is not self._worker:
                 self._worker.join(timeout=SHUTDOWN_WAIT_S)
