@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +36,8 @@ from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 from rnnpose_ros.core.observation import InputError, Observation  # noqa: E402
 from rnnpose_ros.core.refiner import RefineResult, RefineStatus  # noqa: E402
 from rnnpose_ros.ros.conversions import instance_ids, matrix_to_pose, pose_to_matrix, rgb_to_image  # noqa: E402
-from rnnpose_ros.ros.node import PARAMETERS, ParameterError, RefinerNode  # noqa: E402
+from rnnpose_ros.ros.node import RefinerNode  # noqa: E402
+from rnnpose_ros.ros.parameters import PARAMETERS, ParameterError  # noqa: E402
 
 FRAME = "camera_color_optical_frame"
 K = np.array([[572.0, 0.0, 160.0], [0.0, 572.0, 120.0], [0.0, 0.0, 1.0]])
@@ -248,6 +251,25 @@ def test_cuda_without_gpu_is_a_parameter_error(context: Any) -> None:
         make_node(context, engine="real", device="cuda")
 
 
+def test_parameter_errors_come_before_torch_is_imported() -> None:
+    """The cheap checks stay cheap: a bad parameter stops the node before the engine's imports."""
+    code = (
+        "import sys, rclpy\n"
+        "from rclpy.parameter import Parameter\n"
+        "from rnnpose_ros.ros.node import RefinerNode\n"
+        "from rnnpose_ros.ros.parameters import ParameterError\n"
+        "rclpy.init()\n"
+        "try:\n"
+        "    RefinerNode(parameter_overrides=[Parameter('device', value='gpu')])\n"
+        "except ParameterError:\n"
+        "    assert 'torch' not in sys.modules, 'torch imported'\n"
+        "else:\n"
+        "    raise AssertionError('no ParameterError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_runtime_parameters_are_validated(context: Any) -> None:
     node = make_node(context)
     try:
@@ -324,7 +346,7 @@ def test_score_threshold_gates_tf_but_not_detections(harness: Harness) -> None:
 
 def test_debug_image_only_when_subscribed(harness: Harness) -> None:
     harness.send(*inputs([("duck", pose(), "")]))
-    harness.spin_until(lambda: harness.node.stats.processed == 1)  # the frame is completely handled
+    harness.spin_until(lambda: harness.node.diagnostics.stats.processed == 1)  # frame fully handled
     harness.subscribe_debug()
     assert harness.debug == []
     image, info, detections = inputs([("duck", pose(), "")])
@@ -400,7 +422,7 @@ def test_bad_input_is_passed_through_and_the_node_keeps_going(harness: Harness, 
     # the node is still alive and refines the next good frame
     out = harness.send(*inputs([("duck", pose(), "")]))
     assert out.detections[0].results[0].hypothesis.score == pytest.approx(0.8)
-    harness.spin_until(lambda: harness.node.stats.processed == 2)  # stats are recorded after publishing
+    harness.spin_until(lambda: harness.node.diagnostics.stats.processed == 2)  # recorded after publishing
 
 
 @pytest.mark.parametrize("harness", [{"frame_id_check": "warn"}], indirect=True)
@@ -432,13 +454,13 @@ def test_unmatched_stamps_produce_nothing_and_diagnostics_say_why(harness: Harne
 def test_incompatible_detections_qos_is_reported(harness: Harness) -> None:
     best_effort = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
     harness.client.create_publisher(Detection3DArray, "detections", best_effort)
-    harness.spin_until(lambda: harness.node.stats.incompatible_qos.get("detections", 0) >= 1)
-    assert "detections_qos" in harness.node.stats.last_problem
+    harness.spin_until(lambda: harness.node.diagnostics.stats.incompatible_qos.get("detections", 0) >= 1)
+    assert "detections_qos" in harness.node.diagnostics.stats.last_problem
 
 
 def test_diagnostics_report_counts_and_latency(harness: Harness) -> None:
     harness.send(*inputs([("duck", pose(), ""), ("cat", pose(), "")]))
-    harness.spin_until(lambda: harness.node.stats.processed == 1)
+    harness.spin_until(lambda: harness.node.diagnostics.stats.processed == 1)
     harness.diagnostics.clear()
     harness.spin_until(lambda: harness.diagnostics)
     (status,) = harness.diagnostics[-1].status
@@ -471,13 +493,13 @@ def test_frame_queue_drops_the_oldest(context: Any) -> None:
             harness.pub_image.publish(frame[0])
             harness.pub_info.publish(frame[1])
             harness.pub_detections.publish(frame[2])
-            harness.spin_until(lambda count=count: node.stats.synchronised >= count)
+            harness.spin_until(lambda count=count: node.diagnostics.stats.synchronised >= count)
             if count == 1:
                 harness.spin_until(entered.is_set)  # frame 1 is in the engine, the queue is empty
         release.set()
         harness.spin_until(lambda: len(harness.outputs) >= 2)
         assert [out.header.stamp for out in harness.outputs] == [sent[0], sent[3]]  # 2 and 3 dropped
-        assert node.stats.dropped == 2
+        assert node.diagnostics.stats.dropped == 2
     finally:
         release.set()
         harness.close()

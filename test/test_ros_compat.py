@@ -18,9 +18,8 @@ from rnnpose_ros.ros.compat import (  # noqa: E402
     LocalApproximateTimeSynchronizer,
     LocalTimeSynchronizer,
     LocalTransformBroadcaster,
-    stamp_nanoseconds,
 )
-from rnnpose_ros.ros.conversions import object_transforms  # noqa: E402
+from rnnpose_ros.ros.conversions import object_transforms, stamp_nanoseconds  # noqa: E402
 
 
 class Stamped:
@@ -32,7 +31,7 @@ class Stamped:
         self.header.stamp.sec, self.header.stamp.nanosec = sec, nanosec
 
     def __repr__(self) -> str:
-        return f"{self.name}@{stamp_nanoseconds(self)}"
+        return f"{self.name}@{stamp_nanoseconds(self.header.stamp)}"
 
 
 class Input:

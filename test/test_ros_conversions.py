@@ -39,6 +39,8 @@ from rnnpose_ros.ros.conversions import (
     pose_to_matrix,
     rgb_to_image,
     silhouette,
+    stamp_nanoseconds,
+    stamp_text,
 )
 
 RNG = np.random.default_rng(0)
@@ -360,3 +362,9 @@ def test_overlay_draws_initial_white_and_refined_red() -> None:
     red = (out[..., 0] > 200) & (out[..., 1] < 50) & (out[..., 2] < 50)
     assert white[:, 250:390].any() and not white[:, 400:].any()
     assert red[:, 400:540].any() and not red[:, :390].any()
+
+
+def test_stamps_are_exact_integer_nanoseconds_and_padded_text() -> None:
+    h = header(sec=1_700_000_000, nanosec=5)
+    assert stamp_nanoseconds(h.stamp) == 1_700_000_000_000_000_005  # beyond float64 precision
+    assert stamp_text(h.stamp) == "1700000000.000000005"

@@ -27,6 +27,7 @@ from rnnpose_ros.ros.conversions import (  # noqa: E402
     matrix_to_pose,
     pose_to_matrix,
 )
+from rnnpose_ros.ros.parameters import ParameterError  # noqa: E402
 from rnnpose_ros.ros.scene_player import DEFAULT_FRAME_ID, ScenePlayer, score_frame  # noqa: E402
 
 RESULT_TOPIC = "/test_refiner/detections"
@@ -158,3 +159,23 @@ def test_frames_are_reproducible_per_seed(context: Any) -> None:
         player.destroy_node()
     np.testing.assert_array_equal(scenes[0].image, scenes[1].image)
     np.testing.assert_array_equal(scenes[0].instances[0].pose_init, scenes[1].instances[0].pose_init)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"trans_sigma": [0.01, 0.01]}, "parameter 'trans_sigma' must be 3 non-negative numbers (m)"),
+        ({"min_distance": 0.9, "max_distance": 0.5}, "parameter 'min_distance' must be <= 'max_distance'"),
+        ({"rate": 2}, "parameter 'rate' must be of type float (write 0.0, not 0)"),
+        (
+            {"objects_file": "/nonexistent/objects.yaml"},
+            "parameter 'objects_file': /nonexistent/objects.yaml",
+        ),
+    ],
+)
+def test_invalid_parameters_name_the_parameter(context: Any, overrides: dict, message: str) -> None:
+    """The player declares its table through the same function as the refiner node."""
+    parameters = [Parameter(name, value=value) for name, value in overrides.items()]
+    with pytest.raises(ParameterError) as raised:
+        ScenePlayer(context=context, parameter_overrides=parameters)
+    assert str(raised.value).startswith(message)

@@ -3,9 +3,9 @@
 On a ROS 2 distribution (Humble, Jazzy, Kilted) the real ``message_filters`` and ``tf2_ros`` packages are
 importable and this module re-exports them. The Kilted PyPI wheels ship neither, so this module then
 provides local implementations with the same API shape (only the subset the node uses). The node
-imports ``Subscriber``, ``TimeSynchronizer``, ``ApproximateTimeSynchronizer`` and
-``TransformBroadcaster`` from here and has a single code path either way. ``IMPLEMENTATION`` says which
-one is in use.
+imports ``Subscriber``, ``TimeSynchronizer``, ``ApproximateTimeSynchronizer`` (in
+:mod:`~rnnpose_ros.ros.inputs`) and ``TransformBroadcaster`` from here and has a single code path
+either way. ``IMPLEMENTATION`` says which one is in use.
 
 Local synchroniser semantics (as message_filters' Python synchronisers): every input keeps at most
 ``queue_size`` messages keyed by ``header.stamp`` (the oldest is dropped first); a set is emitted when
@@ -28,6 +28,8 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from tf2_msgs.msg import TFMessage
 
+from rnnpose_ros.ros.conversions import NANOSECONDS_PER_SECOND, stamp_nanoseconds
+
 __all__ = [
     "IMPLEMENTATION",
     "ApproximateTimeSynchronizer",
@@ -43,13 +45,6 @@ TF_QOS = QoSProfile(
     reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.VOLATILE,
 )
-NANOSECONDS = 1_000_000_000
-
-
-def stamp_nanoseconds(msg: Any) -> int:
-    """``msg.header.stamp`` as integer nanoseconds (exact, no float rounding)."""
-    stamp = msg.header.stamp
-    return int(stamp.sec) * NANOSECONDS + int(stamp.nanosec)
 
 
 class LocalSubscriber:
@@ -84,7 +79,7 @@ class LocalApproximateTimeSynchronizer:
         if slop < 0:
             raise ValueError(f"slop must be >= 0, got {slop}")
         self.queue_size = int(queue_size)
-        self.slop_ns = round(slop * NANOSECONDS)
+        self.slop_ns = round(slop * NANOSECONDS_PER_SECOND)
         self.dropped = 0
         self._queues: list[dict[int, Any]] = [{} for _ in fs]
         self._callbacks: list[Callable[..., None]] = []
@@ -97,7 +92,7 @@ class LocalApproximateTimeSynchronizer:
 
     def add(self, msg: Any, index: int) -> None:
         """Queue ``msg`` on input ``index`` and emit the first complete set it belongs to, if any."""
-        stamp = stamp_nanoseconds(msg)
+        stamp = stamp_nanoseconds(msg.header.stamp)
         with self._lock:
             queue = self._queues[index]
             queue[stamp] = msg

@@ -4,6 +4,7 @@ Conventions: poses are 4×4 float64 model→camera transforms in metres, camera 
 frame of the image (x right, y down, z forward, REP-103 ``*_optical``). Images at the engine edge are
 (H, W, 3) uint8 RGB. Every function raises a ``ValueError`` subclass with a message naming the field
 and the fix, never a bare ``IndexError`` from a malformed message.
+Stamps are compared as integer nanoseconds (:func:`stamp_nanoseconds`), never as floats.
 
 Where the pose lives in the output ``vision_msgs/Detection3D``: ``results[0].pose.pose`` is the pose of
 the **mesh origin** (the frame the mesh file is written in); ``bbox.center`` is the centre of the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -25,6 +27,9 @@ from vision_msgs.msg import BoundingBox3D, Detection3D, Detection3DArray, Object
 from visualization_msgs.msg import Marker, MarkerArray
 
 from rnnpose_ros.core.pinhole import project_to_pixels
+
+if TYPE_CHECKING:  # builtin_interfaces comes with std_msgs; only the annotations name it
+    from builtin_interfaces.msg import Time
 
 # encoding -> (channels, bytes per channel). 16-bit colour/depth encodings are not accepted: a 16UC1
 # image is almost always depth, which this node does not take.
@@ -43,6 +48,7 @@ QUATERNION_WARN_TOLERANCE = 1e-3
 MARKER_NAMESPACE_PREFIX = "rnnpose/"
 INITIAL_COLOUR_RGB = (255, 255, 255)
 REFINED_COLOUR_RGB = (255, 0, 0)
+NANOSECONDS_PER_SECOND = 1_000_000_000
 
 
 class ConversionError(ValueError):
@@ -59,6 +65,20 @@ class CameraInfoError(ConversionError):
 
 class PoseError(ConversionError):
     """A pose with a non-finite position or a NaN / zero-length quaternion."""
+
+
+# ---------------------------------------------------------------- stamps
+
+
+def stamp_nanoseconds(stamp: Time) -> int:
+    """A ``builtin_interfaces/Time`` (``header.stamp``) as integer nanoseconds: exact, no float rounding,
+    so it keys the messages of one frame and the answer to it."""
+    return int(stamp.sec) * NANOSECONDS_PER_SECOND + int(stamp.nanosec)
+
+
+def stamp_text(stamp: Time) -> str:
+    """``<sec>.<nanosec>`` with nine decimals, for log lines."""
+    return f"{stamp.sec}.{stamp.nanosec:09d}"
 
 
 # ---------------------------------------------------------------- images

@@ -56,8 +56,9 @@ from rnnpose_ros.ros.conversions import (
     matrix_to_pose,
     pose_to_matrix,
     rgb_to_image,
+    stamp_nanoseconds,
 )
-from rnnpose_ros.ros.node import ParameterSpec
+from rnnpose_ros.ros.parameters import ParameterError, ParameterSpec, declare_settings, objects_file_path
 
 NODE_NAME = "scene_player"
 DEFAULT_FRAME_ID = "camera_color_optical_frame"
@@ -70,10 +71,6 @@ POLL_PERIOD_S = 0.02
 ADD_FRACTION = 0.1
 CM_DEG = (5.0, 5.0)
 PROJ_PX = 5.0
-
-
-class ScenePlayerError(ValueError):
-    """A parameter value the player cannot run with (the message names the parameter)."""
 
 
 # ---------------------------------------------------------------- frames and scoring
@@ -102,7 +99,7 @@ class PlayedFrame:
 
     @property
     def stamp_ns(self) -> int:
-        return stamp_nanoseconds(self.header)
+        return stamp_nanoseconds(self.header.stamp)
 
     @property
     def latency_s(self) -> float | None:
@@ -203,11 +200,6 @@ def score_frame(frame: PlayedFrame, registry: ObjectRegistry) -> list[InstanceSc
 
 
 # ---------------------------------------------------------------- messages
-
-
-def stamp_nanoseconds(header: Header) -> int:
-    """``header.stamp`` as integer nanoseconds (the key that matches a frame with its answer)."""
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
 def camera_info_message(K: np.ndarray, size: tuple[int, int], header: Header) -> CameraInfo:
@@ -321,6 +313,18 @@ class SceneSource:
 # ---------------------------------------------------------------- the node
 
 
+def _class_ids(name: str, value: Sequence[str]) -> list[str]:
+    if not value:
+        raise ParameterError(f"parameter {name!r} must name at least one class id")
+    return list(value)
+
+
+def _translation_sigma(name: str, value: Sequence[float]) -> list[float]:
+    if len(value) != 3 or any(s < 0 for s in value):
+        raise ParameterError(f"parameter {name!r} must be 3 non-negative numbers (m)")
+    return [float(s) for s in value]
+
+
 PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("frames", 10, "Frames to publish; 0 = forever.", int_range=(0, 1_000_000)),
     ParameterSpec(
@@ -345,8 +349,18 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec(
         "frame_id", DEFAULT_FRAME_ID, "frame_id of every published header (the camera optical frame)."
     ),
-    ParameterSpec("objects_file", "", "Object registry YAML; empty = the package's config/objects.yaml."),
-    ParameterSpec("objects", ["duck"], "Class ids placed in every scene (repeat one for several copies)."),
+    ParameterSpec(
+        "objects_file",
+        "",
+        "Object registry YAML; empty = the package's config/objects.yaml.",
+        check=objects_file_path,
+    ),
+    ParameterSpec(
+        "objects",
+        ["duck"],
+        "Class ids placed in every scene (repeat one for several copies).",
+        check=_class_ids,
+    ),
     ParameterSpec("width", 640, "Image width (px).", int_range=(32, 4096)),
     ParameterSpec("height", 480, "Image height (px).", int_range=(32, 4096)),
     ParameterSpec("min_distance", 0.3, "Nearest object centre depth (m).", float_range=(0.05, 100.0)),
@@ -361,11 +375,40 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "Detector noise: largest total rotation error (degrees).",
         float_range=(0.1, 180.0),
     ),
-    ParameterSpec("trans_sigma", [0.01, 0.01, 0.05], "Detector noise: std along camera x, y, z (m)."),
+    ParameterSpec(
+        "trans_sigma",
+        [0.01, 0.01, 0.05],
+        "Detector noise: std along camera x, y, z (m).",
+        check=_translation_sigma,
+    ),
     ParameterSpec(
         "autostart", True, "Start publishing as soon as the refiner subscribes (False: call start())."
     ),
 )
+
+
+@dataclass
+class PlayerSettings:
+    """Validated values of the scene player's :data:`PARAMETERS` (one field per row, same meaning)."""
+
+    frames: int
+    seed: int
+    rate: float
+    wait_for_result: bool
+    result_timeout: float
+    result_topic: str
+    frame_id: str
+    objects_file: Path
+    objects: list[str]
+    width: int
+    height: int
+    min_distance: float
+    max_distance: float
+    occluders: int
+    rot_sigma_deg: float
+    max_angle_deg: float
+    trans_sigma: list[float]
+    autostart: bool
 
 
 class ScenePlayer(Node):
@@ -379,13 +422,11 @@ class ScenePlayer(Node):
 
     def __init__(self, **kwargs: Any):
         super().__init__(NODE_NAME, **kwargs)
-        p = self._declare_parameters()
-        self.settings = p
-        from rnnpose_ros.package_files import default_objects_file
-
-        objects_file = Path(p["objects_file"]).expanduser() if p["objects_file"] else default_objects_file()
-        self.registry = ObjectRegistry.from_yaml(objects_file)
-        models = [self.registry[class_id] for class_id in p["objects"]]
+        p = self.settings = declare_settings(self, PARAMETERS, PlayerSettings)
+        if p.min_distance > p.max_distance:
+            raise ParameterError("parameter 'min_distance' must be <= 'max_distance'")
+        self.registry = ObjectRegistry.from_yaml(p.objects_file)
+        models = [self.registry[class_id] for class_id in p.objects]
         self.frames: list[PlayedFrame] = []
         self._by_stamp: dict[int, PlayedFrame] = {}
         self.on_published: list[Callable[[PlayedFrame], None]] = []
@@ -393,42 +434,29 @@ class ScenePlayer(Node):
         self.started = False
         self.source = SceneSource(
             models,
-            p["seed"],
-            p["frames"],
+            p.seed,
+            p.frames,
             {
-                "size": (p["height"], p["width"]),
-                "distance": (p["min_distance"], p["max_distance"]),
-                "occluders": p["occluders"],
-                "rot_sigma_deg": p["rot_sigma_deg"],
-                "trans_sigma": tuple(p["trans_sigma"]),
-                "max_angle_deg": p["max_angle_deg"],
+                "size": (p.height, p.width),
+                "distance": (p.min_distance, p.max_distance),
+                "occluders": p.occluders,
+                "rot_sigma_deg": p.rot_sigma_deg,
+                "trans_sigma": tuple(p.trans_sigma),
+                "max_angle_deg": p.max_angle_deg,
             },
         )
         self.pub_image = self.create_publisher(Image, "image", qos_profile_sensor_data)
         self.pub_info = self.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.pub_detections = self.create_publisher(Detection3DArray, "detections", reliable)
-        self.create_subscription(Detection3DArray, p["result_topic"], self._on_result, reliable)
+        self.create_subscription(Detection3DArray, p.result_topic, self._on_result, reliable)
         self._last_publish = -math.inf
         self._timer = self.create_timer(POLL_PERIOD_S, self._tick)
         self.get_logger().info(
-            f"{p['frames'] or 'endless'} frames of {', '.join(p['objects'])} (seed {p['seed']}) at most "
-            f"{p['rate']:g} Hz, {'waiting for each answer' if p['wait_for_result'] else 'free-running'} on "
-            f"{p['result_topic']}"
+            f"{p.frames or 'endless'} frames of {', '.join(p.objects)} (seed {p.seed}) at most "
+            f"{p.rate:g} Hz, {'waiting for each answer' if p.wait_for_result else 'free-running'} on "
+            f"{p.result_topic}"
         )
-
-    def _declare_parameters(self) -> dict[str, Any]:
-        values = {}
-        for spec in PARAMETERS:
-            values[spec.name] = self.declare_parameter(spec.name, spec.default, spec.descriptor()).value
-        if values["min_distance"] > values["max_distance"]:
-            raise ScenePlayerError("parameter 'min_distance' must be <= 'max_distance'")
-        if len(values["trans_sigma"]) != 3 or any(s < 0 for s in values["trans_sigma"]):
-            raise ScenePlayerError("parameter 'trans_sigma' must be 3 non-negative numbers (m)")
-        if not values["objects"]:
-            raise ScenePlayerError("parameter 'objects' must name at least one class id")
-        values["trans_sigma"] = [float(s) for s in values["trans_sigma"]]
-        return values
 
     # --- state ----------------------------------------------------------------------------------------
 
@@ -439,7 +467,7 @@ class ScenePlayer(Node):
             self.pub_image.get_subscription_count() > 0
             and self.pub_info.get_subscription_count() > 0
             and self.pub_detections.get_subscription_count() > 0
-            and self.count_publishers(self.settings["result_topic"]) > 0
+            and self.count_publishers(self.settings.result_topic) > 0
         )
 
     def settled(self, frame: PlayedFrame, now: float | None = None) -> bool:
@@ -449,12 +477,12 @@ class ScenePlayer(Node):
         if any(later.result is not None for later in self.frames[frame.index + 1 :]):
             return True
         now = time.monotonic() if now is None else now
-        return now - frame.published_at > self.settings["result_timeout"]
+        return now - frame.published_at > self.settings.result_timeout
 
     @property
     def finished(self) -> bool:
         """Every frame published (``frames`` > 0) and settled."""
-        total = self.settings["frames"]
+        total = self.settings.frames
         now = time.monotonic()
         return total > 0 and len(self.frames) >= total and all(self.settled(f, now) for f in self.frames)
 
@@ -469,13 +497,13 @@ class ScenePlayer(Node):
             raise self.source.error
         p = self.settings
         if not self.started:
-            if not (p["autostart"] and self.refiner_subscribed):
+            if not (p.autostart and self.refiner_subscribed):
                 return
             self.started = True
         now = time.monotonic()
-        if (p["frames"] and len(self.frames) >= p["frames"]) or now - self._last_publish < 1.0 / p["rate"]:
+        if (p.frames and len(self.frames) >= p.frames) or now - self._last_publish < 1.0 / p.rate:
             return
-        if p["wait_for_result"] and self.frames and not self.settled(self.frames[-1], now):
+        if p.wait_for_result and self.frames and not self.settled(self.frames[-1], now):
             return
         scene = self.source.get()
         if scene is not None:
@@ -483,7 +511,7 @@ class ScenePlayer(Node):
 
     def publish(self, scene: Scene) -> PlayedFrame:
         """Publish one scene's image, camera_info and detections with one header; returns its record."""
-        header = Header(frame_id=self.settings["frame_id"], stamp=self.get_clock().now().to_msg())
+        header = Header(frame_id=self.settings.frame_id, stamp=self.get_clock().now().to_msg())
         info = camera_info_message(scene.K, scene.image.shape[:2], header)
         detections = detections_message(scene, self.registry, header)
         image = rgb_to_image(scene.image, header)
@@ -499,7 +527,7 @@ class ScenePlayer(Node):
         return frame
 
     def _on_result(self, msg: Detection3DArray) -> None:
-        frame = self._by_stamp.get(stamp_nanoseconds(msg.header))
+        frame = self._by_stamp.get(stamp_nanoseconds(msg.header.stamp))
         if frame is None or frame.result is not None:
             return  # not ours (another publisher) or a duplicate
         frame.answered_at = time.monotonic()
@@ -548,7 +576,7 @@ def main(args: list[str] | None = None) -> int:
         answered = sum(f.result is not None for f in node.frames)
         logger.info(f"done: {answered} of {len(node.frames)} frames answered")
         return 0 if answered else 1
-    except ScenePlayerError as error:
+    except ParameterError as error:
         rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
         return 2
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):

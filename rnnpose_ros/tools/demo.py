@@ -555,13 +555,12 @@ def _collector(context: Any) -> tuple[Any, Outputs]:
     from diagnostic_msgs.msg import DiagnosticArray
     from sensor_msgs.msg import Image
 
-    from rnnpose_ros.ros.conversions import image_to_rgb
-    from rnnpose_ros.ros.scene_player import stamp_nanoseconds
+    from rnnpose_ros.ros.conversions import image_to_rgb, stamp_nanoseconds
 
     outputs = Outputs(debug_images={}, diagnostics={})
 
     def on_debug(msg: Image) -> None:
-        outputs.debug_images[stamp_nanoseconds(msg.header)] = image_to_rgb(msg)
+        outputs.debug_images[stamp_nanoseconds(msg.header.stamp)] = image_to_rgb(msg)
 
     def on_diagnostics(msg: DiagnosticArray) -> None:
         for status in msg.status:

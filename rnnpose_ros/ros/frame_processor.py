@@ -1,0 +1,197 @@
+"""One synchronised frame through the engine, without a node: messages in, a :class:`FrameOutcome` out.
+
+:func:`process_frame` parses the detections, checks the frame (frame ids, image size), converts the
+image and intrinsics, refines every usable detection in one engine call and decides the output of
+each input detection: the refined pose and score, or the input passed through with score 0. Nothing
+here raises for bad input, publishes or logs: like :func:`~rnnpose_ros.ros.conversions.parse_detections`,
+every problem becomes data — the reason the frame was not refined (:attr:`FrameOutcome.problem`) or a
+warning keyed by its reason (:attr:`FrameOutcome.warnings`, for a throttled logger) — and the caller
+publishes and logs.
+
+Threading: a pure function of its arguments; the node calls it from its worker thread only.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rnnpose_ros.core.observation import InputError, Observation
+from rnnpose_ros.ros.conversions import (
+    ConversionError,
+    DetectionInput,
+    DetectionOutput,
+    has_distortion,
+    image_to_rgb,
+    intrinsics_from_camera_info,
+    parse_detections,
+    stamp_text,
+)
+from rnnpose_ros.ros.inputs import Frame
+from rnnpose_ros.ros.parameters import Settings
+
+if TYPE_CHECKING:
+    from rnnpose_ros.core.objects import ObjectRegistry
+    from rnnpose_ros.core.refiner import RefineResult
+
+
+@dataclass
+class FrameOutcome:
+    """What became of one frame.
+
+    Attributes:
+        detections: the parsed input detections, in input order.
+        outputs: one per input detection, same order: the refined (4, 4) pose and its score, or
+            ``pose=None`` and score 0 (pass the input through).
+        observation: the converted image (H, W, 3) uint8 RGB and intrinsics (3, 3), or None when the
+            frame was rejected before or during conversion.
+        problem: why no detection of the frame was refined (bad frame, engine error), or None.
+        warnings: text to log per reason key (the first text of each reason in this frame), in order.
+        engine_failure: an unexpected engine exception with its traceback, to log as an error, or None.
+        convert_s, refine_s: seconds spent checking and converting, and refining.
+    """
+
+    detections: list[DetectionInput]
+    outputs: list[DetectionOutput] = field(default_factory=list)
+    observation: Observation | None = None
+    problem: str | None = None
+    warnings: dict[str, str] = field(default_factory=dict)
+    engine_failure: str | None = None
+    convert_s: float = 0.0
+    refine_s: float = 0.0
+
+    @property
+    def refined_count(self) -> int:
+        return sum(output.pose is not None for output in self.outputs)
+
+    @property
+    def failed_count(self) -> int:
+        """Detections passed through unrefined."""
+        return len(self.outputs) - self.refined_count
+
+    def warn(self, key: str, text: str) -> None:
+        """Record ``text`` for reason ``key`` unless this frame already has a warning for that reason."""
+        self.warnings.setdefault(key, text)
+
+
+def process_frame(frame: Frame, refiner: Any, settings: Settings, registry: ObjectRegistry) -> FrameOutcome:
+    """Refine the detections of ``frame`` with ``refiner`` (``refine(observation, instances)``, as
+    :class:`~rnnpose_ros.core.refiner.Refiner`); reads ``frame_id_check`` and ``expected_frame_id`` of
+    ``settings`` and the models' boxes from ``registry``. Never raises for bad input."""
+    start = time.monotonic()
+    detections = parse_detections(frame.detections)
+    outcome = FrameOutcome(detections)
+    for item in detections:
+        if item.warning:
+            outcome.warn(
+                f"detection-warning:{item.warning.split()[0]}",
+                f"detection {item.instance_id}: {item.warning}",
+            )
+    outcome.problem = _frame_problem(frame, settings, outcome)
+    if outcome.problem is None:
+        try:
+            outcome.observation = Observation(
+                image_to_rgb(frame.image), intrinsics_from_camera_info(frame.camera_info)
+            )
+            if has_distortion(frame.camera_info):
+                outcome.warn(
+                    "distortion",
+                    "camera_info has non-zero distortion: the node expects rectified images (image_rect) "
+                    "and ignores distortion",
+                )
+        except ConversionError as error:
+            outcome.problem = str(error)
+    converted = time.monotonic()
+    results: dict[int, RefineResult] = {}
+    if outcome.observation is not None and outcome.problem is None:
+        results = _refine(refiner, outcome.observation, outcome)
+    outcome.outputs = [_output(item, results.get(item.index), registry) for item in detections]
+    if outcome.problem is not None:
+        outcome.warn(
+            f"frame:{outcome.problem[:40]}",
+            f"frame {stamp_text(frame.image.header.stamp)} not refined: {outcome.problem}",
+        )
+    outcome.convert_s, outcome.refine_s = converted - start, time.monotonic() - converted
+    return outcome
+
+
+def _frame_problem(frame: Frame, settings: Settings, outcome: FrameOutcome) -> str | None:
+    """Why the whole frame cannot be refined (frame-id and size checks), or None; mismatched frame ids
+    with ``frame_id_check: warn`` become a warning of ``outcome`` instead."""
+    image_frame = frame.image.header.frame_id
+    problems = []
+    if settings.expected_frame_id and image_frame != settings.expected_frame_id:
+        problems.append(f"image frame {image_frame!r} != expected_frame_id {settings.expected_frame_id!r}")
+    if frame.camera_info.header.frame_id != image_frame:
+        problems.append(
+            f"camera_info frame {frame.camera_info.header.frame_id!r} != image frame {image_frame!r}"
+        )
+    detections_frame = frame.detections.header.frame_id
+    if detections_frame and detections_frame != image_frame:
+        problems.append(f"detections frame {detections_frame!r} != image frame {image_frame!r}")
+    if problems and settings.frame_id_check != "off":
+        text = "mismatched frame ids: " + "; ".join(problems)
+        if settings.frame_id_check == "strict":
+            return text + " (set frame_id_check to warn to refine anyway)"
+        outcome.warn("frame-ids", text)
+    info = frame.camera_info
+    if info.width and info.height and (info.width, info.height) != (frame.image.width, frame.image.height):
+        return (
+            f"camera_info is for {info.width}×{info.height} but the image is "
+            f"{frame.image.width}×{frame.image.height}"
+        )
+    return None
+
+
+def _refine(refiner: Any, observation: Observation, outcome: FrameOutcome) -> dict[int, RefineResult]:
+    """One engine call for the usable detections; returns the OK results by input index and records
+    every other outcome (warnings, ``problem``, ``engine_failure``) on ``outcome``."""
+    from rnnpose_ros.core.refiner import Instance, RefineStatus  # heavy (torch): not at node start-up
+
+    usable = []
+    for item in outcome.detections:
+        if item.error is None:
+            usable.append(item)
+        else:
+            outcome.warn(
+                f"detection:{item.error[:30]}", f"detection {item.instance_id} passed through: {item.error}"
+            )
+    if not usable:
+        return {}
+    instances = [Instance(item.class_id, item.pose, item.instance_id) for item in usable]
+    try:
+        results = refiner.refine(observation, instances)
+    except InputError as error:
+        outcome.problem = f"engine rejected the input: {error}"
+        return {}
+    except Exception as error:  # the detections are still published (passed through)
+        outcome.engine_failure = f"engine failed: {error}\n{traceback.format_exc()}"
+        outcome.problem = f"engine failed: {type(error).__name__}: {error}"
+        return {}
+    refined = {}
+    for item, result in zip(usable, results, strict=True):
+        if result.status is RefineStatus.OK:
+            refined[item.index] = result
+        else:
+            outcome.warn(
+                f"status:{result.status.value}",
+                f"detection {item.instance_id} ({item.class_id}) passed through: {result.status.value}: "
+                f"{result.message}",
+            )
+    return refined
+
+
+def _output(item: DetectionInput, result: RefineResult | None, registry: ObjectRegistry) -> DetectionOutput:
+    """The refined pose and score of ``item``, or a pass-through when ``result`` is None; the mesh box of
+    a known class either way."""
+    model = registry.models.get(item.class_id) if item.class_id else None
+    return DetectionOutput(
+        pose=None if result is None else np.asarray(result.pose, dtype=np.float64),
+        score=0.0 if result is None else float(result.score),
+        extents=None if model is None else model.extents,
+        center=None if model is None else model.center,
+    )
