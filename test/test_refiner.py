@@ -158,6 +158,27 @@ def test_stop_ends_the_call_between_stages(refiner, scene):
     )
 
 
+def test_large_frames_run_in_batches_of_max_batch(registry, renderer, scene):
+    """Five instances with max_batch 2 run as batches of 2, 2, 1 and give the results of one batch."""
+    chunked = Refiner(
+        registry, config=replace(SHORT, max_batch=2), backend_config=ONE_STAGE, renderer=renderer
+    )
+    sizes = []
+    prepare_frame = chunked.backend.prepare_frame
+    chunked.backend.prepare_frame = lambda observation, models, poses: (
+        sizes.append(len(models)) or prepare_frame(observation, models, poses)
+    )
+    instances = [Instance("duck", scene.instances[i % 2].pose_init, str(i)) for i in range(5)]
+    whole = Refiner(registry, config=SHORT, backend_config=ONE_STAGE, renderer=renderer)
+    results = zip(
+        chunked.refine(scene.observation, instances), whole.refine(scene.observation, instances), strict=True
+    )
+    for a, b in results:
+        assert a.instance_id == b.instance_id and a.status is b.status
+        np.testing.assert_allclose(a.pose, b.pose, atol=1e-7)
+    assert sizes == [2, 2, 1]
+
+
 def test_empty_instance_list(refiner, scene):
     assert refiner.refine(scene.observation, []) == []
 

@@ -45,6 +45,8 @@ class RefinerConfig:
         restart_angle_deg, restart_hypotheses: the hypotheses turn the initial pose by this angle
             about ``restart_hypotheses`` axes evenly spaced in the camera's x–y plane, through the
             model centre (out-of-plane errors are the ones a silhouette aligns worst).
+        max_batch: instances refined together at most; more (many detections, or restart
+            hypotheses) run in consecutive batches of this size, so memory is bounded by one batch.
     """
 
     outer_iterations: int = 3
@@ -56,6 +58,7 @@ class RefinerConfig:
     restart_below_score: float | None = None
     restart_angle_deg: float = 25.0
     restart_hypotheses: int = 4
+    max_batch: int = 8
 
 
 @dataclass

@@ -277,7 +277,7 @@ class Refiner:
                 batch_poses.append(pose)
         if batch_index:
             self.backend.prepare_objects(batch_models)
-            outcomes = self._refine_isolated(call, batch_models, batch_poses, batch_index)
+            outcomes = self._refine_chunked(call, batch_models, batch_poses, batch_index)
             outcomes = self._restart_weak(call, batch_models, batch_poses, batch_index, outcomes)
             for i, outcome in zip(batch_index, outcomes, strict=True):
                 instance = instances[i]
@@ -373,7 +373,7 @@ class Refiner:
             ):
                 owners.append(b)
                 hypotheses.append(pose)
-        retried = self._refine_isolated(
+        retried = self._refine_chunked(
             call, [models[b] for b in owners], hypotheses, [instance_index[b] for b in owners]
         )
         best = list(outcomes)
@@ -381,6 +381,22 @@ class Refiner:
             if outcome.better_than(best[b]):
                 best[b] = outcome
         return best
+
+    def _refine_chunked(
+        self, call: _Call, models: list[ObjectModel], initial: list[np.ndarray], instance_index: list[int]
+    ) -> list[_Outcome]:
+        """The instances in consecutive batches of at most ``config.max_batch``."""
+        size = max(1, self.config.max_batch)
+        return [
+            outcome
+            for start in range(0, len(models), size)
+            for outcome in self._refine_isolated(
+                call,
+                models[start : start + size],
+                initial[start : start + size],
+                instance_index[start : start + size],
+            )
+        ]
 
     def _refine_isolated(
         self, call: _Call, models: list[ObjectModel], initial: list[np.ndarray], instance_index: list[int]
