@@ -45,7 +45,9 @@ class ScriptedRefiner:
         self.error = error
         self.calls: list[tuple[Observation, list[Instance]]] = []
 
-    def refine(self, observation: Observation, instances: list[Instance]) -> list[RefineResult]:
+    def refine(
+        self, observation: Observation, instances: list[Instance], stop: Any = None
+    ) -> list[RefineResult]:
         self.calls.append((observation, instances))
         if self.error is not None:
             raise self.error

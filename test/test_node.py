@@ -54,7 +54,7 @@ class ShiftRefiner:
         self.registry = registry
         self.calls: list[int] = []
 
-    def refine(self, observation: Observation, instances: list) -> list[RefineResult]:
+    def refine(self, observation: Observation, instances: list, stop: Any = None) -> list[RefineResult]:
         if observation.K[0, 0] <= 0:
             raise InputError("fx must be > 0")
         self.calls.append(len(instances))
@@ -479,10 +479,10 @@ def test_frame_queue_drops_the_oldest(context: Any) -> None:
     entered, release = threading.Event(), threading.Event()
     original = node.refiner.refine
 
-    def blocking(*args: Any) -> Any:
+    def blocking(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         release.wait(timeout=TIMEOUT_S)
-        return original(*args)
+        return original(*args, **kwargs)
 
     node.refiner.refine = blocking
     try:

@@ -304,6 +304,8 @@ class DetectionInput:
         instance_id: stable output id, see :func:`instance_ids`.
         pose: (4, 4) float64 initial model→camera pose, or None when it cannot be used.
         error: why the detection cannot be refined (None when it can).
+        reason: a short fixed code of ``error`` ("no-results", "empty-class-id", "invalid-pose"), the key
+            that throttles its warning (the text carries values and would make every message new).
         warning: something fixed on the way (e.g. a normalised quaternion), or None.
     """
 
@@ -312,6 +314,7 @@ class DetectionInput:
     instance_id: str
     pose: np.ndarray | None
     error: str | None = None
+    reason: str | None = None
     warning: str | None = None
 
 
@@ -328,13 +331,16 @@ def parse_detections(msg: Detection3DArray) -> list[DetectionInput]:
     ):
         item = DetectionInput(index=index, class_id=class_id, instance_id=instance_id, pose=None)
         if not detection.results:
+            item.reason = "no-results"
             item.error = "detection has no results (class id and initial pose expected in results[0])"
         elif not class_id:
+            item.reason = "empty-class-id"
             item.error = "results[0].hypothesis.class_id is empty"
         else:
             try:
                 item.pose, item.warning = pose_to_matrix(detection.results[0].pose.pose)
             except PoseError as error:
+                item.reason = "invalid-pose"
                 item.error = f"invalid initial pose: {error}"
         parsed.append(item)
     return parsed

@@ -3,8 +3,10 @@
 :class:`Diagnostics` attaches to a node: it publishes one ``diagnostic_msgs/DiagnosticArray`` every
 ``diagnostics_period`` seconds (status ``<node name>: refinement``, hardware id = the device) with the
 counters of :class:`Statistics` since start, the input/output rates and latency of the last period,
-and a summary that says why nothing comes out when inputs do not synchronise. Warnings go through it
-so that each reason is logged at most once per ``WARN_THROTTLE_S`` seconds.
+and a summary that says what is wrong: inputs that do not synchronise, detections arriving without
+images (images larger than the transport's limit are dropped by DDS without a trace), or another node
+of the same name answering every frame too. Warnings go through it so that each reason is logged at
+most once per ``WARN_THROTTLE_S`` seconds.
 
 Threading: the input callbacks (executor thread) and the worker thread record into one
 :class:`Statistics` under its lock; the timer callback (executor thread) reads and resets the
@@ -45,6 +47,7 @@ class Statistics:
     dropped: int = 0
     detections_refined: int = 0
     detections_failed: int = 0
+    detections_over_limit: int = 0
     frame_errors: int = 0
     period_synchronised: int = 0
     period_processed: int = 0
@@ -53,6 +56,7 @@ class Statistics:
     incompatible_qos: dict[str, int] = field(default_factory=dict)
     last_problem: str = ""
     first_input: float | None = None
+    received_at_last_period: dict[str, int] = field(default_factory=dict)
 
 
 class Throttle:
@@ -131,15 +135,22 @@ class Diagnostics:
             )
 
     def frame_processed(
-        self, latency_s: Mapping[str, float], refined: int, failed: int, problem: str | None
+        self,
+        latency_s: Mapping[str, float],
+        refined: int,
+        failed: int,
+        problem: str | None,
+        over_limit: int = 0,
     ) -> None:
         """One frame published: seconds per stage of :data:`LATENCY_STAGES`, detections refined and not
-        refined, and why the whole frame was not refined (or None)."""
+        refined (of which ``over_limit`` beyond ``max_detections_per_frame``), and why the whole frame
+        was not refined (or None)."""
         with self.stats.lock:
             self.stats.processed += 1
             self.stats.period_processed += 1
             self.stats.detections_refined += refined
             self.stats.detections_failed += failed
+            self.stats.detections_over_limit += over_limit
             for stage in LATENCY_STAGES:
                 self.stats.latency_ms[stage].append(latency_s[stage] * 1000.0)
             if problem is not None:
@@ -151,6 +162,11 @@ class Diagnostics:
         with self.stats.lock:
             self.stats.frame_errors += 1
             self.stats.last_problem = problem
+
+    def duplicates(self) -> int:
+        """Other nodes in the domain with this node's name and namespace (the ROS graph as discovered)."""
+        me = (self._node.get_name(), self._node.get_namespace())
+        return sum(1 for entry in self._node.get_node_names_and_namespaces() if tuple(entry) == me) - 1
 
     # --- publishing ---------------------------------------------------------------------------------
 
@@ -175,6 +191,7 @@ class Diagnostics:
                 "frames_not_refined": str(s.frame_errors),
                 "detections_refined": str(s.detections_refined),
                 "detections_failed": str(s.detections_failed),
+                "detections_over_limit": str(s.detections_over_limit),
             }
             for topic, count in s.received.items():
                 values[f"received_{topic}"] = str(count)
@@ -190,11 +207,32 @@ class Diagnostics:
                 s.first_input is not None and synced_total == 0 and now - s.first_input > SYNC_HINT_AFTER_S
             )
             received = dict(s.received)
+            arrived = {
+                topic: count - s.received_at_last_period.get(topic, 0) for topic, count in received.items()
+            }
+            s.received_at_last_period = received
             s.period_synchronised = s.period_processed = s.period_dropped = 0
             if s.last_problem:
                 values["last_problem"] = s.last_problem
         level, summary = DiagnosticStatus.OK, "refining"
-        if dropped_now:
+        duplicates = self.duplicates()
+        if duplicates > 0:
+            level = DiagnosticStatus.ERROR
+            summary = (
+                f"{duplicates} other node(s) named {self._node.get_fully_qualified_name()} run in this "
+                "domain: every frame is answered (and every TF frame sent) more than once; "
+                "stop one or rename it"
+            )
+            self._node.get_logger().error(summary, throttle_duration_sec=WARN_THROTTLE_S)
+        elif arrived.get("detections", 0) > 0 and arrived.get("image", 0) == 0:
+            level = DiagnosticStatus.WARN
+            summary = (
+                f"{arrived['detections']} detections but no image arrived in the last {period:.1f} s: "
+                "the camera stopped, or its images exceed the transport's limit (DDS drops them without "
+                "a trace; the project's Fast DDS profile takes up to 64 MiB per message)"
+            )
+            self.warn("no-images", summary)
+        elif dropped_now:
             level, summary = DiagnosticStatus.WARN, f"dropped {dropped_now} frames in the last {period:.1f} s"
         elif waiting:
             level = DiagnosticStatus.WARN

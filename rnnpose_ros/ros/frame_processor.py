@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,10 @@ class FrameOutcome:
         observation: the converted image (H, W, 3) uint8 RGB and intrinsics (3, 3), or None when the
             frame was rejected before or during conversion.
         problem: why no detection of the frame was refined (bad frame, engine error), or None.
-        warnings: text to log per reason key (the first text of each reason in this frame), in order.
+        problem_key: a short fixed code of ``problem`` (its warning's throttle key), or None.
+        warnings: text to log per reason key (the first text of each reason in this frame), in order;
+            keys are fixed codes, never message text, so that each reason is throttled as one.
+        over_limit: usable detections beyond ``max_detections_per_frame``, passed through unrefined.
         engine_failure: an unexpected engine exception with its traceback, to log as an error, or None.
         convert_s, refine_s: seconds spent checking and converting, and refining.
     """
@@ -59,7 +63,9 @@ class FrameOutcome:
     outputs: list[DetectionOutput] = field(default_factory=list)
     observation: Observation | None = None
     problem: str | None = None
+    problem_key: str | None = None
     warnings: dict[str, str] = field(default_factory=dict)
+    over_limit: int = 0
     engine_failure: str | None = None
     convert_s: float = 0.0
     refine_s: float = 0.0
@@ -77,11 +83,23 @@ class FrameOutcome:
         """Record ``text`` for reason ``key`` unless this frame already has a warning for that reason."""
         self.warnings.setdefault(key, text)
 
+    def fail(self, key: str, problem: str) -> None:
+        """The whole frame is passed through because of ``problem`` (reason code ``key``)."""
+        self.problem_key, self.problem = key, problem
 
-def process_frame(frame: Frame, refiner: Any, settings: Settings, registry: ObjectRegistry) -> FrameOutcome:
-    """Refine the detections of ``frame`` with ``refiner`` (``refine(observation, instances)``, as
-    :class:`~rnnpose_ros.core.refiner.Refiner`); reads ``frame_id_check`` and ``expected_frame_id`` of
-    ``settings`` and the models' boxes from ``registry``. Never raises for bad input."""
+
+def process_frame(
+    frame: Frame,
+    refiner: Any,
+    settings: Settings,
+    registry: ObjectRegistry,
+    stop: Callable[[], bool] | None = None,
+) -> FrameOutcome:
+    """Refine the detections of ``frame`` with ``refiner`` (``refine(observation, instances, stop=...)``,
+    as :class:`~rnnpose_ros.core.refiner.Refiner`); reads ``frame_id_check``, ``expected_frame_id`` and
+    ``max_detections_per_frame`` of ``settings`` and the models' boxes from ``registry``. Never raises
+    for bad input; :class:`~rnnpose_ros.core.refiner.RefinementCancelledError` passes through when
+    ``stop`` asks the engine to stop."""
     start = time.monotonic()
     detections = parse_detections(frame.detections)
     outcome = FrameOutcome(detections)
@@ -91,7 +109,7 @@ def process_frame(frame: Frame, refiner: Any, settings: Settings, registry: Obje
                 f"detection-warning:{item.warning.split()[0]}",
                 f"detection {item.instance_id}: {item.warning}",
             )
-    outcome.problem = _frame_problem(frame, settings, outcome)
+    _check_frame(frame, settings, outcome)
     if outcome.problem is None:
         try:
             outcome.observation = Observation(
@@ -104,24 +122,24 @@ def process_frame(frame: Frame, refiner: Any, settings: Settings, registry: Obje
                     "and ignores distortion",
                 )
         except ConversionError as error:
-            outcome.problem = str(error)
+            outcome.fail(type(error).__name__, str(error))
     converted = time.monotonic()
     results: dict[int, RefineResult] = {}
     if outcome.observation is not None and outcome.problem is None:
-        results = _refine(refiner, outcome.observation, outcome)
+        results = _refine(refiner, outcome.observation, outcome, settings.max_detections_per_frame, stop)
     outcome.outputs = [_output(item, results.get(item.index), registry) for item in detections]
     if outcome.problem is not None:
         outcome.warn(
-            f"frame:{outcome.problem[:40]}",
+            f"frame:{outcome.problem_key}",
             f"frame {stamp_text(frame.image.header.stamp)} not refined: {outcome.problem}",
         )
     outcome.convert_s, outcome.refine_s = converted - start, time.monotonic() - converted
     return outcome
 
 
-def _frame_problem(frame: Frame, settings: Settings, outcome: FrameOutcome) -> str | None:
-    """Why the whole frame cannot be refined (frame-id and size checks), or None; mismatched frame ids
-    with ``frame_id_check: warn`` become a warning of ``outcome`` instead."""
+def _check_frame(frame: Frame, settings: Settings, outcome: FrameOutcome) -> None:
+    """Fail ``outcome`` when the whole frame cannot be refined (frame-id and size checks); mismatched
+    frame ids with ``frame_id_check: warn`` become a warning instead."""
     image_frame = frame.image.header.frame_id
     problems = []
     if settings.expected_frame_id and image_frame != settings.expected_frame_id:
@@ -136,21 +154,33 @@ def _frame_problem(frame: Frame, settings: Settings, outcome: FrameOutcome) -> s
     if problems and settings.frame_id_check != "off":
         text = "mismatched frame ids: " + "; ".join(problems)
         if settings.frame_id_check == "strict":
-            return text + " (set frame_id_check to warn to refine anyway)"
+            outcome.fail("frame-ids", text + " (set frame_id_check to warn to refine anyway)")
+            return
         outcome.warn("frame-ids", text)
     info = frame.camera_info
     if info.width and info.height and (info.width, info.height) != (frame.image.width, frame.image.height):
-        return (
+        outcome.fail(
+            "camera-info-size",
             f"camera_info is for {info.width}×{info.height} but the image is "
-            f"{frame.image.width}×{frame.image.height}"
+            f"{frame.image.width}×{frame.image.height}",
         )
-    return None
 
 
-def _refine(refiner: Any, observation: Observation, outcome: FrameOutcome) -> dict[int, RefineResult]:
-    """One engine call for the usable detections; returns the OK results by input index and records
-    every other outcome (warnings, ``problem``, ``engine_failure``) on ``outcome``."""
-    from rnnpose_ros.core.refiner import Instance, RefineStatus  # heavy (torch): not at node start-up
+def _refine(
+    refiner: Any,
+    observation: Observation,
+    outcome: FrameOutcome,
+    max_detections: int,
+    stop: Callable[[], bool] | None,
+) -> dict[int, RefineResult]:
+    """One engine call for the usable detections (the first ``max_detections`` of them, in input order);
+    returns the OK results by input index and records every other outcome (warnings, ``problem``,
+    ``engine_failure``, ``over_limit``) on ``outcome``."""
+    from rnnpose_ros.core.refiner import (  # heavy (torch): not at node start-up
+        Instance,
+        RefinementCancelledError,
+        RefineStatus,
+    )
 
     usable = []
     for item in outcome.detections:
@@ -158,19 +188,29 @@ def _refine(refiner: Any, observation: Observation, outcome: FrameOutcome) -> di
             usable.append(item)
         else:
             outcome.warn(
-                f"detection:{item.error[:30]}", f"detection {item.instance_id} passed through: {item.error}"
+                f"detection:{item.reason}", f"detection {item.instance_id} passed through: {item.error}"
             )
+    if len(usable) > max_detections:
+        outcome.over_limit = len(usable) - max_detections
+        outcome.warn(
+            "too-many-detections",
+            f"{len(usable)} detections in one frame: the first {max_detections} are refined, "
+            f"{outcome.over_limit} passed through (max_detections_per_frame = {max_detections})",
+        )
+        usable = usable[:max_detections]
     if not usable:
         return {}
     instances = [Instance(item.class_id, item.pose, item.instance_id) for item in usable]
     try:
-        results = refiner.refine(observation, instances)
+        results = refiner.refine(observation, instances, stop=stop)
+    except RefinementCancelledError:
+        raise
     except InputError as error:
-        outcome.problem = f"engine rejected the input: {error}"
+        outcome.fail("engine-input", f"engine rejected the input: {error}")
         return {}
     except Exception as error:  # the detections are still published (passed through)
         outcome.engine_failure = f"engine failed: {error}\n{traceback.format_exc()}"
-        outcome.problem = f"engine failed: {type(error).__name__}: {error}"
+        outcome.fail("engine-failure", f"engine failed: {type(error).__name__}: {error}")
         return {}
     refined = {}
     for item, result in zip(usable, results, strict=True):

@@ -20,7 +20,9 @@ whole interface.
 Threading: subscription callbacks only queue the synchronised set (bounded, ``max_pending_frames``,
 oldest dropped with a throttled warning); one worker thread converts, refines and publishes, so the
 executor is never blocked by refinement. Bad input never stops the node: the frame's detections are
-passed through with score 0 and the reason is logged (throttled per reason).
+passed through with score 0 and the reason is logged (throttled per reason). Shutdown asks the engine
+to stop between two of its stages and waits for the worker, so the process never exits while the
+worker is inside native code (rendering, torch, OpenCV).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 import rclpy
 import rclpy.executors
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
@@ -61,13 +64,22 @@ from rnnpose_ros.ros.parameters import (
     PARAMETERS,
     ParameterError,
     Settings,
+    check_command_line,
     declare_settings,
     resolve_backend,
     resolve_device,
 )
 
 NODE_NAME = "rnnpose_refiner"
-SHUTDOWN_WAIT_S = 2.0
+# Longest wait for the worker at shutdown: one engine stage (a render iteration of a full batch on a
+# slow CPU) takes well under this.
+SHUTDOWN_WAIT_S = 10.0
+# How long the node looks for another node of its name before it starts (DDS discovery on one host).
+DUPLICATE_CHECK_S = 1.0
+
+
+class StartupError(RuntimeError):
+    """The node cannot start for a reason other than a parameter value (the message says why)."""
 
 
 class RefinerNode(Node):
@@ -93,6 +105,7 @@ class RefinerNode(Node):
 
         self.queue = FrameQueue(s.max_pending_frames)
         self.warmed_up = threading.Event()
+        self._stopping = threading.Event()
         self.diagnostics = Diagnostics(self, s, self.queue, self.warmed_up)
         self.inputs = FrameInputs(self, s, self._on_frame, self.diagnostics)
         self._worker = threading.Thread(target=self._work, name="rnnpose_worker", daemon=True)
@@ -110,12 +123,19 @@ class RefinerNode(Node):
     # --- worker thread ------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        if self.settings.warmup:
-            self._warm_up()
+        from rnnpose_ros.core.refiner import RefinementCancelledError  # heavy (torch): after start-up
+
+        try:
+            if self.settings.warmup:
+                self._warm_up()
+        except RefinementCancelledError:
+            return
         self.warmed_up.set()
         while (frame := self.queue.get()) is not None:
             try:
                 self.process(frame)
+            except RefinementCancelledError:
+                return  # shutting down: the frame is abandoned between two engine stages
             except Exception as error:  # never let one frame end the worker
                 if self.queue.closed or not self.context.ok():
                     return  # shutting down: the node's publishers may already be gone
@@ -124,7 +144,10 @@ class RefinerNode(Node):
 
     def _warm_up(self) -> None:
         """One engine call on a grey 320×240 image with each class 3 diameters ahead (results unused)."""
-        from rnnpose_ros.core.refiner import Instance  # heavy (torch): after the cheap start-up checks
+        from rnnpose_ros.core.refiner import (  # heavy (torch): after the cheap start-up checks
+            Instance,
+            RefinementCancelledError,
+        )
 
         start = time.monotonic()
         K = np.array([[300.0, 0.0, 160.0], [0.0, 300.0, 120.0], [0.0, 0.0, 1.0]])
@@ -134,7 +157,11 @@ class RefinerNode(Node):
             pose[:3, 3] = -model.center + (0.0, 0.0, 3.0 * model.diameter)
             instances.append(Instance(model.class_id, pose, "warmup"))
         try:
-            self.refiner.refine(Observation(np.full((240, 320, 3), 128, np.uint8), K), instances)
+            self.refiner.refine(
+                Observation(np.full((240, 320, 3), 128, np.uint8), K), instances, stop=self._stopping.is_set
+            )
+        except RefinementCancelledError:
+            raise
         except Exception as error:  # a failed warm-up only costs first-frame latency
             self.get_logger().warning(f"warm-up failed (the first frame will be slower): {error}")
             return
@@ -144,7 +171,7 @@ class RefinerNode(Node):
     def process(self, frame: Frame) -> Detection3DArray:
         """Refine and publish one synchronised frame; returns the published detections."""
         start = time.monotonic()
-        outcome = process_frame(frame, self.refiner, self.settings, self.registry)
+        outcome = process_frame(frame, self.refiner, self.settings, self.registry, stop=self._stopping.is_set)
         processed = time.monotonic()
         if outcome.engine_failure is not None:
             self.get_logger().error(outcome.engine_failure, throttle_duration_sec=5.0)
@@ -163,7 +190,7 @@ class RefinerNode(Node):
             "total": done - frame.queued,
         }
         self.diagnostics.frame_processed(
-            latency_s, outcome.refined_count, outcome.failed_count, outcome.problem
+            latency_s, outcome.refined_count, outcome.failed_count, outcome.problem, outcome.over_limit
         )
         return message
 
@@ -206,13 +233,32 @@ class RefinerNode(Node):
             self.pub_debug.publish(rgb_to_image(overlay, header))
 
     def destroy_node(self) -> None:
-        """Stop the worker, waiting up to ``SHUTDOWN_WAIT_S`` for the frame in progress (a slow CPU
-        refinement or the warm-up is abandoned: the worker is a daemon thread)."""
+        """Stop the worker: the engine stops at its next stage boundary (the frame in progress or the
+        warm-up is abandoned, unpublished), and the worker is joined, so that no thread is left inside
+        native code when the process exits."""
         if hasattr(self, "_worker"):  # absent when the constructor failed
+            self._stopping.set()
             self.queue.close()
             if self._worker.is_alive() and threading.current_thread() is not self._worker:
                 self._worker.join(timeout=SHUTDOWN_WAIT_S)
+                if self._worker.is_alive():
+                    self.get_logger().error(f"the worker did not stop within {SHUTDOWN_WAIT_S:g} s")
         super().destroy_node()
+
+    def refuse_duplicate(self, wait_s: float = DUPLICATE_CHECK_S) -> None:
+        """Raise StartupError if, within ``wait_s`` of discovery, another node of this fully qualified
+        name shows up in the domain (both would answer every frame, with duplicate TF)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self.diagnostics.duplicates() > 0:
+                raise StartupError(
+                    f"another node named {self.get_fully_qualified_name()} already runs in ROS_DOMAIN_ID "
+                    f"{self.context.get_domain_id()}: start this one in another namespace (-r __ns:=/name) "
+                    "or with another name (-r __node:=name)"
+                )
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- engine construction
@@ -252,14 +298,25 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Console entry point ``refine_node``: spin the node until shut down (exit 2 on a parameter error)."""
-    rclpy.init(args=args)
+    """Console entry point ``refine_node``: spin the node until shut down (exit 2, with one line saying
+    why, when it cannot start; 0 after SIGINT / SIGTERM)."""
+    logger = rclpy.logging.get_logger(NODE_NAME)
+    try:
+        check_command_line(sys.argv if args is None else args, PARAMETERS, NODE_NAME)
+        rclpy.init(args=args)
+    except ParameterError as error:
+        logger.fatal(str(error))
+        return 2
+    except RCLError as error:  # what the command-line check cannot see, in rcl's words
+        logger.fatal(f"cannot start: {str(error).splitlines()[0]}")
+        return 2
     node = None
     try:
         node = RefinerNode()
+        node.refuse_duplicate()
         rclpy.spin(node)
-    except ParameterError as error:
-        rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
+    except (ParameterError, StartupError) as error:
+        logger.fatal(str(error))
         return 2
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass

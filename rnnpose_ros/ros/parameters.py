@@ -283,6 +283,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         int_range=(1, 100),
     ),
     ParameterSpec(
+        "max_detections_per_frame",
+        16,
+        "Detections refined per frame at most (the first ones, in input order); the rest are passed "
+        "through with score 0, warned about and counted in /diagnostics.",
+        int_range=(1, 1000),
+    ),
+    ParameterSpec(
         "image_qos",
         "sensor_data",
         "QoS of the image and camera_info subscriptions (sensor_data = best effort, accepts any publisher).",
@@ -343,6 +350,7 @@ class Settings:
     sync_slop: float
     queue_size: int
     max_pending_frames: int
+    max_detections_per_frame: int
     image_qos: str
     detections_qos: str
     debug_image: bool
@@ -350,3 +358,61 @@ class Settings:
     expected_frame_id: str
     warmup: bool
     diagnostics_period: float
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def check_command_line(args: Sequence[str], specs: Sequence[ParameterSpec], node_name: str) -> None:
+    """Check what ``--ros-args`` gives the node before rclpy reads it: every ``--params-file`` exists
+    and is YAML, and every ``-p name:=value`` of a row of ``specs`` has the row's type.
+
+    rclpy reports a missing or malformed parameters file as a wall of RCL errors, and silently drops a
+    ``-p`` value whose type differs from the same parameter's value in a parameters file; both must
+    instead stop the node with one line naming the file or the parameter.
+
+    Raises:
+        ParameterError: naming the file or the parameter.
+    """
+    import yaml
+
+    rows = {spec.name: spec for spec in specs}
+    for flag, value in _ros_arguments(args):
+        if flag == "--params-file":
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ParameterError(f"--params-file {value}: no such file")
+            try:
+                yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                reason = str(error).splitlines()[0]
+                raise ParameterError(
+                    f"--params-file {value}: not a YAML parameters file ({reason})"
+                ) from None
+            continue
+        name, separator, text = value.partition(":=")
+        owner, _, name = name.rpartition(":")
+        if not separator or owner not in ("", node_name) or name not in rows:
+            continue
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            parsed = text
+        default = rows[name].default
+        if type(parsed) is not type(default):
+            kind = type(default).__name__
+            hint = " (write 0.0, not 0)" if isinstance(default, float) and isinstance(parsed, int) else ""
+            raise ParameterError(f"parameter {name!r} must be of type {kind}{hint}, got {text!r} from -p")
+
+
+def _ros_arguments(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``(flag, value)`` of every ``-p``/``--param`` and ``--params-file`` inside ``--ros-args`` sections."""
+    found, inside, tokens = [], False, list(args)
+    for index, token in enumerate(tokens):
+        if token == "--ros-args":
+            inside = True
+        elif token == "--":
+            inside = False
+        elif inside and token in ("-p", "--param", "--params-file") and index + 1 < len(tokens):
+            found.append(("--params-file" if token == "--params-file" else "-p", tokens[index + 1]))
+    return found
