@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -155,11 +155,20 @@ def test_add_threshold_and_input_errors():
 # -- the reporting vocabulary -----------------------------------------------------------------------
 
 
+@dataclass
+class Shape:
+    """The part of an ObjectModel that the metrics read."""
+
+    eval_points: np.ndarray
+    diameter: float
+    symmetric: bool = False
+
+
 def test_pose_errors_of_a_known_offset():
     # The plane facing the camera at 0.5 m, shifted 1 cm along x: ADD = 1 cm, every point moves by
     # fx·0.01/0.5 ≈ 11.4 px, no rotation. With a 20 cm diameter ADD is 0.05 d.
     gt, est = _pose(t=(0.0, 0.0, 0.5)), _pose(t=(0.01, 0.0, 0.5))
-    errors = pose_errors(_plane(), est, gt, K, diameter=0.2, symmetric=False)
+    errors = pose_errors(Shape(_plane(), diameter=0.2), est, gt, K)
     assert errors.add_m == pytest.approx(0.01, rel=1e-12)
     assert errors.add_fraction == pytest.approx(0.05, rel=1e-12)
     assert errors.projection_px == pytest.approx(K[0, 0] * 0.01 / 0.5, rel=1e-12)
@@ -174,8 +183,8 @@ def test_pose_errors_use_add_s_for_symmetric_objects():
     gt = _pose(_rot_x(30), (0.02, -0.01, 0.7))
     est = gt.copy()
     est[:3, :3] = gt[:3, :3] @ _rot_z(20)  # the point set maps onto itself
-    symmetric = pose_errors(points, est, gt, K, diameter=0.1, symmetric=True)
-    plain = pose_errors(points, est, gt, K, diameter=0.1, symmetric=False)
+    symmetric = pose_errors(Shape(points, diameter=0.1, symmetric=True), est, gt, K)
+    plain = pose_errors(Shape(points, diameter=0.1, symmetric=False), est, gt, K)
     assert symmetric.add_m == pytest.approx(0.0, abs=1e-9)
     assert plain.add_m == pytest.approx(2 * 0.03 * math.sin(math.radians(10)), rel=1e-9)  # 20° chord
     assert symmetric.rotation_deg == plain.rotation_deg == pytest.approx(20.0, rel=1e-9)
@@ -210,4 +219,4 @@ def test_pass_tests_are_named_for_every_report():
 @pytest.mark.parametrize("diameter", [0.0, -0.1, math.nan, math.inf])
 def test_pose_errors_need_a_positive_diameter(diameter):
     with pytest.raises(MetricsInputError, match="diameter"):
-        pose_errors(_plane(), _pose(), _pose(), K, diameter=diameter, symmetric=False)
+        pose_errors(Shape(_plane(), diameter=diameter), _pose(), _pose(), K)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -215,36 +216,41 @@ class PoseErrors:
         return self.add_m / self.diameter_m
 
 
-def pose_errors(
-    points: ArrayLike,
-    pose_est: ArrayLike,
-    pose_gt: ArrayLike,
-    K: ArrayLike,
-    *,
-    diameter: float,
-    symmetric: bool,
-) -> PoseErrors:
-    """Every error of :class:`PoseErrors` for one pose (an ``ObjectModel`` gives the object's part).
+class MeasuredObject(Protocol):
+    """What the metrics need of an object; :class:`~rnnpose_ros.core.objects.ObjectModel` has it.
+
+    Attributes:
+        eval_points: (M, 3) model points, metres in the model frame.
+        diameter: metres.
+        symmetric: whether ADD-S replaces ADD.
+    """
+
+    eval_points: np.ndarray
+    diameter: float
+    symmetric: bool
+
+
+def pose_errors(obj: MeasuredObject, pose_est: ArrayLike, pose_gt: ArrayLike, K: ArrayLike) -> PoseErrors:
+    """Every error of :class:`PoseErrors` for one pose of ``obj``.
 
     Args:
-        points: (N, 3) model points, metres in the model frame (``ObjectModel.eval_points``).
+        obj: the object (its points, diameter and symmetry).
         pose_est, pose_gt: (4, 4) or (3, 4) model→camera poses, metres.
         K: (3, 3) intrinsics of the image the pose is measured in, pixels.
-        diameter: the object's diameter, metres (``ObjectModel.diameter``).
-        symmetric: use ADD-S instead of ADD (``ObjectModel.symmetric``).
 
     Raises:
-        MetricsInputError: ``diameter`` is not a finite positive number, or the points, poses or K
+        MetricsInputError: the diameter is not a finite positive number, or the points, poses or K
             have the wrong shape or are not finite.
     """
-    if not (np.isfinite(diameter) and diameter > 0):
-        raise MetricsInputError(f"diameter must be a finite number > 0, got {diameter}")
+    if not (np.isfinite(obj.diameter) and obj.diameter > 0):
+        raise MetricsInputError(f"diameter must be a finite number > 0, got {obj.diameter}")
+    points = obj.eval_points
     return PoseErrors(
-        add_m=add_or_add_s(points, pose_est, pose_gt, symmetric),
+        add_m=add_or_add_s(points, pose_est, pose_gt, obj.symmetric),
         projection_px=projection_error_2d(points, pose_est, pose_gt, K),
         rotation_deg=rotation_error_deg(pose_est, pose_gt),
         translation_m=translation_error(pose_est, pose_gt),
-        diameter_m=float(diameter),
+        diameter_m=float(obj.diameter),
     )
 
 

@@ -46,11 +46,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rnnpose_ros.core import metrics
 from rnnpose_ros.package_files import package_config_file
+
+if TYPE_CHECKING:  # the scene player imports rclpy, which must wait for the DDS environment
+    from rnnpose_ros.ros.scene_player import InstanceScore
 
 NODE_NAME = "rnnpose_refiner"
 NODE_EXECUTABLE = "refine_node"
@@ -69,6 +73,9 @@ SHM_DIR = Path("/dev/shm")
 DDS_PORT_BASE = 7400
 DDS_DOMAIN_GAIN = 250
 PR_SET_PDEATHSIG = 1
+#: The rows of the demo's table and the keys of its summary: these tests of
+#: :data:`rnnpose_ros.core.metrics.PASS_TESTS`, by tag, in this order.
+DEMO_TESTS = ("add_s", "cm5_deg5", "proj_5px")
 
 
 class DemoError(RuntimeError):
@@ -262,22 +269,19 @@ class Rates:
     refined: float
 
 
-def pass_rates(scores: Sequence[Any]) -> dict[str, Rates]:
-    """ADD(-S)@0.1d, 5cm5° and 2D-projection-5px rates over ``scores`` (InstanceScore; an instance
-    without a refined pose fails the refined test)."""
+def pass_rates(scores: Sequence[InstanceScore]) -> dict[str, Rates]:
+    """Share of ``scores`` passing each test of :data:`DEMO_TESTS`, by the test's tag (an instance
+    without a refined pose fails the refined test); empty without scores."""
     if not scores:
         return {}
-    tests = {
-        "ADD(-S)@0.1d": lambda e: e.add_passed,
-        "5cm5deg": lambda e: e.cm_deg_passed,
-        "proj2D@5px": lambda e: e.projection_passed,
-    }
+    initial = [metrics.passed(s.initial) for s in scores]
+    refined = [None if s.refined is None else metrics.passed(s.refined) for s in scores]
     return {
-        name: Rates(
-            initial=float(np.mean([passed(s.initial) for s in scores])),
-            refined=float(np.mean([s.refined is not None and passed(s.refined) for s in scores])),
+        metrics.PASS_TESTS[name].tag: Rates(
+            initial=float(np.mean([p[name] for p in initial])),
+            refined=float(np.mean([p is not None and p[name] for p in refined])),
         )
-        for name, passed in tests.items()
+        for name in DEMO_TESTS
     }
 
 
@@ -301,11 +305,12 @@ def caption(image: np.ndarray, text: Sequence[str]) -> np.ndarray:
     return np.concatenate([strip, image], axis=0)
 
 
-def frame_caption(index: int, scores: Sequence[Any], latency_s: float | None) -> list[str]:
+def frame_caption(index: int, scores: Sequence[InstanceScore], latency_s: float | None) -> list[str]:
+    """The lines above a frame's overlay: each object's initial → refined ADD(-S), then the legend."""
     lines = []
     for s in scores:
         refined = "not refined" if s.refined is None else f"{s.refined.add_m * 1000:.1f} mm"
-        name = "ADD-S" if s.symmetric else "ADD"
+        name = metrics.add_name(s.symmetric)
         lines.append(
             f"frame {index} {s.instance_id}: {name} {s.initial.add_m * 1000:.1f} mm -> {refined}, "
             f"score {s.score:.2f}"
@@ -700,13 +705,25 @@ def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeP
     return 0
 
 
-def _instance_record(score: Any) -> dict[str, Any]:
+def _instance_record(score: InstanceScore) -> dict[str, Any]:
+    """One object's entry in ``summary.json``."""
     return {
         "class_id": score.class_id,
         "instance_id": score.instance_id,
         "score": score.score,
-        "initial": asdict(score.initial),
-        "refined": None if score.refined is None else asdict(score.refined),
+        "initial": _errors_record(score.initial),
+        "refined": None if score.refined is None else _errors_record(score.refined),
+    }
+
+
+def _errors_record(errors: metrics.PoseErrors) -> dict[str, float]:
+    """The errors of one pose in ``summary.json``: metres, fraction of the diameter, degrees, pixels."""
+    return {
+        "add_m": errors.add_m,
+        "add_fraction": errors.add_fraction,
+        "rotation_deg": errors.rotation_deg,
+        "translation_m": errors.translation_m,
+        "projection_px": errors.projection_px,
     }
 
 
