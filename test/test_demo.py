@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from rnnpose_ros.core.backends import BACKENDS
 from rnnpose_ros.core.metrics import PoseErrors
 from rnnpose_ros.tools import demo
 
@@ -80,6 +81,7 @@ def test_pass_rates_count_unrefined_instances_as_failures() -> None:
     assert rates["5cm5deg"] == demo.Rates(initial=0.5, refined=0.5)
     assert rates["proj2D@5px"] == demo.Rates(initial=0.0, refined=0.0)
     assert demo.pass_rates([]) == {}
+    assert demo.mean_add_mm(scores) == pytest.approx({"initial": 25.5, "refined": 1.0})
 
 
 def test_instance_record_keeps_the_summary_format() -> None:
@@ -101,6 +103,14 @@ def test_instance_record_keeps_the_summary_format() -> None:
         "projection_px",
     ]
     assert record["refined"] is None
+
+
+def test_backend_choices_come_from_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.parse_args(["--backend", "rnnpose"]).backend == "rnnpose"
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--backend", "teapot"])
+    error = capsys.readouterr().err
+    assert all(name in error for name in BACKENDS)
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
