@@ -11,7 +11,6 @@ import trimesh
 
 from rnnpose_ros.core.objects import ObjectModel
 from rnnpose_ros.core.render import (
-    Renderer,
     interpolate_vertex_attributes,
     nearest_vertex_depth,
     project_vertex_mask,
@@ -20,11 +19,6 @@ from rnnpose_ros.core.render import (
 
 def model_from_trimesh(mesh: trimesh.Trimesh, class_id: str = "m") -> ObjectModel:
     return ObjectModel.from_arrays(class_id, mesh.vertices, mesh.faces)
-
-
-@pytest.fixture(scope="module")
-def renderer():
-    return Renderer()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +10,6 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from rnnpose_ros.core.objects import ObjectModel
-from rnnpose_ros.core.render import Renderer
 from rnnpose_ros.core.synth import (
     DEFAULT_K,
     SceneSpec,
@@ -30,11 +28,6 @@ def coloured_box(extents=(0.08, 0.06, 0.05), class_id="box") -> ObjectModel:
     mesh = trimesh.creation.box(extents=extents)
     colours = (np.abs(mesh.vertices) / np.abs(mesh.vertices).max() * 255).astype(np.uint8)
     return ObjectModel.from_arrays(class_id, mesh.vertices, mesh.faces, vertex_colors=colours)
-
-
-@pytest.fixture(scope="module")
-def renderer():
-    return Renderer()
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +159,8 @@ def test_default_camera():
     assert DEFAULT_K[0, 0] == pytest.approx(572.0) and DEFAULT_K[0, 2] == pytest.approx(319.5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pybullet_data") is None, reason="pybullet_data not installed")
-def test_duck_scene_default_camera(renderer):
-    from rnnpose_ros.core.objects import load_pybullet_object
-
-    duck = load_pybullet_object("duck")
+def test_duck_scene_default_camera(renderer, duck_registry):
+    duck = duck_registry["duck"]
     scene = make_scene([duck], 5, renderer)
     assert scene.image.shape == (480, 640, 3) and scene.background
     np.testing.assert_allclose(scene.K, [[572, 0, 319.5], [0, 572, 239.5], [0, 0, 1]])
