@@ -29,12 +29,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rnnpose_ros.core import metrics
 from rnnpose_ros.core.backends import BACKENDS, backend_help
 from rnnpose_ros.package_files import default_objects_file
+
+if TYPE_CHECKING:  # heavy (OpenGL, torch): imported where used, so that --help stays fast
+    from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
+    from rnnpose_ros.core.refiner import RefineResult
+    from rnnpose_ros.core.synth import Scene, SceneSpec
 
 DEFAULT_OBJECTS = default_objects_file()
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
@@ -223,21 +229,21 @@ def evaluate_level(
     return result
 
 
-def scene_spec(args: argparse.Namespace, rot_deg: float, trans_m: tuple[float, float, float]):
+def scene_spec(args: argparse.Namespace, rot_deg: float, trans_m: tuple[float, float, float]) -> SceneSpec:
     """The :class:`~rnnpose_ros.core.synth.SceneSpec` of one noise level (σ in degrees and metres)."""
     from rnnpose_ros.core.synth import SceneSpec
 
     return SceneSpec(occluders=args.occluders, rot_sigma_deg=rot_deg, trans_sigma=trans_m)
 
 
-def scene_models(args: argparse.Namespace, registry, index: int) -> list:
+def scene_models(args: argparse.Namespace, registry: ObjectRegistry, index: int) -> list[ObjectModel]:
     """The objects of scene ``index``: ``--instances-per-scene`` of them, cycling through the classes."""
     class_ids = args.classes or registry.class_ids
     per_scene = args.instances_per_scene
     return [registry[class_ids[(index * per_scene + k) % len(class_ids)]] for k in range(per_scene)]
 
 
-def score_scene(scene, refined: list, registry) -> list[InstanceOutcome]:
+def score_scene(scene: Scene, refined: list[RefineResult], registry: ObjectRegistry) -> list[InstanceOutcome]:
     """Which tests each instance's initial and refined pose pass; an instance the refiner did not
     refine (status other than OK) keeps its initial pose."""
     from rnnpose_ros.core.refiner import RefineStatus
