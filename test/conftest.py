@@ -31,6 +31,28 @@ def golden_dir() -> Path:
     return Path(os.environ.get("RNNPOSE_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
 
 
+@pytest.fixture(scope="module")
+def renderer():
+    """An offscreen renderer per test module (an OpenGL context is slow to create).
+
+    Not one per session: closing any renderer (the node and the scene player close theirs) terminates
+    the process's EGL display, and with it every other renderer's context.
+    """
+    from rnnpose_ros.core.render import Renderer
+
+    return Renderer()
+
+
+@pytest.fixture(scope="session")
+def duck_registry():
+    """A registry holding pybullet's textured duck alone; skips the test without pybullet_data."""
+    from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
+
+    if not pybullet_mesh_available():
+        pytest.skip("pybullet_data meshes not installed")
+    return ObjectRegistry(models={"duck": load_pybullet_object("duck")})
+
+
 @pytest.fixture
 def golden() -> Path:
     """The golden fixture folder; skips the test (saying where it looked) when it is absent."""

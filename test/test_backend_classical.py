@@ -21,26 +21,12 @@ from rnnpose_ros.core.backends.classical import (
 )
 from rnnpose_ros.core.objects import (
     ObjectModel,
-    ObjectRegistry,
-    load_pybullet_object,
     pybullet_mesh_available,
 )
 from rnnpose_ros.core.refiner import Instance, Refiner, RefineStatus
-from rnnpose_ros.core.synth import make_scene
+from rnnpose_ros.core.synth import SceneSpec, make_scene
 
 pytestmark = pytest.mark.skipif(not pybullet_mesh_available(), reason="pybullet_data meshes not installed")
-
-
-@pytest.fixture(scope="module")
-def renderer():
-    from rnnpose_ros.core.render import Renderer
-
-    return Renderer()
-
-
-@pytest.fixture(scope="module")
-def registry() -> ObjectRegistry:
-    return ObjectRegistry(models={"duck": load_pybullet_object("duck")})
 
 
 class OracleBackend(ClassicalBackend):
@@ -68,14 +54,15 @@ class OracleBackend(ClassicalBackend):
         return targets, weights
 
 
-def test_oracle_recovers_ground_truth(registry, renderer):
+def test_oracle_recovers_ground_truth(duck_registry, renderer):
     """Perfect correspondences through the real lifting + LM path: < 1 mm and < 0.1° from 15°/1-1-5 cm."""
     # Full 6-DoF motion from the first iteration (the default schedule starts with median shifts).
     config = ClassicalConfig(stages=[CropStage(0, 160, 0.8), CropStage(4, 224, 0.4)])
     backend = OracleBackend(torch.device("cpu"), config, renderer)
     loop = replace(ClassicalBackend.default_loop(), outer_iterations=8, inner_steps=3)
-    refiner = Refiner(registry, backend=backend, config=loop)
-    scene = make_scene([registry["duck"], registry["duck"]], 11, renderer)  # default noise 15°, 1/1/5 cm
+    refiner = Refiner(duck_registry, backend=backend, config=loop)
+    duck = duck_registry["duck"]
+    scene = make_scene([duck, duck], 11, renderer)  # default noise 15°, 1/1/5 cm
     backend.ground_truth = np.stack([i.pose_gt for i in scene.instances])
     results = refiner.refine(scene.observation, [Instance("duck", i.pose_init) for i in scene.instances])
     for truth, result in zip(scene.instances, results, strict=True):
@@ -86,18 +73,18 @@ def test_oracle_recovers_ground_truth(registry, renderer):
         assert result.score > 0.9
 
 
-def test_crop_intrinsics_match_the_crop(registry, renderer):
+def test_crop_intrinsics_match_the_crop(duck_registry, renderer):
     """A model vertex projects to the same crop pixel through K_crop as through the crop's affine map."""
     config = ClassicalConfig(stages=[CropStage(0, 64, 0.3)])
     backend = ClassicalBackend(torch.device("cpu"), config, renderer)
-    scene = make_scene([registry["duck"]], 2, renderer)
-    models = [registry["duck"]]
+    scene = make_scene([duck_registry["duck"]], 2, renderer)
+    models = [duck_registry["duck"]]
     backend.prepare_objects(models)
     frame = backend.prepare_frame(scene.observation, models, torch.zeros(1, 4, 4))
     pose = scene.instances[0].pose_gt
     x0, y0, side = backend.crop_windows(frame, pose[None], config.stages[0])[0]
     crops = backend.render_crops(frame, pose[None], config.stages[0])
-    point = pose[:3, :3] @ registry["duck"].vertices[0] + pose[:3, 3]
+    point = pose[:3, :3] @ duck_registry["duck"].vertices[0] + pose[:3, 3]
     in_image = point[:2] / point[2] * np.diag(scene.K)[:2] + scene.K[:2, 2]
     in_crop = point[:2] / point[2] * np.diag(crops.K[0])[:2] + crops.K[0][:2, 2]
     scale = 64 / side
@@ -140,13 +127,17 @@ def test_flow_targets_vanish_when_rendering_matches_the_image(renderer):
         assert np.median(error) < 0.1 and error.max() < 1.0, flow_input
 
 
-def test_real_refinement_improves_add(registry, renderer):
+# Milder initial-pose noise than the default 15° / 1, 1, 5 cm.
+MILD = SceneSpec(rot_sigma_deg=8.0, trans_sigma=(0.008, 0.008, 0.03))
+
+
+def test_real_refinement_improves_add(duck_registry, renderer):
     """DIS-based refinement on synthetic duck scenes (mild noise) lowers ADD on average."""
-    refiner = Refiner(registry, renderer=renderer)
-    model = registry["duck"]
+    refiner = Refiner(duck_registry, renderer=renderer)
+    model = duck_registry["duck"]
     before, after = [], []
     for seed in (21, 22, 23):
-        scene = make_scene([model], seed, renderer, rot_sigma_deg=8.0, trans_sigma=(0.008, 0.008, 0.03))
+        scene = make_scene([model], seed, renderer, MILD)
         truth = scene.instances[0]
         result = refiner.refine(scene.observation, [Instance("duck", truth.pose_init)])[0]
         assert result.status in (RefineStatus.OK, RefineStatus.DIVERGED, RefineStatus.TOO_FEW_CORRESPONDENCES)
@@ -155,11 +146,11 @@ def test_real_refinement_improves_add(registry, renderer):
     assert np.mean(after) < np.mean(before)
 
 
-def test_region_and_relit_flows_alternate_over_inner_steps(registry, renderer):
+def test_region_and_relit_flows_alternate_over_inner_steps(duck_registry, renderer):
     config = ClassicalConfig(stages=[CropStage(0, 96, 0.4, flow_input="region+relit")])
     backend = ClassicalBackend(torch.device("cpu"), config, renderer)
-    scene = make_scene([registry["duck"]], 4, renderer, rot_sigma_deg=5.0)
-    models = [registry["duck"]]
+    scene = make_scene([duck_registry["duck"]], 4, renderer, SceneSpec(rot_sigma_deg=5.0))
+    models = [duck_registry["duck"]]
     backend.prepare_objects(models)
     poses = torch.as_tensor(scene.instances[0].pose_init[None])
     frame = backend.prepare_frame(scene.observation, models, poses)

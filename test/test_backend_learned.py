@@ -29,13 +29,6 @@ SHORT = replace(LearnedBackend.default_loop(), outer_iterations=2, inner_steps=2
 
 
 @pytest.fixture(scope="module")
-def renderer():
-    from rnnpose_ros.core.render import Renderer
-
-    return Renderer()
-
-
-@pytest.fixture(scope="module")
 def weight_files(tmp_path_factory) -> dict[str, Path]:
     """Two different random weight files (one per class)."""
     folder = tmp_path_factory.mktemp("weights")

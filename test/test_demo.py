@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from rnnpose_ros.core.backends import BACKENDS
+from rnnpose_ros.core.metrics import PoseErrors
 from rnnpose_ros.tools import demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +68,49 @@ def test_node_command_uses_the_params_file_and_backend() -> None:
     assert Path(command[0]).name in ("refine_node", Path(sys.executable).name)
 
 
+# Passes ADD(-S) (0.01 d) and 5 cm 5°, fails the 2D projection (6 px); fails everything.
+GOOD = PoseErrors(add_m=0.001, projection_px=6.0, rotation_deg=1.0, translation_m=0.01, diameter_m=0.1)
+BAD = PoseErrors(add_m=0.05, projection_px=30.0, rotation_deg=20.0, translation_m=0.1, diameter_m=0.1)
+
+
 def test_pass_rates_count_unrefined_instances_as_failures() -> None:
-    good = SimpleNamespace(add_passed=True, cm_deg_passed=True, projection_passed=False)
-    bad = SimpleNamespace(add_passed=False, cm_deg_passed=False, projection_passed=False)
-    scores = [SimpleNamespace(initial=bad, refined=good), SimpleNamespace(initial=good, refined=None)]
+    scores = [SimpleNamespace(initial=BAD, refined=GOOD), SimpleNamespace(initial=GOOD, refined=None)]
     rates = demo.pass_rates(scores)
+    assert list(rates) == ["ADD(-S)@0.1d", "5cm5deg", "proj2D@5px"]
     assert rates["ADD(-S)@0.1d"] == demo.Rates(initial=0.5, refined=0.5)
+    assert rates["5cm5deg"] == demo.Rates(initial=0.5, refined=0.5)
     assert rates["proj2D@5px"] == demo.Rates(initial=0.0, refined=0.0)
+    assert demo.pass_rates([]) == {}
+    assert demo.mean_add_mm(scores) == pytest.approx({"initial": 25.5, "refined": 1.0})
+
+
+def test_instance_record_keeps_the_summary_format() -> None:
+    score = SimpleNamespace(class_id="duck", instance_id="duck_0", score=0.5, initial=BAD, refined=None)
+    record = demo._instance_record(score)
+    assert list(record) == ["class_id", "instance_id", "score", "initial", "refined"]
+    assert record["initial"] == {
+        "add_m": 0.05,
+        "add_fraction": pytest.approx(0.5),
+        "rotation_deg": 20.0,
+        "translation_m": 0.1,
+        "projection_px": 30.0,
+    }
+    assert list(record["initial"]) == [
+        "add_m",
+        "add_fraction",
+        "rotation_deg",
+        "translation_m",
+        "projection_px",
+    ]
+    assert record["refined"] is None
+
+
+def test_backend_choices_come_from_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert demo.parse_args(["--backend", "rnnpose"]).backend == "rnnpose"
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--backend", "teapot"])
+    error = capsys.readouterr().err
+    assert all(name in error for name in BACKENDS)
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
 
 from rnnpose_ros.core.metrics import (
+    PASS_TESTS,
     MetricsInputError,
+    PoseErrors,
     add,
+    add_name,
     add_or_add_s,
     add_passed,
     add_s,
     cm_deg_passed,
     mspd,
     mssd,
+    passed,
+    pose_errors,
     projection_2d_passed,
     projection_error_2d,
     rotation_error_deg,
@@ -52,6 +58,12 @@ def _cylinder(radius=0.03, height=0.06, n_angles=36, n_rings=4) -> np.ndarray:
 def _box_points() -> np.ndarray:
     rng = np.random.default_rng(0)
     return rng.uniform([-0.05, -0.03, -0.02], [0.05, 0.03, 0.02], size=(500, 3))
+
+
+def _plane() -> np.ndarray:
+    """7 × 5 points of a 6 cm × 4 cm plane in the model's z = 0 plane."""
+    xs, ys = np.meshgrid(np.linspace(-0.03, 0.03, 7), np.linspace(-0.02, 0.02, 5))
+    return np.stack((xs.ravel(), ys.ravel(), np.zeros(xs.size)), 1)
 
 
 def test_identity_gives_zero_everywhere():
@@ -103,8 +115,7 @@ def test_symmetric_object_rotated_about_its_axis():
 
 def test_projection_of_a_known_offset():
     # A plane facing the camera at Z = 0.5 m shifted 1 cm in x: every point moves by fx·0.01/0.5 px.
-    xs, ys = np.meshgrid(np.linspace(-0.03, 0.03, 7), np.linspace(-0.02, 0.02, 5))
-    points = np.stack((xs.ravel(), ys.ravel(), np.zeros(xs.size)), 1)
+    points = _plane()
     gt = _pose(t=(0.0, 0.0, 0.5))
     est = _pose(t=(0.01, 0.0, 0.5))
     expected = K[0, 0] * 0.01 / 0.5
@@ -139,3 +150,73 @@ def test_add_threshold_and_input_errors():
     bad[0, 3] = np.nan
     with pytest.raises(MetricsInputError):
         translation_error(bad, np.eye(4))
+
+
+# -- the reporting vocabulary -----------------------------------------------------------------------
+
+
+@dataclass
+class Shape:
+    """The part of an ObjectModel that the metrics read."""
+
+    eval_points: np.ndarray
+    diameter: float
+    symmetric: bool = False
+
+
+def test_pose_errors_of_a_known_offset():
+    # The plane facing the camera at 0.5 m, shifted 1 cm along x: ADD = 1 cm, every point moves by
+    # fx·0.01/0.5 ≈ 11.4 px, no rotation. With a 20 cm diameter ADD is 0.05 d.
+    gt, est = _pose(t=(0.0, 0.0, 0.5)), _pose(t=(0.01, 0.0, 0.5))
+    errors = pose_errors(Shape(_plane(), diameter=0.2), est, gt, K)
+    assert errors.add_m == pytest.approx(0.01, rel=1e-12)
+    assert errors.add_fraction == pytest.approx(0.05, rel=1e-12)
+    assert errors.projection_px == pytest.approx(K[0, 0] * 0.01 / 0.5, rel=1e-12)
+    assert errors.rotation_deg == pytest.approx(0.0, abs=1e-6)
+    assert errors.translation_m == pytest.approx(0.01, rel=1e-12)
+    assert errors.diameter_m == 0.2
+    assert passed(errors) == {"add_s": True, "proj_5px": False, "cm5_deg5": True}
+
+
+def test_pose_errors_use_add_s_for_symmetric_objects():
+    points = _cylinder()
+    gt = _pose(_rot_x(30), (0.02, -0.01, 0.7))
+    est = gt.copy()
+    est[:3, :3] = gt[:3, :3] @ _rot_z(20)  # the point set maps onto itself
+    symmetric = pose_errors(Shape(points, diameter=0.1, symmetric=True), est, gt, K)
+    plain = pose_errors(Shape(points, diameter=0.1, symmetric=False), est, gt, K)
+    assert symmetric.add_m == pytest.approx(0.0, abs=1e-9)
+    assert plain.add_m == pytest.approx(2 * 0.03 * math.sin(math.radians(10)), rel=1e-9)  # 20° chord
+    assert symmetric.rotation_deg == plain.rotation_deg == pytest.approx(20.0, rel=1e-9)
+    assert passed(symmetric)["add_s"] and not passed(plain)["add_s"]
+    assert not passed(symmetric)["cm5_deg5"]
+    assert (add_name(True), add_name(False)) == ("ADD-S", "ADD")
+
+
+def test_pass_tests_thresholds_are_strict():
+    inside = PoseErrors(
+        add_m=0.0099, projection_px=4.99, rotation_deg=4.9, translation_m=0.049, diameter_m=0.1
+    )
+    assert passed(inside) == {"add_s": True, "proj_5px": True, "cm5_deg5": True}
+    outside = {
+        "add_s": replace(inside, add_m=0.0101),
+        "proj_5px": replace(inside, projection_px=5.0),
+        "cm5_deg5": replace(inside, rotation_deg=5.0),
+    }
+    for name, errors in outside.items():
+        assert passed(errors) == {test: test != name for test in PASS_TESTS}, name
+    assert not passed(replace(inside, translation_m=0.051))["cm5_deg5"]
+
+
+def test_pass_tests_are_named_for_every_report():
+    assert [(t.name, t.label, t.tag) for t in PASS_TESTS.values()] == [
+        ("add_s", "ADD(-S) < 0.1d", "ADD(-S)@0.1d"),
+        ("proj_5px", "2D proj < 5 px", "proj2D@5px"),
+        ("cm5_deg5", "5 cm 5°", "5cm5deg"),
+    ]
+
+
+@pytest.mark.parametrize("diameter", [0.0, -0.1, math.nan, math.inf])
+def test_pose_errors_need_a_positive_diameter(diameter):
+    with pytest.raises(MetricsInputError, match="diameter"):
+        pose_errors(Shape(_plane(), diameter=diameter), _pose(), _pose(), K)

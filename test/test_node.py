@@ -545,7 +545,9 @@ def test_real_engine_refines_a_synthetic_frame(context: Any) -> None:
 
     harness = real_engine_harness(context)
     try:
-        scene = synth.make_scene([harness.node.registry["duck"]], 7, Renderer(), size=SIZE, K=K)
+        scene = synth.make_scene(
+            [harness.node.registry["duck"]], 7, Renderer(), synth.SceneSpec(size=SIZE, K=K)
+        )
         truth = scene.instances[0]
         out = harness.send(*inputs([("duck", truth.pose_init, "")], image=scene.image))
         (detection,) = out.detections

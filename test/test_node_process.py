@@ -95,7 +95,9 @@ def scenes() -> list[Any]:
 
     duck = ObjectRegistry.from_yaml(REPO_ROOT / "config" / "objects.yaml")["duck"]
     renderer = Renderer()
-    return [(duck, synth.make_scene([duck], seed, renderer, size=SIZE, K=K)) for seed in SEEDS]
+    return [
+        (duck, synth.make_scene([duck], seed, renderer, synth.SceneSpec(size=SIZE, K=K))) for seed in SEEDS
+    ]
 
 
 class Camera:

@@ -18,20 +18,14 @@ from rnnpose_ros.core.refiner import (
     RefineStatus,
     rotation_hypotheses,
 )
-from rnnpose_ros.core.synth import make_scene
+from rnnpose_ros.core.synth import SceneSpec, make_scene
 
 pytestmark = pytest.mark.skipif(not pybullet_mesh_available(), reason="pybullet_data meshes not installed")
 
 # A short schedule keeps these tests fast; accuracy is tested in test_backend_classical.py.
 SHORT = replace(ClassicalBackend.default_loop(), outer_iterations=2, inner_steps=2, restart_below_score=None)
 ONE_STAGE = ClassicalConfig(stages=[CropStage(0, 96, 0.5)])
-
-
-@pytest.fixture(scope="module")
-def renderer():
-    from rnnpose_ros.core.render import Renderer
-
-    return Renderer()
+MILD = SceneSpec(rot_sigma_deg=8.0)  # initial rotation noise; the default is 15° per axis
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def refiner(registry, renderer) -> Refiner:
 
 @pytest.fixture(scope="module")
 def scene(registry, renderer):
-    return make_scene([registry["duck"], registry["duck"]], 3, renderer, rot_sigma_deg=8.0)
+    return make_scene([registry["duck"], registry["duck"]], 3, renderer, MILD)
 
 
 def test_bad_image_and_intrinsics_raise_input_error(refiner, scene):
@@ -184,7 +178,7 @@ def test_empty_instance_list(refiner, scene):
 
 
 def test_batched_equals_one_by_one(registry, renderer):
-    duck_scene = make_scene([registry["duck"], registry["duck"]], 5, renderer, rot_sigma_deg=8.0)
+    duck_scene = make_scene([registry["duck"], registry["duck"]], 5, renderer, MILD)
     ball_scene_pose = make_scene([registry["ball"]], 6, renderer).instances[0].pose_init
     refiner = Refiner(registry, config=SHORT, backend_config=ONE_STAGE, renderer=renderer)
     instances = [Instance(i.class_id, i.pose_init, i.instance_id) for i in duck_scene.instances]

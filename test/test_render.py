@@ -11,7 +11,6 @@ import trimesh
 
 from rnnpose_ros.core.objects import ObjectModel
 from rnnpose_ros.core.render import (
-    Renderer,
     interpolate_vertex_attributes,
     nearest_vertex_depth,
 )
@@ -19,11 +18,6 @@ from rnnpose_ros.core.render import (
 
 def model_from_trimesh(mesh: trimesh.Trimesh, class_id: str = "m") -> ObjectModel:
     return ObjectModel.from_arrays(class_id, mesh.vertices, mesh.faces)
-
-
-@pytest.fixture(scope="module")
-def renderer():
-    return Renderer()
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +239,15 @@ def test_interpolate_many_channels_and_released_models(renderer):
     assert renderer.render(
         [model_from_trimesh(trimesh.creation.box(), "b")], pose(t=(0, 0, 3.0)), intrinsics(), (40, 40)
     ).mask.any()
+
+
+def test_closing_one_renderer_leaves_the_others_working(renderer, box):
+    """Renderers share the process's EGL display: closing one must not end it for the rest."""
+    from rnnpose_ros.core.render import Renderer
+
+    before = renderer.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80))
+    other = Renderer()
+    other.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80))
+    other.close()
+    after = renderer.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80))
+    np.testing.assert_array_equal(after.face_index, before.face_index)

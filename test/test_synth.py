@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,9 +10,9 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from rnnpose_ros.core.objects import ObjectModel
-from rnnpose_ros.core.render import Renderer
 from rnnpose_ros.core.synth import (
     DEFAULT_K,
+    SceneSpec,
     make_scene,
     perturb_pose,
     rotation_angle_deg,
@@ -21,17 +21,13 @@ from rnnpose_ros.core.synth import (
 
 SIZE = (120, 160)
 K_SMALL = np.array([[143.0, 0, 79.5], [0, 143.0, 59.5], [0, 0, 1]])
+SMALL = SceneSpec(size=SIZE, K=K_SMALL)
 
 
 def coloured_box(extents=(0.08, 0.06, 0.05), class_id="box") -> ObjectModel:
     mesh = trimesh.creation.box(extents=extents)
     colours = (np.abs(mesh.vertices) / np.abs(mesh.vertices).max() * 255).astype(np.uint8)
     return ObjectModel.from_arrays(class_id, mesh.vertices, mesh.faces, vertex_colors=colours)
-
-
-@pytest.fixture(scope="module")
-def renderer():
-    return Renderer()
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +65,10 @@ def test_perturbation_cap_and_zero_noise():
 
 
 def test_scene_is_deterministic(renderer, box):
-    a = make_scene([box], 42, renderer, size=SIZE, K=K_SMALL, occluders=1)
-    b = make_scene([box], 42, renderer, size=SIZE, K=K_SMALL, occluders=1)
-    c = make_scene([box], 43, renderer, size=SIZE, K=K_SMALL, occluders=1)
+    spec = replace(SMALL, occluders=1)
+    a = make_scene([box], 42, renderer, spec)
+    b = make_scene([box], 42, renderer, spec)
+    c = make_scene([box], 43, renderer, spec)
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.instances[0].pose_gt, b.instances[0].pose_gt)
     np.testing.assert_array_equal(a.instances[0].pose_init, b.instances[0].pose_init)
@@ -80,10 +77,45 @@ def test_scene_is_deterministic(renderer, box):
     assert a.seed == 42 and a.K.shape == (3, 3)
 
 
+def test_equivalent_specs_give_identical_scenes(renderer, box):
+    """A spec, the same spec spelled out field by field, and overrides of a base spec: one scene."""
+    reference = make_scene([box], 42, renderer, replace(SMALL, occluders=1))
+    spelled_out = SceneSpec(
+        size=SIZE,
+        K=K_SMALL.copy(),
+        distance=(0.3, 1.0),
+        min_in_view=0.9,
+        min_visible=0.5,
+        occluders=1,
+        max_occlusion=0.4,
+        noise_std=0.02,
+        blur_sigma=1.0,
+        rot_sigma_deg=15.0,
+        trans_sigma=(0.01, 0.01, 0.05),
+        max_angle_deg=45.0,
+        supersample=2,
+        max_tries=20,
+    )
+    for scene in (
+        make_scene([box], 42, renderer, spelled_out),
+        make_scene([box], np.random.default_rng(42), renderer, replace(SMALL, occluders=1)),
+    ):
+        np.testing.assert_array_equal(scene.image, reference.image)
+        np.testing.assert_array_equal(scene.instances[0].pose_init, reference.instances[0].pose_init)
+        np.testing.assert_array_equal(scene.instances[0].mask, reference.instances[0].mask)
+
+
+def test_default_spec_centres_the_default_camera_on_the_image():
+    K = SceneSpec(size=SIZE).intrinsics()
+    np.testing.assert_allclose(K, [[572.0, 0.0, 79.5], [0.0, 572.0, 59.5], [0.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(SceneSpec().intrinsics(), DEFAULT_K)
+    np.testing.assert_array_equal(SMALL.intrinsics(), K_SMALL)
+
+
 def test_ground_truth_projects_into_image(renderer, box):
     rng = np.random.default_rng(7)
     for _ in range(3):
-        scene = make_scene([box, box], rng, renderer, size=SIZE, K=K_SMALL, noise_std=0.0, blur_sigma=0.0)
+        scene = make_scene([box, box], rng, renderer, replace(SMALL, noise_std=0.0, blur_sigma=0.0))
         assert [inst.instance_id for inst in scene.instances] == ["box_0", "box_1"]
         for inst in scene.instances:
             T = inst.pose_gt
@@ -102,7 +134,7 @@ def test_ground_truth_projects_into_image(renderer, box):
 def test_occluders_reported(renderer, box):
     fractions = []
     for seed in range(6):
-        scene = make_scene([box], seed, renderer, size=SIZE, K=K_SMALL, occluders=2, max_occlusion=0.4)
+        scene = make_scene([box], seed, renderer, replace(SMALL, occluders=2, max_occlusion=0.4))
         fractions.append(scene.instances[0].visible_fraction)
     assert all(0.6 - 1e-9 <= f <= 1.0 for f in fractions)
     assert min(fractions) < 1.0  # some occluder did land on the object
@@ -124,11 +156,8 @@ def test_default_camera():
     assert DEFAULT_K[0, 0] == pytest.approx(572.0) and DEFAULT_K[0, 2] == pytest.approx(319.5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pybullet_data") is None, reason="pybullet_data not installed")
-def test_duck_scene_default_camera(renderer):
-    from rnnpose_ros.core.objects import load_pybullet_object
-
-    duck = load_pybullet_object("duck")
+def test_duck_scene_default_camera(renderer, duck_registry):
+    duck = duck_registry["duck"]
     scene = make_scene([duck], 5, renderer)
     assert scene.image.shape == (480, 640, 3) and scene.background
     np.testing.assert_allclose(scene.K, [[572, 0, 319.5], [0, 572, 239.5], [0, 0, 1]])

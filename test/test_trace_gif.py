@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rnnpose_ros.core.backends.classical import ClassicalBackend
-from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
+from rnnpose_ros.core.objects import pybullet_mesh_available
 from rnnpose_ros.core.refiner import Instance, Refiner
 from rnnpose_ros.core.synth import make_scene
 from rnnpose_ros.tools.trace_gif import InstanceRecorder, record_trace_gif, weight_panel
@@ -26,15 +26,10 @@ def test_weight_panel_maps_weights_to_colours() -> None:
     assert panel[:, :60].max() < panel[:, 60:].max()
 
 
-def test_gif_has_one_frame_per_step(tmp_path: Path) -> None:
-    from rnnpose_ros.core.render import Renderer
-
-    renderer = Renderer()
-    duck = load_pybullet_object("duck")
-    registry = ObjectRegistry(models={"duck": duck})
+def test_gif_has_one_frame_per_step(tmp_path: Path, renderer, duck_registry) -> None:
     loop = replace(ClassicalBackend.default_loop(), outer_iterations=2, inner_steps=2)
-    refiner = Refiner(registry, config=loop, renderer=renderer)
-    scene = make_scene([duck], 3, renderer)
+    refiner = Refiner(duck_registry, config=loop, renderer=renderer)
+    scene = make_scene([duck_registry["duck"]], 3, renderer)
     first = scene.instances[0]
     path = tmp_path / "trace.gif"
     result = record_trace_gif(path, refiner, renderer, scene.observation, Instance("duck", first.pose_init))

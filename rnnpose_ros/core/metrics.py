@@ -4,11 +4,17 @@ Definitions follow spec §5.1 (LINEMOD protocol) and the BOP challenge (MSSD, MS
 model points (N, 3) in metres in the model frame and 4×4 (or 3×4) model→camera poses (OpenCV
 camera frame, metres). Errors are returned as floats; thresholds are applied by the ``*_passed``
 helpers so that recall curves can be computed from the raw errors.
+
+The vocabulary every tool reports in: :func:`pose_errors` measures one pose as :class:`PoseErrors`,
+and :data:`PASS_TESTS` names the three standard tests on them (ADD(-S) < 0.1·diameter, 2D projection
+< 5 px, 5 cm 5°), which :func:`passed` applies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -16,6 +22,14 @@ from scipy.spatial import cKDTree
 from rnnpose_ros.core.pinhole import project_to_pixels
 
 ArrayLike = np.ndarray
+
+#: ADD(-S) test: the error must stay below this fraction of the object's diameter.
+ADD_S_FRACTION = 0.1
+#: 2D projection test: the mean reprojection error must stay below this, pixels.
+PROJECTION_PX = 5.0
+#: n cm n° test: translation error below MAX_CM centimetres and rotation error below MAX_DEG degrees.
+MAX_CM = 5.0
+MAX_DEG = 5.0
 
 
 class MetricsInputError(ValueError):
@@ -70,7 +84,7 @@ def add_or_add_s(points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLike, sym
     return add_s(points, pose_est, pose_gt) if symmetric else add(points, pose_est, pose_gt)
 
 
-def add_passed(error: float, diameter: float, fraction: float = 0.1) -> bool:
+def add_passed(error: float, diameter: float, fraction: float = ADD_S_FRACTION) -> bool:
     """ADD / ADD-S test: error < fraction·diameter (0.1 d standard; 0.02 d and 0.05 d also used)."""
     return bool(error < fraction * diameter)
 
@@ -85,7 +99,7 @@ def projection_error_2d(points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLi
     return float(np.linalg.norm(est - gt, axis=1).mean())
 
 
-def projection_2d_passed(error_px: float, threshold_px: float = 5.0) -> bool:
+def projection_2d_passed(error_px: float, threshold_px: float = PROJECTION_PX) -> bool:
     """2D projection test: mean error below ``threshold_px`` (5 px standard)."""
     return bool(error_px < threshold_px)
 
@@ -105,12 +119,17 @@ def translation_error(pose_est: ArrayLike, pose_gt: ArrayLike) -> float:
     return float(np.linalg.norm(t_e - t_g))
 
 
-def cm_deg_passed(pose_est: ArrayLike, pose_gt: ArrayLike, max_cm: float = 5.0, max_deg: float = 5.0) -> bool:
+def cm_deg_passed(
+    pose_est: ArrayLike, pose_gt: ArrayLike, max_cm: float = MAX_CM, max_deg: float = MAX_DEG
+) -> bool:
     """n cm n° test (5 cm 5° by default): translation error < max_cm and rotation error < max_deg."""
-    return (
-        translation_error(pose_est, pose_gt) < max_cm / 100.0
-        and rotation_error_deg(pose_est, pose_gt) < max_deg
+    return _within_cm_deg(
+        translation_error(pose_est, pose_gt), rotation_error_deg(pose_est, pose_gt), max_cm, max_deg
     )
+
+
+def _within_cm_deg(translation_m: float, rotation_deg: float, max_cm: float, max_deg: float) -> bool:
+    return bool(translation_m < max_cm / 100.0 and rotation_deg < max_deg)
 
 
 def _symmetries(symmetries: Sequence[ArrayLike] | None) -> list[np.ndarray]:
@@ -168,3 +187,111 @@ def _as_4x4(pose: ArrayLike) -> np.ndarray:
     full = np.eye(4)
     full[:3, :3], full[:3, 3] = R, t
     return full
+
+
+# ---------------------------------------------------------------- the reporting vocabulary
+
+
+@dataclass(frozen=True)
+class PoseErrors:
+    """Errors of one estimated pose of one object against its ground truth.
+
+    Attributes:
+        add_m: ADD(-S), metres: ADD-S for a symmetric object, ADD otherwise (:func:`add_or_add_s`).
+        projection_px: mean 2D reprojection distance of the model points, pixels.
+        rotation_deg: angle of R_est·R_gtᵀ, degrees in [0, 180].
+        translation_m: ‖t_est − t_gt‖, metres.
+        diameter_m: the object's diameter, metres (the scale of the ADD(-S) test).
+    """
+
+    add_m: float
+    projection_px: float
+    rotation_deg: float
+    translation_m: float
+    diameter_m: float
+
+    @property
+    def add_fraction(self) -> float:
+        """ADD(-S) as a fraction of the object's diameter."""
+        return self.add_m / self.diameter_m
+
+
+class MeasuredObject(Protocol):
+    """What the metrics need of an object; :class:`~rnnpose_ros.core.objects.ObjectModel` has it.
+
+    Attributes:
+        eval_points: (M, 3) model points, metres in the model frame.
+        diameter: metres.
+        symmetric: whether ADD-S replaces ADD.
+    """
+
+    eval_points: np.ndarray
+    diameter: float
+    symmetric: bool
+
+
+def pose_errors(obj: MeasuredObject, pose_est: ArrayLike, pose_gt: ArrayLike, K: ArrayLike) -> PoseErrors:
+    """Every error of :class:`PoseErrors` for one pose of ``obj``.
+
+    Args:
+        obj: the object (its points, diameter and symmetry).
+        pose_est, pose_gt: (4, 4) or (3, 4) model→camera poses, metres.
+        K: (3, 3) intrinsics of the image the pose is measured in, pixels.
+
+    Raises:
+        MetricsInputError: the diameter is not a finite positive number, or the points, poses or K
+            have the wrong shape or are not finite.
+    """
+    if not (np.isfinite(obj.diameter) and obj.diameter > 0):
+        raise MetricsInputError(f"diameter must be a finite number > 0, got {obj.diameter}")
+    points = obj.eval_points
+    return PoseErrors(
+        add_m=add_or_add_s(points, pose_est, pose_gt, obj.symmetric),
+        projection_px=projection_error_2d(points, pose_est, pose_gt, K),
+        rotation_deg=rotation_error_deg(pose_est, pose_gt),
+        translation_m=translation_error(pose_est, pose_gt),
+        diameter_m=float(obj.diameter),
+    )
+
+
+def add_name(symmetric: bool) -> str:
+    """What ``PoseErrors.add_m`` measures for such an object: "ADD-S" or "ADD"."""
+    return "ADD-S" if symmetric else "ADD"
+
+
+@dataclass(frozen=True)
+class PassTest:
+    """One named pass/fail test on :class:`PoseErrors`.
+
+    Attributes:
+        name: the key in result records ("add_s").
+        label: the row label of recall tables ("ADD(-S) < 0.1d").
+        tag: the compact label of the demo's table and summary ("ADD(-S)@0.1d").
+        passes: the test itself.
+    """
+
+    name: str
+    label: str
+    tag: str
+    passes: Callable[[PoseErrors], bool]
+
+
+#: The standard tests (LINEMOD protocol), in the order tables list them.
+PASS_TESTS: dict[str, PassTest] = {
+    test.name: test
+    for test in (
+        PassTest("add_s", "ADD(-S) < 0.1d", "ADD(-S)@0.1d", lambda e: add_passed(e.add_m, e.diameter_m)),
+        PassTest("proj_5px", "2D proj < 5 px", "proj2D@5px", lambda e: projection_2d_passed(e.projection_px)),
+        PassTest(
+            "cm5_deg5",
+            "5 cm 5°",
+            "5cm5deg",
+            lambda e: _within_cm_deg(e.translation_m, e.rotation_deg, MAX_CM, MAX_DEG),
+        ),
+    )
+}
+
+
+def passed(errors: PoseErrors) -> dict[str, bool]:
+    """Whether ``errors`` pass each test of :data:`PASS_TESTS`, by test name."""
+    return {name: test.passes(errors) for name, test in PASS_TESTS.items()}

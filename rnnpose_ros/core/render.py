@@ -27,6 +27,7 @@ OpenCV intrinsic matrix; pixel (u, v) = (column, row) has its centre at integer 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")  # only if the user has not chosen a platform
@@ -382,13 +383,34 @@ class Renderer:
         colour = _phong(albedo, points, normals, camera_in_model, lighting)
         return valid, depth[valid].astype(np.float32), weights[valid].astype(np.float32), colour[valid]
 
+    def __del__(self) -> None:
+        # A renderer dropped without close() must not leave pyrender's finaliser to end the display.
+        with contextlib.suppress(Exception):
+            self.close()
+
     def close(self) -> None:
-        """Release the OpenGL context (the renderer cannot be used afterwards)."""
+        """Release the OpenGL context (the renderer cannot be used afterwards); other renderers of the
+        process keep working."""
         with self._lock:
-            if self._offscreen is not None:
+            if self._offscreen is None:
+                return
+            platform = self._offscreen._platform
+            display = getattr(platform, "_egl_display", None)
+            if display is None:
                 self._offscreen.delete()  # destroys the context and every buffer in it
-                self._offscreen = None
-                self._meshes.clear()
+            else:
+                # pyrender's delete would also eglTerminate the display, which every EGL context of the
+                # process shares: destroy only this renderer's context.
+                from OpenGL import EGL
+
+                self._make_current()
+                self._offscreen._renderer.delete()
+                self._release_context()
+                EGL.eglDestroyContext(display, platform._egl_context)
+                # Unset both so that pyrender's finaliser finds nothing left to destroy or terminate.
+                platform._egl_context = platform._egl_display = None
+            self._offscreen = None
+            self._meshes.clear()
 
 
 def opencv_projection_matrix(K: np.ndarray, height: int, width: int, near: float, far: float) -> np.ndarray:

@@ -8,8 +8,9 @@ noise. Rendering is 2× supersampled so that silhouettes are anti-aliased like a
 lighting varies per scene (one point light fixed in the camera frame, random strengths and colour gain).
 
 Ground truth per instance: pose (model→camera, metres), visible mask, visible fraction; the initial
-pose is drawn with :func:`perturb_pose` (the standard RNNPose/DeepIM noise model). Everything is
-deterministic given the seed (or ``numpy.random.Generator``).
+pose is drawn with :func:`perturb_pose` (the standard RNNPose/DeepIM noise model). What a scene may
+look like is a :class:`SceneSpec`; given the spec, everything is deterministic given the seed (or
+``numpy.random.Generator``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,63 @@ BACKGROUNDS = (
 
 class SceneError(ValueError):
     """A scene could not be generated with the requested constraints."""
+
+
+# eq=False: K is an array, so a field-wise == would be ambiguous.
+@dataclass(frozen=True, eq=False)
+class SceneSpec:
+    """What :func:`make_scene` may generate: camera, placement, occluders, image degradation, pose noise.
+
+    Attributes:
+        size: (H, W) of the image, pixels.
+        K: (3, 3) intrinsics, pixels; None = a 640×480-like camera (fx = fy = 572) with the principal
+            point at the centre of ``size`` (:meth:`intrinsics`).
+        distance: (near, far) range of each object centre's depth, metres.
+        min_in_view: minimum share of each object's evaluation points projecting into the image.
+        min_visible: minimum visible fraction of each instance after inter-object occlusion and
+            occluders.
+        occluders: number of random occluder patches to try.
+        max_occlusion: largest share of an instance's pixels that occluders may hide.
+        noise_std: largest std of the additive Gaussian image noise (image in [0, 1]; each scene
+            draws its std uniformly up to it).
+        blur_sigma: largest Gaussian blur sigma, pixels (applied to half of the scenes).
+        rot_sigma_deg: initial-pose noise, std of each Euler angle, degrees (:func:`perturb_pose`).
+        trans_sigma: initial-pose noise, std along camera x, y, z, metres.
+        max_angle_deg: initial-pose noise, largest total rotation, degrees.
+        backgrounds: ``skimage.data`` photograph names to draw the background from.
+        supersample: rendering supersampling factor (1 disables anti-aliasing).
+        max_tries: attempts at a placement meeting ``min_visible``.
+    """
+
+    size: tuple[int, int] = DEFAULT_SIZE
+    K: np.ndarray | None = None
+    distance: tuple[float, float] = (0.3, 1.0)
+    min_in_view: float = 0.9
+    min_visible: float = 0.5
+    occluders: int = 0
+    max_occlusion: float = 0.4
+    noise_std: float = 0.02
+    blur_sigma: float = 1.0
+    rot_sigma_deg: float = 15.0
+    trans_sigma: Sequence[float] = (0.01, 0.01, 0.05)
+    max_angle_deg: float = 45.0
+    backgrounds: Sequence[str] = BACKGROUNDS
+    supersample: int = 2
+    max_tries: int = 20
+
+    def intrinsics(self) -> np.ndarray:
+        """(3, 3) float64: ``K``, or the default camera centred on ``size``."""
+        if self.K is not None:
+            return np.asarray(self.K, dtype=np.float64)
+        height, width = self.size
+        K = DEFAULT_K.copy()
+        K[0, 2], K[1, 2] = (width - 1) / 2, (height - 1) / 2
+        return K
+
+    @property
+    def supersample_factor(self) -> int:
+        """``supersample`` as a factor ≥ 1."""
+        return max(int(self.supersample), 1)
 
 
 @dataclass
@@ -303,104 +361,112 @@ def make_scene(
     models: Sequence[ObjectModel],
     rng: np.random.Generator | int,
     renderer: Renderer,
-    size: tuple[int, int] = DEFAULT_SIZE,
-    K: np.ndarray | None = None,
-    distance: tuple[float, float] = (0.3, 1.0),
-    min_in_view: float = 0.9,
-    min_visible: float = 0.5,
-    occluders: int = 0,
-    max_occlusion: float = 0.4,
-    noise_std: float = 0.02,
-    blur_sigma: float = 1.0,
-    rot_sigma_deg: float = 15.0,
-    trans_sigma: Sequence[float] = (0.01, 0.01, 0.05),
-    max_angle_deg: float = 45.0,
-    backgrounds: Sequence[str] = BACKGROUNDS,
-    supersample: int = 2,
-    max_tries: int = 20,
+    spec: SceneSpec = SceneSpec(),
 ) -> Scene:
     """Generate one scene; each entry of ``models`` becomes one instance (repeat a model for two copies).
 
     Args:
         models: objects to place (at least one).
-        rng: a seed or a numpy Generator; the same seed gives the same scene.
+        rng: a seed or a numpy Generator; the same seed and spec give the same scene.
         renderer: the process's renderer.
-        size: (H, W) of the image; K: (3, 3) intrinsics (default: a 640×480 camera, fx = fy = 572,
-            principal point at the image centre of ``size``).
-        distance: range (m) of the object centre's depth.
-        min_in_view: minimum share of each object's evaluation points projecting into the image.
-        min_visible: minimum visible fraction of each instance after inter-object occlusion and occluders.
-        occluders: number of random occluder patches to try; max_occlusion: cap of the share of an
-            instance's pixels that occluders may hide.
-        noise_std: maximum std of the additive Gaussian image noise (image in [0, 1]; drawn uniformly up
-            to it); blur_sigma: maximum Gaussian blur sigma in pixels (applied with probability 0.5).
-        rot_sigma_deg, trans_sigma, max_angle_deg: initial-pose noise (:func:`perturb_pose`).
-        backgrounds: ``skimage.data`` photograph names.
-        supersample: rendering supersampling factor (1 disables anti-aliasing).
-        max_tries: attempts at a placement meeting ``min_visible``.
+        spec: what the scene may look like (``dataclasses.replace(spec, occluders=2)`` for a variant).
+
+    Raises:
+        SceneError: no model, or no placement meeting the spec's visibility constraints.
     """
     seed = int(rng) if isinstance(rng, int | np.integer) else None
     rng = np.random.default_rng(rng) if seed is not None else rng
     models = list(models)
     if not models:
         raise SceneError("make_scene needs at least one model")
-    height, width = size
-    if K is None:
-        K = DEFAULT_K.copy()
-        K[0, 2], K[1, 2] = (width - 1) / 2, (height - 1) / 2
-    K = np.asarray(K, dtype=np.float64)
-    factor = max(int(supersample), 1)
-    K_hi = supersampled_intrinsics(K, factor)
-    size_hi = (height * factor, width * factor)
+    K = spec.intrinsics()
+    factor = spec.supersample_factor
 
-    background, background_name = random_background(rng, size, backgrounds)
+    background, background_name = random_background(rng, spec.size, spec.backgrounds)
     light_cam, strengths, gain = random_lighting(rng)
-    for _ in range(max_tries):
-        poses = np.stack([sample_object_pose(m, rng, K, size, distance, min_in_view) for m in models])
-        rgb_hi, masks_hi, alone_hi = _render_instances(
-            renderer, models, poses, K_hi, size_hi, light_cam, strengths
-        )
-        if all(m.sum() >= min_visible * max(a.sum(), 1) for m, a in zip(masks_hi, alone_hi, strict=True)):
-            break
-    else:
-        raise SceneError(
-            f"could not place {len(models)} objects with {min_visible:.0%} visible in {max_tries} tries"
-        )
-
-    image_hi = np.repeat(np.repeat(background.astype(np.float32) / 255.0, factor, 0), factor, 1)
-    covered = np.zeros(size_hi, dtype=bool)
-    for rgb, mask in zip(rgb_hi, masks_hi, strict=True):
-        image_hi[mask] = np.clip(rgb[mask] * gain, 0.0, 1.0)
-        covered |= mask
-    occluder_hi = np.zeros(size_hi, dtype=bool)
-    if occluders > 0:
-        _add_occluders(image_hi, occluder_hi, masks_hi, rng, occluders, max_occlusion, factor)
-
-    image = _downsample(image_hi, factor)
-    if blur_sigma > 0 and rng.random() < 0.5:
-        sigma = rng.uniform(0.3, blur_sigma)
-        image = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma)
-    if noise_std > 0:
-        image = image + rng.normal(0.0, rng.uniform(0.0, noise_std), size=image.shape).astype(np.float32)
-    image_u8 = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+    poses, rgb_hi, masks_hi, alone_hi = _place_instances(renderer, models, rng, spec, K, light_cam, strengths)
+    image_hi = _composite(background, rgb_hi, masks_hi, gain, factor)
+    occluder_hi = np.zeros(image_hi.shape[:2], dtype=bool)
+    if spec.occluders > 0:
+        _add_occluders(image_hi, occluder_hi, masks_hi, rng, spec.occluders, spec.max_occlusion, factor)
+    image = _degrade(_downsample(image_hi, factor), rng, spec)
 
     instances = []
     for i, (model, pose) in enumerate(zip(models, poses, strict=True)):
         visible_hi = masks_hi[i] & ~occluder_hi
-        visible = _downsample(visible_hi.astype(np.float32), factor) >= 0.5
-        fraction = float(visible_hi.sum() / max(alone_hi[i].sum(), 1))
-        pose_init = perturb_pose(pose, rng, rot_sigma_deg, trans_sigma, max_angle_deg)
         instances.append(
             SceneInstance(
                 class_id=model.class_id,
                 pose_gt=pose,
-                pose_init=pose_init,
+                pose_init=perturb_pose(pose, rng, spec.rot_sigma_deg, spec.trans_sigma, spec.max_angle_deg),
                 instance_id=f"{model.class_id}_{i}",
-                mask=visible,
-                visible_fraction=fraction,
+                mask=_downsample(visible_hi.astype(np.float32), factor) >= 0.5,
+                visible_fraction=float(visible_hi.sum() / max(alone_hi[i].sum(), 1)),
             )
         )
-    return Scene(image=image_u8, K=K, instances=instances, background=background_name, seed=seed)
+    return Scene(image=image, K=K, instances=instances, background=background_name, seed=seed)
+
+
+def _place_instances(
+    renderer: Renderer,
+    models: list[ObjectModel],
+    rng: np.random.Generator,
+    spec: SceneSpec,
+    K: np.ndarray,
+    light_cam: np.ndarray,
+    strengths: dict[str, float],
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Draw poses until every instance is at least ``spec.min_visible`` visible; render them supersampled.
+
+    Returns:
+        poses (N, 4, 4) float64 model→camera, and per instance at the supersampled size: rgb (H, W, 3)
+        float32 in [0, 1], visible mask (H, W) bool, and the mask it would have alone.
+
+    Raises:
+        SceneError: no such placement in ``spec.max_tries`` attempts.
+    """
+    factor = spec.supersample_factor
+    K_hi = supersampled_intrinsics(K, factor)
+    size_hi = (spec.size[0] * factor, spec.size[1] * factor)
+    for _ in range(spec.max_tries):
+        poses = np.stack(
+            [sample_object_pose(m, rng, K, spec.size, spec.distance, spec.min_in_view) for m in models]
+        )
+        rgb_hi, masks_hi, alone_hi = _render_instances(
+            renderer, models, poses, K_hi, size_hi, light_cam, strengths
+        )
+        if all(
+            m.sum() >= spec.min_visible * max(a.sum(), 1) for m, a in zip(masks_hi, alone_hi, strict=True)
+        ):
+            return poses, rgb_hi, masks_hi, alone_hi
+    raise SceneError(
+        f"could not place {len(models)} objects with {spec.min_visible:.0%} visible in {spec.max_tries} tries"
+    )
+
+
+def _composite(
+    background: np.ndarray,
+    rgbs: list[np.ndarray],
+    masks: list[np.ndarray],
+    gain: np.ndarray,
+    factor: int,
+) -> np.ndarray:
+    """(H·factor, W·factor, 3) float32 in [0, 1]: the (H, W, 3) uint8 background upsampled by pixel
+    repetition, each instance's colour (times the RGB ``gain``) pasted where it is visible."""
+    image = np.repeat(np.repeat(background.astype(np.float32) / 255.0, factor, 0), factor, 1)
+    for rgb, mask in zip(rgbs, masks, strict=True):
+        image[mask] = np.clip(rgb[mask] * gain, 0.0, 1.0)
+    return image
+
+
+def _degrade(image: np.ndarray, rng: np.random.Generator, spec: SceneSpec) -> np.ndarray:
+    """(H, W, 3) uint8 camera-like image of the float [0, 1] ``image``: random blur, then noise."""
+    if spec.blur_sigma > 0 and rng.random() < 0.5:
+        sigma = rng.uniform(0.3, spec.blur_sigma)
+        image = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma)
+    if spec.noise_std > 0:
+        image = image + rng.normal(0.0, rng.uniform(0.0, spec.noise_std), size=image.shape).astype(np.float32)
+    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
 
 
 def _render_instances(

@@ -49,7 +49,7 @@ from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithP
 
 from rnnpose_ros.core import metrics
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
-from rnnpose_ros.core.synth import Scene, SceneError, make_scene
+from rnnpose_ros.core.synth import Scene, SceneError, SceneSpec, make_scene
 from rnnpose_ros.ros.conversions import (
     ConversionError,
     bounding_box,
@@ -67,10 +67,6 @@ DEFAULT_RESULT_TOPIC = "/rnnpose_refiner/detections"
 SCENE_ATTEMPTS = 5
 # How often the pacing timer looks at the state (s); the publish rate itself is the ``rate`` parameter.
 POLL_PERIOD_S = 0.02
-# Thresholds of the standard metrics (LINEMOD protocol).
-ADD_FRACTION = 0.1
-CM_DEG = (5.0, 5.0)
-PROJ_PX = 5.0
 
 
 # ---------------------------------------------------------------- frames and scoring
@@ -108,38 +104,6 @@ class PlayedFrame:
 
 
 @dataclass
-class PoseErrors:
-    """Errors of one pose against the ground truth.
-
-    Attributes:
-        add_m: ADD (ADD-S for symmetric objects) in metres; add_fraction: the same / object diameter.
-        rotation_deg: angle of R_est·R_gtᵀ, degrees; translation_m: ‖t_est − t_gt‖, metres.
-        projection_px: mean 2D reprojection distance of the model points, pixels.
-    """
-
-    add_m: float
-    add_fraction: float
-    rotation_deg: float
-    translation_m: float
-    projection_px: float
-
-    @property
-    def add_passed(self) -> bool:
-        """ADD(-S) < 0.1 · diameter."""
-        return self.add_fraction < ADD_FRACTION
-
-    @property
-    def cm_deg_passed(self) -> bool:
-        """Translation < 5 cm and rotation < 5°."""
-        return self.translation_m * 100.0 < CM_DEG[0] and self.rotation_deg < CM_DEG[1]
-
-    @property
-    def projection_passed(self) -> bool:
-        """Mean 2D projection error < 5 px."""
-        return self.projection_px < PROJ_PX
-
-
-@dataclass
 class InstanceScore:
     """Initial (detector) and refined errors of one object of a frame.
 
@@ -149,23 +113,10 @@ class InstanceScore:
 
     class_id: str
     instance_id: str
-    initial: PoseErrors
-    refined: PoseErrors | None
+    initial: metrics.PoseErrors
+    refined: metrics.PoseErrors | None
     score: float
     symmetric: bool = False
-
-
-def pose_errors(model: ObjectModel, pose: np.ndarray, pose_gt: np.ndarray, K: np.ndarray) -> PoseErrors:
-    """Errors of ``pose`` (4, 4) against ``pose_gt`` (4, 4) for ``model``, with intrinsics K (3, 3)."""
-    points = model.eval_points
-    add_m = metrics.add_or_add_s(points, pose, pose_gt, model.symmetric)
-    return PoseErrors(
-        add_m=add_m,
-        add_fraction=add_m / model.diameter,
-        rotation_deg=metrics.rotation_error_deg(pose, pose_gt),
-        translation_m=metrics.translation_error(pose, pose_gt),
-        projection_px=metrics.projection_error_2d(points, pose, pose_gt, K),
-    )
 
 
 def score_frame(frame: PlayedFrame, registry: ObjectRegistry) -> list[InstanceScore]:
@@ -183,14 +134,14 @@ def score_frame(frame: PlayedFrame, registry: ObjectRegistry) -> list[InstanceSc
             score = float(hypothesis.hypothesis.score)
             try:
                 pose, _ = pose_to_matrix(hypothesis.pose.pose)
-                refined = pose_errors(model, pose, truth.pose_gt, K)
+                refined = metrics.pose_errors(model, pose, truth.pose_gt, K)
             except (ConversionError, metrics.MetricsInputError):
                 refined = None
         scores.append(
             InstanceScore(
                 class_id=truth.class_id,
                 instance_id=truth.instance_id,
-                initial=pose_errors(model, truth.pose_init, truth.pose_gt, K),
+                initial=metrics.pose_errors(model, truth.pose_init, truth.pose_gt, K),
                 refined=refined,
                 score=score,
                 symmetric=model.symmetric,
@@ -254,13 +205,13 @@ class SceneSource:
         models: Sequence[ObjectModel],
         seed: int,
         frames: int,
-        scene_options: dict[str, Any],
+        spec: SceneSpec,
         prefetch: int = 2,
     ):
         self.models = list(models)
         self.seed = seed
         self.frames = frames
-        self.scene_options = scene_options
+        self.spec = spec
         self.error: BaseException | None = None
         self._queue: queue.Queue[Scene] = queue.Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
@@ -293,7 +244,7 @@ class SceneSource:
         for attempt in range(SCENE_ATTEMPTS):
             rng = np.random.default_rng([self.seed, index, attempt])
             try:
-                return make_scene(self.models, rng, renderer, **self.scene_options)
+                return make_scene(self.models, rng, renderer, self.spec)
             except SceneError as error:
                 last = error
         raise SceneError(f"frame {index}: {last}")
@@ -436,14 +387,14 @@ class ScenePlayer(Node):
             models,
             p.seed,
             p.frames,
-            {
-                "size": (p.height, p.width),
-                "distance": (p.min_distance, p.max_distance),
-                "occluders": p.occluders,
-                "rot_sigma_deg": p.rot_sigma_deg,
-                "trans_sigma": tuple(p.trans_sigma),
-                "max_angle_deg": p.max_angle_deg,
-            },
+            SceneSpec(
+                size=(p.height, p.width),
+                distance=(p.min_distance, p.max_distance),
+                occluders=p.occluders,
+                rot_sigma_deg=p.rot_sigma_deg,
+                trans_sigma=tuple(p.trans_sigma),
+                max_angle_deg=p.max_angle_deg,
+            ),
         )
         self.pub_image = self.create_publisher(Image, "image", qos_profile_sensor_data)
         self.pub_info = self.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
@@ -547,7 +498,7 @@ def describe(frame: PlayedFrame, scores: Sequence[InstanceScore]) -> str:
     latency = "no answer" if frame.latency_s is None else f"{frame.latency_s * 1000:.0f} ms"
     lines = []
     for s in scores:
-        name = "ADD-S" if s.symmetric else "ADD"
+        name = metrics.add_name(s.symmetric)
         initial = f"{s.initial.add_m * 1000:6.1f} mm ({s.initial.add_fraction:.2f} d)"
         if s.refined is None:
             lines.append(

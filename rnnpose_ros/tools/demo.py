@@ -46,11 +46,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rnnpose_ros.core import metrics
+from rnnpose_ros.core.backends import BACKENDS, backend_help
 from rnnpose_ros.package_files import package_config_file
+
+if TYPE_CHECKING:  # the scene player imports rclpy, which must wait for the DDS environment
+    from rnnpose_ros.ros.scene_player import InstanceScore
 
 NODE_NAME = "rnnpose_refiner"
 NODE_EXECUTABLE = "refine_node"
@@ -69,6 +74,9 @@ SHM_DIR = Path("/dev/shm")
 DDS_PORT_BASE = 7400
 DDS_DOMAIN_GAIN = 250
 PR_SET_PDEATHSIG = 1
+#: The rows of the demo's table and the keys of its summary: these tests of
+#: :data:`rnnpose_ros.core.metrics.PASS_TESTS`, by tag, in this order.
+DEMO_TESTS = ("add_s", "cm5_deg5", "proj_5px")
 
 
 class DemoError(RuntimeError):
@@ -262,22 +270,19 @@ class Rates:
     refined: float
 
 
-def pass_rates(scores: Sequence[Any]) -> dict[str, Rates]:
-    """ADD(-S)@0.1d, 5cm5° and 2D-projection-5px rates over ``scores`` (InstanceScore; an instance
-    without a refined pose fails the refined test)."""
+def pass_rates(scores: Sequence[InstanceScore]) -> dict[str, Rates]:
+    """Share of ``scores`` passing each test of :data:`DEMO_TESTS`, by the test's tag (an instance
+    without a refined pose fails the refined test); empty without scores."""
     if not scores:
         return {}
-    tests = {
-        "ADD(-S)@0.1d": lambda e: e.add_passed,
-        "5cm5deg": lambda e: e.cm_deg_passed,
-        "proj2D@5px": lambda e: e.projection_passed,
-    }
+    initial = [metrics.passed(s.initial) for s in scores]
+    refined = [None if s.refined is None else metrics.passed(s.refined) for s in scores]
     return {
-        name: Rates(
-            initial=float(np.mean([passed(s.initial) for s in scores])),
-            refined=float(np.mean([s.refined is not None and passed(s.refined) for s in scores])),
+        metrics.PASS_TESTS[name].tag: Rates(
+            initial=float(np.mean([p[name] for p in initial])),
+            refined=float(np.mean([p is not None and p[name] for p in refined])),
         )
-        for name, passed in tests.items()
+        for name in DEMO_TESTS
     }
 
 
@@ -301,11 +306,12 @@ def caption(image: np.ndarray, text: Sequence[str]) -> np.ndarray:
     return np.concatenate([strip, image], axis=0)
 
 
-def frame_caption(index: int, scores: Sequence[Any], latency_s: float | None) -> list[str]:
+def frame_caption(index: int, scores: Sequence[InstanceScore], latency_s: float | None) -> list[str]:
+    """The lines above a frame's overlay: each object's initial → refined ADD(-S), then the legend."""
     lines = []
     for s in scores:
         refined = "not refined" if s.refined is None else f"{s.refined.add_m * 1000:.1f} mm"
-        name = "ADD-S" if s.symmetric else "ADD"
+        name = metrics.add_name(s.symmetric)
         lines.append(
             f"frame {index} {s.instance_id}: {name} {s.initial.add_m * 1000:.1f} mm -> {refined}, "
             f"score {s.score:.2f}"
@@ -343,7 +349,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--frames", type=int, default=12, help="frames to play (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="scene and detector-noise seed (default 0)")
-    parser.add_argument("--backend", choices=("classical", "rnnpose"), default="classical")
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default="classical", help=backend_help())
     parser.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for images/summary")
     parser.add_argument("--rate", type=float, default=2.0, help="most frames per second (default 2)")
     parser.add_argument(
@@ -381,9 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif"]:
         stale.unlink(missing_ok=True)
     args.objects_file = config_file("objects.yaml")
-    if args.backend == "rnnpose" and (missing := objects_without_weights(args.objects_file, args.objects)):
+    needs_weights = BACKENDS[args.backend].needs_weights
+    if needs_weights and (missing := objects_without_weights(args.objects_file, args.objects)):
         print(
-            f"[demo] --backend rnnpose needs learned weights, but {args.objects_file} gives none for "
+            f"[demo] --backend {args.backend} needs learned weights, but {args.objects_file} gives none for "
             f"{', '.join(missing)} (set 'weights:' there), or use --backend classical",
             file=sys.stderr,
         )
@@ -606,70 +613,166 @@ def _overlay(frame: Any, outputs: Outputs, registry: Any) -> tuple[np.ndarray, s
     return overlay_image(frame.scene.image, frame.scene.K, objects), "demo"
 
 
+@dataclass
+class FrameReport:
+    """One played frame as the report shows it.
+
+    Attributes:
+        record: its entry in ``summary.json``'s ``frames``.
+        scores: its objects' errors (empty when unanswered).
+        image: (H + h, W, 3) uint8 captioned overlay, or None when there is nothing to draw.
+    """
+
+    record: dict[str, Any]
+    scores: list[InstanceScore]
+    image: np.ndarray | None
+
+
+@dataclass
+class RunResults:
+    """The figures the demo prints and records for the whole run.
+
+    Attributes:
+        frames_published, frames_answered: frame counts.
+        instances: scored objects (of answered frames).
+        rates: pass rates by test tag (:func:`pass_rates`).
+        mean_add_mm: mean ADD(-S) of the "initial" and of the "refined" poses, millimetres (None
+            without such poses).
+        latency_ms: :func:`latency_summary` of the answered frames.
+    """
+
+    frames_published: int
+    frames_answered: int
+    instances: int
+    rates: dict[str, Rates]
+    mean_add_mm: dict[str, float | None]
+    latency_ms: dict[str, float | None]
+
+
 def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeProcess) -> int:
+    """Score every frame, write the overlays and ``summary.json``, print the results; returns 0.
+
+    Raises:
+        DemoError: the node answered no frame.
+    """
+    reports = [_frame_report(frame, outputs, player.registry) for frame in player.frames]
+    pngs, gif = _write_images(args.output, reports)
+    results = _results(player.frames, reports)
+    _print_results(results, outputs.diagnostics)
+    files = {"png": [p.name for p in pngs], "gif": None if gif is None else gif.name}
+    summary = _summary(args, node, results, outputs, reports, files)
+    (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"[demo] wrote {len(pngs)} overlays, {'no GIF' if gif is None else gif.name} and summary.json to "
+        f"{args.output}/"
+    )
+    if not results.frames_answered:
+        raise DemoError(f"refine_node never answered ({len(player.frames)} frames sent):\n{node.log_tail()}")
+    return 0
+
+
+def _frame_report(frame: Any, outputs: Outputs, registry: Any) -> FrameReport:
+    """The scores, summary entry and captioned overlay of one played frame."""
+    from rnnpose_ros.ros.scene_player import score_frame
+
+    scores = score_frame(frame, registry)
+    record = {
+        "frame": frame.index,
+        "stamp_ns": frame.stamp_ns,
+        "background": frame.scene.background,
+        "answered": frame.result is not None,
+        "latency_ms": None if frame.latency_s is None else 1000.0 * frame.latency_s,
+        "instances": [_instance_record(s) for s in scores],
+    }
+    overlay = _overlay(frame, outputs, registry)
+    if overlay is None:
+        return FrameReport(record, scores, None)
+    image, drawn_by = overlay
+    record["overlay_from"] = drawn_by
+    return FrameReport(record, scores, caption(image, frame_caption(frame.index, scores, frame.latency_s)))
+
+
+def _write_images(output: Path, reports: Sequence[FrameReport]) -> tuple[list[Path], Path | None]:
+    """Each captioned overlay as ``frame_<index>.png``, all of them (scaled by GIF_SCALE) as
+    ``demo.gif``; returns the PNG paths and the GIF's (None without overlays)."""
     import cv2
     import imageio.v2 as imageio
 
-    from rnnpose_ros.ros.scene_player import score_frame
-
-    answered = [f for f in player.frames if f.result is not None]
-    per_frame, all_scores, images, pngs = [], [], [], []
-    for frame in player.frames:
-        scores = score_frame(frame, player.registry)
-        all_scores += scores
-        per_frame.append(
-            {
-                "frame": frame.index,
-                "stamp_ns": frame.stamp_ns,
-                "background": frame.scene.background,
-                "answered": frame.result is not None,
-                "latency_ms": None if frame.latency_s is None else 1000.0 * frame.latency_s,
-                "instances": [_instance_record(s) for s in scores],
-            }
-        )
-        overlay = _overlay(frame, outputs, player.registry)
-        if overlay is None:
+    pngs, small = [], []
+    for report in reports:
+        if report.image is None:
             continue
-        per_frame[-1]["overlay_from"] = overlay[1]
-        image = caption(overlay[0], frame_caption(frame.index, scores, frame.latency_s))
-        path = args.output / f"frame_{frame.index:03d}.png"
-        imageio.imwrite(path, image)
+        path = output / f"frame_{report.record['frame']:03d}.png"
+        imageio.imwrite(path, report.image)
         pngs.append(path)
-        size = (round(image.shape[1] * GIF_SCALE), round(image.shape[0] * GIF_SCALE))
-        images.append(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
-    gif = args.output / "demo.gif"
-    if images:
-        imageio.mimsave(gif, images, duration=GIF_FRAME_S, loop=0)
+        size = (round(report.image.shape[1] * GIF_SCALE), round(report.image.shape[0] * GIF_SCALE))
+        small.append(cv2.resize(report.image, size, interpolation=cv2.INTER_AREA))
+    if not small:
+        return pngs, None
+    gif = output / "demo.gif"
+    imageio.mimsave(gif, small, duration=GIF_FRAME_S, loop=0)
+    return pngs, gif
 
-    rates = pass_rates(all_scores)
-    latency = latency_summary([f.latency_s for f in answered])
-    mean_add = {
-        "initial": float(np.mean([s.initial.add_m for s in all_scores])) * 1000 if all_scores else None,
-        "refined": float(np.mean([s.refined.add_m for s in all_scores if s.refined is not None])) * 1000
-        if any(s.refined is not None for s in all_scores)
-        else None,
+
+def _results(frames: Sequence[Any], reports: Sequence[FrameReport]) -> RunResults:
+    """The run's figures from the played frames and their reports."""
+    scores = [s for report in reports for s in report.scores]
+    answered = [f for f in frames if f.result is not None]
+    return RunResults(
+        frames_published=len(frames),
+        frames_answered=len(answered),
+        instances=len(scores),
+        rates=pass_rates(scores),
+        mean_add_mm=mean_add_mm(scores),
+        latency_ms=latency_summary([f.latency_s for f in answered]),
+    )
+
+
+def mean_add_mm(scores: Sequence[InstanceScore]) -> dict[str, float | None]:
+    """Mean ADD(-S) of the initial poses and of the refined ones (those that exist), millimetres."""
+    refined = [s.refined.add_m for s in scores if s.refined is not None]
+    return {
+        "initial": float(np.mean([s.initial.add_m for s in scores])) * 1000 if scores else None,
+        "refined": float(np.mean(refined)) * 1000 if refined else None,
     }
+
+
+def _print_results(results: RunResults, diagnostics: dict[str, str]) -> None:
+    """The pass-rate table, mean ADD(-S), latency and frame counts."""
     print()
-    print(format_table(rates, len(all_scores)) if rates else "[demo] no frame was answered: no table")
+    if results.rates:
+        print(format_table(results.rates, results.instances))
+    else:
+        print("[demo] no frame was answered: no table")
+    mean_add = results.mean_add_mm
     if mean_add["refined"] is not None:
         print(f"{'mean ADD(-S) (mm)':<28} {mean_add['initial']:8.1f} {mean_add['refined']:8.1f}")
+    latency = results.latency_ms
     if latency["mean"] is not None:
         after = latency["mean_after_first"]
         print(
             f"latency (publish -> refined detections): mean {latency['mean']:.0f} ms"
             + (f", {after:.0f} ms without the first (warm-up) frame" if after is not None else "")
-            + f", max {latency['max']:.0f} ms over {len(answered)} frames"
+            + f", max {latency['max']:.0f} ms over {results.frames_answered} frames"
         )
-    dropped = len(player.frames) - len(answered)
+    unanswered = results.frames_published - results.frames_answered
     print(
-        f"frames: {len(player.frames)} published, {len(answered)} answered, {dropped} unanswered"
-        + (
-            f" (node: {outputs.diagnostics.get('frames_dropped', '?')} dropped)"
-            if outputs.diagnostics
-            else ""
-        )
+        f"frames: {results.frames_published} published, {results.frames_answered} answered, "
+        f"{unanswered} unanswered"
+        + (f" (node: {diagnostics.get('frames_dropped', '?')} dropped)" if diagnostics else "")
     )
-    summary = {
+
+
+def _summary(
+    args: argparse.Namespace,
+    node: NodeProcess,
+    results: RunResults,
+    outputs: Outputs,
+    reports: Sequence[FrameReport],
+    files: dict[str, Any],
+) -> dict[str, Any]:
+    """The content of ``summary.json``; ``files`` names the overlays written (``png``, ``gif``)."""
+    return {
         "backend": args.backend,
         "seed": args.seed,
         "objects": list(args.objects),
@@ -678,34 +781,38 @@ def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeP
         "ros_domain_id": int(os.environ["ROS_DOMAIN_ID"]),
         "node_command": node.command,
         "frames_requested": args.frames,
-        "frames_published": len(player.frames),
-        "frames_answered": len(answered),
-        "frames_unanswered": dropped,
-        "instances": len(all_scores),
-        "metrics": {name: asdict(rate) for name, rate in rates.items()},
-        "mean_add_mm": mean_add,
-        "latency_ms": latency,
+        "frames_published": results.frames_published,
+        "frames_answered": results.frames_answered,
+        "frames_unanswered": results.frames_published - results.frames_answered,
+        "instances": results.instances,
+        "metrics": {name: asdict(rate) for name, rate in results.rates.items()},
+        "mean_add_mm": results.mean_add_mm,
+        "latency_ms": results.latency_ms,
         "node_diagnostics": outputs.diagnostics,
-        "frames": per_frame,
-        "files": {"png": [p.name for p in pngs], "gif": gif.name if images else None},
+        "frames": [report.record for report in reports],
+        "files": files,
     }
-    (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"[demo] wrote {len(pngs)} overlays, {gif.name if images else 'no GIF'} and summary.json to "
-        f"{args.output}/"
-    )
-    if not answered:
-        raise DemoError(f"refine_node never answered ({len(player.frames)} frames sent):\n{node.log_tail()}")
-    return 0
 
 
-def _instance_record(score: Any) -> dict[str, Any]:
+def _instance_record(score: InstanceScore) -> dict[str, Any]:
+    """One object's entry in ``summary.json``."""
     return {
         "class_id": score.class_id,
         "instance_id": score.instance_id,
         "score": score.score,
-        "initial": asdict(score.initial),
-        "refined": None if score.refined is None else asdict(score.refined),
+        "initial": _errors_record(score.initial),
+        "refined": None if score.refined is None else _errors_record(score.refined),
+    }
+
+
+def _errors_record(errors: metrics.PoseErrors) -> dict[str, float]:
+    """The errors of one pose in ``summary.json``: metres, fraction of the diameter, degrees, pixels."""
+    return {
+        "add_m": errors.add_m,
+        "add_fraction": errors.add_fraction,
+        "rotation_deg": errors.rotation_deg,
+        "translation_m": errors.translation_m,
+        "projection_px": errors.projection_px,
     }
 
 

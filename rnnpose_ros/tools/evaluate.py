@@ -12,7 +12,9 @@ instances passing each test:
 
 - ``add_s``: ADD(-S) < 0.1·diameter (ADD-S for objects registered as symmetric);
 - ``proj_5px``: mean 2D reprojection error of the model points < 5 px (with the scene's K);
-- ``cm5_deg5``: translation error < 5 cm and rotation error < 5°.
+- ``cm5_deg5``: translation error < 5 cm and rotation error < 5°
+
+(:data:`rnnpose_ros.core.metrics.PASS_TESTS`).
 
 ``--sweep`` repeats the evaluation at several noise levels (the given one scaled by
 0.25, 0.5, 1, 1.5, 2 in rotation and translation) and ``--plot`` draws recall vs noise.
@@ -27,15 +29,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rnnpose_ros.core import metrics
 from rnnpose_ros.core.backends import BACKENDS, backend_help
 from rnnpose_ros.package_files import default_objects_file
 
+if TYPE_CHECKING:  # heavy (OpenGL, torch): imported where used, so that --help stays fast
+    from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
+    from rnnpose_ros.core.refiner import RefineResult
+    from rnnpose_ros.core.synth import Scene, SceneSpec
+
 DEFAULT_OBJECTS = default_objects_file()
-METRICS = ("add_s", "proj_5px", "cm5_deg5")
-METRIC_LABELS = {"add_s": "ADD(-S) < 0.1d", "proj_5px": "2D proj < 5 px", "cm5_deg5": "5 cm 5°"}
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
 
 
@@ -45,7 +52,8 @@ class EvaluationError(RuntimeError):
 
 @dataclass
 class InstanceOutcome:
-    """Per-instance pass/fail of every metric before and after refinement."""
+    """Per-instance pass/fail of every test (:data:`~rnnpose_ros.core.metrics.PASS_TESTS`) before and
+    after refinement."""
 
     class_id: str
     initial: dict[str, bool]
@@ -66,7 +74,7 @@ class LevelResult:
     def summary(self) -> dict:
         def recall(outcomes: list[InstanceOutcome], which: str) -> dict[str, float]:
             n = max(len(outcomes), 1)
-            return {m: sum(getattr(o, which)[m] for o in outcomes) / n for m in METRICS}
+            return {m: sum(getattr(o, which)[m] for o in outcomes) / n for m in metrics.PASS_TESTS}
 
         per_object = {}
         for class_id in sorted({o.class_id for o in self.outcomes}):
@@ -201,10 +209,10 @@ def evaluate_level(
     args: argparse.Namespace, registry, renderer, refiner, rot_deg: float, trans_m: tuple[float, float, float]
 ) -> LevelResult:
     """Generate ``args.num_scenes`` scenes at one noise level, refine them, score them."""
-    from rnnpose_ros.core.refiner import Instance, RefineStatus
+    from rnnpose_ros.core.refiner import Instance
     from rnnpose_ros.core.synth import make_scene
 
-    class_ids = args.classes or registry.class_ids
+    spec = scene_spec(args, rot_deg, trans_m)
     result = LevelResult(rot_deg=rot_deg, trans_m=trans_m)
     scenes = range(args.num_scenes)
     if not args.no_progress:
@@ -212,63 +220,62 @@ def evaluate_level(
 
         scenes = tqdm(scenes, desc=f"noise {rot_deg:g}°", unit="scene", file=sys.stderr)
     for i in scenes:
-        models = [
-            registry[class_ids[(i * args.instances_per_scene + k) % len(class_ids)]]
-            for k in range(args.instances_per_scene)
-        ]
-        scene = make_scene(
-            models,
-            args.seed + i,
-            renderer,
-            occluders=args.occluders,
-            rot_sigma_deg=rot_deg,
-            trans_sigma=trans_m,
-        )
+        scene = make_scene(scene_models(args, registry, i), args.seed + i, renderer, spec)
         instances = [Instance(s.class_id, s.pose_init, s.instance_id) for s in scene.instances]
         start = time.perf_counter()
         refined = refiner.refine(scene.observation, instances)
         result.refine_seconds += time.perf_counter() - start
-        for truth, out in zip(scene.instances, refined, strict=True):
-            model = registry[truth.class_id]
-            final = out.pose if out.status is RefineStatus.OK else truth.pose_init
-            result.outcomes.append(
-                InstanceOutcome(
-                    class_id=truth.class_id,
-                    initial=passed_tests(model, truth.pose_init, truth.pose_gt, scene.K),
-                    refined=passed_tests(model, final, truth.pose_gt, scene.K),
-                    status=out.status.value,
-                    score=out.score,
-                )
-            )
+        result.outcomes += score_scene(scene, refined, registry)
     return result
 
 
-def passed_tests(model, pose: np.ndarray, pose_gt: np.ndarray, K: np.ndarray) -> dict[str, bool]:
-    """Which of the three tests (``METRICS``) a pose passes against the ground truth."""
-    from rnnpose_ros.core import metrics
+def scene_spec(args: argparse.Namespace, rot_deg: float, trans_m: tuple[float, float, float]) -> SceneSpec:
+    """The :class:`~rnnpose_ros.core.synth.SceneSpec` of one noise level (σ in degrees and metres)."""
+    from rnnpose_ros.core.synth import SceneSpec
 
-    points = model.eval_points
-    error = metrics.add_or_add_s(points, pose, pose_gt, model.symmetric)
-    return {
-        "add_s": metrics.add_passed(error, model.diameter, 0.1),
-        "proj_5px": metrics.projection_2d_passed(metrics.projection_error_2d(points, pose, pose_gt, K), 5.0),
-        "cm5_deg5": metrics.cm_deg_passed(pose, pose_gt, 5.0, 5.0),
-    }
+    return SceneSpec(occluders=args.occluders, rot_sigma_deg=rot_deg, trans_sigma=trans_m)
+
+
+def scene_models(args: argparse.Namespace, registry: ObjectRegistry, index: int) -> list[ObjectModel]:
+    """The objects of scene ``index``: ``--instances-per-scene`` of them, cycling through the classes."""
+    class_ids = args.classes or registry.class_ids
+    per_scene = args.instances_per_scene
+    return [registry[class_ids[(index * per_scene + k) % len(class_ids)]] for k in range(per_scene)]
+
+
+def score_scene(scene: Scene, refined: list[RefineResult], registry: ObjectRegistry) -> list[InstanceOutcome]:
+    """Which tests each instance's initial and refined pose pass; an instance the refiner did not
+    refine (status other than OK) keeps its initial pose."""
+    from rnnpose_ros.core.refiner import RefineStatus
+
+    outcomes = []
+    for truth, out in zip(scene.instances, refined, strict=True):
+        model = registry[truth.class_id]
+        final = out.pose if out.status is RefineStatus.OK else truth.pose_init
+        outcomes.append(
+            InstanceOutcome(
+                class_id=truth.class_id,
+                initial=metrics.passed(metrics.pose_errors(model, truth.pose_init, truth.pose_gt, scene.K)),
+                refined=metrics.passed(metrics.pose_errors(model, final, truth.pose_gt, scene.K)),
+                status=out.status.value,
+                score=out.score,
+            )
+        )
+    return outcomes
 
 
 def format_table(summary: dict, title: str) -> str:
     """Printable recall table (overall and per object)."""
     lines = [title, f"{'':18s}{'initial':>9s}{'refined':>9s}"]
-    for metric in METRICS:
-        lines.append(
-            f"{METRIC_LABELS[metric]:18s}{summary['initial'][metric]:9.3f}{summary['refined'][metric]:9.3f}"
-        )
+    for name, test in metrics.PASS_TESTS.items():
+        lines.append(f"{test.label:18s}{summary['initial'][name]:9.3f}{summary['refined'][name]:9.3f}")
     if len(summary["per_object"]) > 1:
         for class_id, entry in summary["per_object"].items():
             lines.append(f"  {class_id} (n={entry['n']})")
-            for metric in METRICS:
-                initial, refined = entry["initial"][metric], entry["refined"][metric]
-                lines.append(f"    {METRIC_LABELS[metric]:14s}{initial:9.3f}{refined:9.3f}")
+            for name, test in metrics.PASS_TESTS.items():
+                lines.append(
+                    f"    {test.label:14s}{entry['initial'][name]:9.3f}{entry['refined'][name]:9.3f}"
+                )
     lines.append(
         f"instances {summary['num_instances']}, {summary['seconds_per_instance']:.3f} s per instance, "
         f"statuses {summary['status_counts']}, mean score {summary['mean_score']:.3f}"
@@ -282,7 +289,7 @@ def format_table(summary: dict, title: str) -> str:
 
 
 def plot_sweep(levels: list[dict], path: Path, backend: str) -> None:
-    """Recall vs rotation noise (initial dashed, refined solid), one colour per metric."""
+    """Recall vs rotation noise (initial dashed, refined solid), one colour per test."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,10 +297,11 @@ def plot_sweep(levels: list[dict], path: Path, backend: str) -> None:
 
     rot = [level["noise"]["rot_deg"] for level in levels]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for metric, colour in zip(METRICS, ("tab:blue", "tab:orange", "tab:green"), strict=True):
-        refined = [lv["refined"][metric] for lv in levels]
-        ax.plot(rot, refined, "-o", color=colour, label=METRIC_LABELS[metric])
-        ax.plot(rot, [lv["initial"][metric] for lv in levels], "--", color=colour, alpha=0.6)
+    for (name, test), colour in zip(
+        metrics.PASS_TESTS.items(), ("tab:blue", "tab:orange", "tab:green"), strict=True
+    ):
+        ax.plot(rot, [lv["refined"][name] for lv in levels], "-o", color=colour, label=test.label)
+        ax.plot(rot, [lv["initial"][name] for lv in levels], "--", color=colour, alpha=0.6)
     ax.set_xlabel("initial rotation noise σ per axis (°); translation noise scaled alike")
     ax.set_ylabel("recall")
     ax.set_ylim(-0.02, 1.02)
@@ -309,30 +317,54 @@ def plot_sweep(levels: list[dict], path: Path, backend: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-    from rnnpose_ros.core.objects import ObjectModelError, ObjectRegistry
-    from rnnpose_ros.core.render import Renderer
+    from rnnpose_ros.core.objects import ObjectModelError
 
     try:
-        registry = ObjectRegistry.from_yaml(args.objects)
-        unknown = [c for c in args.classes or [] if c not in registry]
-        if unknown:
-            raise EvaluationError(f"--classes names unknown class(es) {unknown}; known: {registry.class_ids}")
-        renderer = Renderer()
-        refiner = build_refiner(args, registry, renderer)
+        registry, renderer, refiner = setup(args)
     except (EvaluationError, ObjectModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    levels = [(args.noise_rot, args.noise_trans)]
-    if args.sweep:
-        levels = [(args.noise_rot * f, tuple(t * f for t in args.noise_trans)) for f in SWEEP_FACTORS]
     summaries = []
-    for rot, trans in levels:
+    for rot, trans in noise_levels(args):
         summary = evaluate_level(args, registry, renderer, refiner, rot, trans).summary()
         summaries.append(summary)
         title = f"\nnoise {rot:g}° / {', '.join(f'{t * 100:g}' for t in trans)} cm ({args.backend})"
         print(format_table(summary, title), flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(json_record(args, refiner, summaries), indent=2))
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_sweep(summaries, args.plot, args.backend)
+        print(f"wrote {args.plot}")
+    if args.trace_gif is not None:
+        write_trace_gif(args, registry, renderer, refiner)
+        print(f"wrote {args.trace_gif}")
+    return 0
 
+
+def setup(args: argparse.Namespace) -> tuple:
+    """(registry, renderer, refiner) of ``args``; raises EvaluationError or ObjectModelError."""
+    from rnnpose_ros.core.objects import ObjectRegistry
+    from rnnpose_ros.core.render import Renderer
+
+    registry = ObjectRegistry.from_yaml(args.objects)
+    unknown = [c for c in args.classes or [] if c not in registry]
+    if unknown:
+        raise EvaluationError(f"--classes names unknown class(es) {unknown}; known: {registry.class_ids}")
+    renderer = Renderer()
+    return registry, renderer, build_refiner(args, registry, renderer)
+
+
+def noise_levels(args: argparse.Namespace) -> list[tuple[float, tuple[float, ...]]]:
+    """(rotation σ degrees, translation σ X, Y, Z metres) of every level to evaluate."""
+    if not args.sweep:
+        return [(args.noise_rot, args.noise_trans)]
+    return [(args.noise_rot * f, tuple(t * f for t in args.noise_trans)) for f in SWEEP_FACTORS]
+
+
+def json_record(args: argparse.Namespace, refiner, summaries: list[dict]) -> dict:
+    """The ``--json`` output: the main level's summary, the run's settings, and the sweep if any."""
     main_summary = summaries[SWEEP_FACTORS.index(1.0)] if args.sweep else summaries[0]
     output = dict(main_summary)
     output.update(
@@ -344,17 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.sweep:
         output["sweep"] = summaries
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(output, indent=2))
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        plot_sweep(summaries, args.plot, args.backend)
-        print(f"wrote {args.plot}")
-    if args.trace_gif is not None:
-        write_trace_gif(args, registry, renderer, refiner)
-        print(f"wrote {args.trace_gif}")
-    return 0
+    return output
 
 
 def write_trace_gif(args: argparse.Namespace, registry, renderer, refiner) -> None:
@@ -364,14 +386,8 @@ def write_trace_gif(args: argparse.Namespace, registry, renderer, refiner) -> No
     from rnnpose_ros.tools.trace_gif import record_trace_gif
 
     class_ids = args.classes or registry.class_ids
-    scene = make_scene(
-        [registry[class_ids[0]]],
-        args.seed,
-        renderer,
-        occluders=args.occluders,
-        rot_sigma_deg=args.noise_rot,
-        trans_sigma=args.noise_trans,
-    )
+    spec = scene_spec(args, args.noise_rot, args.noise_trans)
+    scene = make_scene([registry[class_ids[0]]], args.seed, renderer, spec)
     first = scene.instances[0]
     record_trace_gif(
         args.trace_gif, refiner, renderer, scene.observation, Instance(first.class_id, first.pose_init)
