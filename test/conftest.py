@@ -33,11 +33,9 @@ def golden_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def renderer():
-    """An offscreen renderer per test module (an OpenGL context is slow to create).
-
-    Not one per session: closing any renderer (the node and the scene player close theirs) terminates
-    the process's EGL display, and with it every other renderer's context.
-    """
+    """An offscreen renderer per test module (an OpenGL context is slow to create). Not one per session:
+    a plain pyrender OffscreenRenderer (test_environment uses one) terminates the process's EGL display
+    when deleted, and with it every context made before."""
     from rnnpose_ros.core.render import Renderer
 
     return Renderer()
