@@ -1,0 +1,175 @@
+"""Cross-process test harness: the real ``refine_node`` executable in a child process, and a fake camera
++ detector in this one, over real DDS on loopback (the DDS-safety settings come from conftest.py).
+
+Used by the cross-process tests (test_node_process.py, test_node_reliability.py).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+from tf2_msgs.msg import TFMessage
+from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
+
+from rnnpose_ros.ros.conversions import matrix_to_pose, rgb_to_image
+
+from conftest import REPO_ROOT
+
+SIZE = (240, 320)
+K = np.array([[286.0, 0.0, 160.0], [0.0, 286.0, 120.0], [0.0, 0.0, 1.0]])
+FRAME = "camera_color_optical_frame"
+PARAMS_FILE = REPO_ROOT / "config" / "refine.yaml"
+RESULT_TOPIC = "/rnnpose_refiner/detections"
+START_TIMEOUT_S = 60.0
+
+
+def node_command() -> list[str]:
+    """The installed console script, else the same entry point through the interpreter."""
+    script = Path(sys.executable).with_name("refine_node")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "rnnpose_ros.ros.node"]
+
+
+def free_domain_id() -> int:
+    return random.randint(150, 232)
+
+
+def start_node(domain_id: int, *params: str, ros_args: Sequence[str] | None = None) -> subprocess.Popen:
+    """``refine_node --ros-args --params-file config/refine.yaml -p device:=cpu -p <params>...`` (or the
+    given ``ros_args`` instead), output captured as text."""
+    env = os.environ | {"ROS_DOMAIN_ID": str(domain_id), "PYTHONUNBUFFERED": "1"}
+    if ros_args is None:
+        ros_args = ["--params-file", str(PARAMS_FILE), "-p", "device:=cpu"]
+        for assignment in params:
+            ros_args += ["-p", assignment]
+    command = [*node_command(), "--ros-args", *ros_args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_node(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 15.0) -> tuple[int, str]:
+    """Send ``sig`` (if still running), wait; returns (exit code, whole output). Kills after ``timeout``."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode, process.stdout.read() if process.stdout else ""
+
+
+def run_node(*ros_args: str, timeout: float = 60.0) -> tuple[int, str]:
+    """Run ``refine_node --ros-args <ros_args>`` to its exit (for start-up errors): (exit code, output)."""
+    env = os.environ | {"ROS_DOMAIN_ID": str(free_domain_id()), "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [*node_command(), "--ros-args", *ros_args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def detection(class_id: str, T: np.ndarray, detection_id: str = "") -> Detection3D:
+    hypothesis = ObjectHypothesisWithPose()
+    hypothesis.hypothesis.class_id = class_id
+    hypothesis.hypothesis.score = 0.6
+    hypothesis.pose.pose = matrix_to_pose(T)
+    return Detection3D(id=detection_id, results=[hypothesis])
+
+
+class Camera:
+    """Publishes frames like a camera + detector pair and collects the node's outputs."""
+
+    def __init__(self, domain_id: int):
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain_id)
+        self.node = rclpy.create_node("fake_camera_and_detector", context=self.context)
+        self.pub_image = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
+        self.pub_info = self.node.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+        self.pub_detections = self.node.create_publisher(Detection3DArray, "detections", 5)
+        self.outputs: dict[tuple[int, int], tuple[Detection3DArray, float]] = {}
+        self.sent: dict[tuple[int, int], float] = {}
+        self.tf: list[TFMessage] = []
+        self.diagnostics: list[DiagnosticArray] = []
+        self.node.create_subscription(Detection3DArray, RESULT_TOPIC, self._on_output, 100)
+        self.node.create_subscription(TFMessage, "/tf", self.tf.append, 100)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+
+    def _on_output(self, msg: Detection3DArray) -> None:
+        self.outputs[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = (msg, time.monotonic())
+
+    def spin_until(self, condition: Callable[[], Any], timeout: float, process: subprocess.Popen) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert process.poll() is None, f"refine_node exited with {process.returncode}"
+            assert time.monotonic() < deadline, "timed out waiting for refine_node"
+            self.executor.spin_once(timeout_sec=0.02)
+
+    def wait_until_ready(self, process: subprocess.Popen, timeout: float = START_TIMEOUT_S) -> None:
+        """Until the node subscribes, publishes, and its diagnostics say the warm-up is over."""
+        self.spin_until(
+            lambda: (
+                self.pub_detections.get_subscription_count() > 0
+                and self.pub_image.get_subscription_count() > 0
+                and self.node.count_publishers(RESULT_TOPIC) > 0
+            ),
+            timeout,
+            process,
+        )
+        self.spin_until(
+            lambda: any(not d.status[0].message.startswith("warming up") for d in self.diagnostics),
+            timeout,
+            process,
+        )
+
+    def last_diagnostics(self) -> dict[str, str]:
+        status = self.diagnostics[-1].status[0]
+        return {kv.key: kv.value for kv in status.values} | {"message": status.message}
+
+    def publish_messages(
+        self, image: Image, info: CameraInfo, detections: Detection3DArray
+    ) -> tuple[int, int]:
+        key = (image.header.stamp.sec, image.header.stamp.nanosec)
+        self.sent[key] = time.monotonic()
+        self.pub_image.publish(image)
+        self.pub_info.publish(info)
+        self.pub_detections.publish(detections)
+        return key
+
+    def publish(
+        self, image: np.ndarray, detections: Sequence[Detection3D], stamp_sec: int, K: np.ndarray = K
+    ) -> tuple[int, int]:
+        """One consistent frame (image, camera_info with K, detections) stamped ``stamp_sec``."""
+        header = Header(frame_id=FRAME)
+        header.stamp.sec = stamp_sec
+        info = CameraInfo(header=header, height=image.shape[0], width=image.shape[1])
+        info.k = K.ravel().tolist()
+        info.p = np.hstack([K, np.zeros((3, 1))]).ravel().tolist()
+        array = Detection3DArray(header=header)
+        for item in detections:
+            item.header = header
+            array.detections.append(item)
+        return self.publish_messages(rgb_to_image(image, header), info, array)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
