@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,28 +49,63 @@ def free_domain_id() -> int:
     return random.randint(150, 232)
 
 
-def start_node(domain_id: int, *params: str, ros_args: Sequence[str] | None = None) -> subprocess.Popen:
-    """``refine_node --ros-args --params-file config/refine.yaml -p device:=cpu -p <params>...`` (or the
-    given ``ros_args`` instead), output captured as text."""
-    env = os.environ | {"ROS_DOMAIN_ID": str(domain_id), "PYTHONUNBUFFERED": "1"}
-    if ros_args is None:
+class NodeProcess:
+    """``refine_node --ros-args --params-file config/refine.yaml -p device:=cpu -p <params>...`` in a child
+    process; its output is collected line by line as it comes (:meth:`wait_for_line`)."""
+
+    def __init__(self, domain_id: int, *params: str) -> None:
+        env = os.environ | {"ROS_DOMAIN_ID": str(domain_id), "PYTHONUNBUFFERED": "1"}
         ros_args = ["--params-file", str(PARAMS_FILE), "-p", "device:=cpu"]
         for assignment in params:
             ros_args += ["-p", assignment]
-    command = [*node_command(), "--ros-args", *ros_args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [*node_command(), "--ros-args", *ros_args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
 
-def stop_node(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 15.0) -> tuple[int, str]:
-    """Send ``sig`` (if still running), wait; returns (exit code, whole output). Kills after ``timeout``."""
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode, process.stdout.read() if process.stdout else ""
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_line(self, text: str, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.poll() is None, f"refine_node exited with {self.returncode}:\n{self.output}"
+            assert time.monotonic() < deadline, f"no {text!r} from refine_node:\n{self.output}"
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> tuple[int, float, str]:
+        """Send ``sig`` (if still running) and wait: (exit code, seconds to exit, whole output). Kills
+        after ``timeout``."""
+        start = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        seconds = time.monotonic() - start
+        self._reader.join(timeout=5.0)
+        return self.process.returncode, seconds, self.output
 
 
 def run_node(*ros_args: str, timeout: float = 60.0) -> tuple[int, str]:
@@ -116,14 +152,14 @@ class Camera:
     def _on_output(self, msg: Detection3DArray) -> None:
         self.outputs[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = (msg, time.monotonic())
 
-    def spin_until(self, condition: Callable[[], Any], timeout: float, process: subprocess.Popen) -> None:
+    def spin_until(self, condition: Callable[[], Any], timeout: float, process: NodeProcess) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert process.poll() is None, f"refine_node exited with {process.returncode}"
             assert time.monotonic() < deadline, "timed out waiting for refine_node"
             self.executor.spin_once(timeout_sec=0.02)
 
-    def wait_until_ready(self, process: subprocess.Popen, timeout: float = START_TIMEOUT_S) -> None:
+    def wait_until_ready(self, process: NodeProcess, timeout: float = START_TIMEOUT_S) -> None:
         """Until the node subscribes, publishes, and its diagnostics say the warm-up is over."""
         self.spin_until(
             lambda: (

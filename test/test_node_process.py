@@ -8,7 +8,6 @@ short iteration schedule to stay within the test budget on 2 shared CPU cores.
 from __future__ import annotations
 
 import signal
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("vision_msgs")
 
-from node_harness import FRAME, SIZE, Camera, K, detection, free_domain_id, start_node, stop_node  # noqa: E402
+from node_harness import FRAME, SIZE, Camera, K, NodeProcess, detection, free_domain_id  # noqa: E402
 
 from rnnpose_ros.ros.conversions import pose_to_matrix  # noqa: E402
 
@@ -34,11 +33,11 @@ def domain_id() -> int:
 
 
 @pytest.fixture(scope="module")
-def refine_node(domain_id: int) -> Iterator[subprocess.Popen]:
+def refine_node(domain_id: int) -> Iterator[NodeProcess]:
     """The node with the backend's own schedule, restarts off (fast enough for 4 frames)."""
-    process = start_node(domain_id, "restart_below_score:=0.0", "max_pending_frames:=4")
+    process = NodeProcess(domain_id, "restart_below_score:=0.0", "max_pending_frames:=4")
     yield process
-    code, log = stop_node(process, signal.SIGINT)
+    code, _, log = process.stop(signal.SIGINT)
     print(log)
     assert code == 0 and "Traceback" not in log, log
 
@@ -64,7 +63,7 @@ def add_error(model: Any, T: np.ndarray, truth: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def run(refine_node: subprocess.Popen, scenes: list[Any], domain_id: int) -> Iterator[dict[str, Any]]:
+def run(refine_node: NodeProcess, scenes: list[Any], domain_id: int) -> Iterator[dict[str, Any]]:
     """Publish every scene once (after the warm-up) and collect the node's answers."""
     camera = Camera(domain_id)
     try:

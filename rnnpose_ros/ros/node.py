@@ -249,8 +249,14 @@ class RefinerNode(Node):
         """Raise StartupError if, within ``wait_s`` of discovery, another node of this fully qualified
         name shows up in the domain (both would answer every frame, with duplicate TF)."""
         deadline = time.monotonic() + wait_s
-        while True:
-            if self.diagnostics.duplicates() > 0:
+        while self.context.ok():
+            try:
+                duplicates = self.diagnostics.duplicates()
+            except Exception:  # a signal shut the context down while the graph was queried
+                if self.context.ok():
+                    raise
+                return
+            if duplicates > 0:
                 raise StartupError(
                     f"another node named {self.get_fully_qualified_name()} already runs in ROS_DOMAIN_ID "
                     f"{self.context.get_domain_id()}: start this one in another namespace (-r __ns:=/name) "
