@@ -16,7 +16,7 @@ import pytest
 
 from rnnpose_ros.core.backends import BACKENDS
 from rnnpose_ros.core.metrics import PoseErrors
-from rnnpose_ros.tools import demo
+from rnnpose_ros.tools import demo, node_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_TIMEOUT_S = 240
@@ -41,16 +41,18 @@ SUMMARY_KEYS = {
 
 
 def test_environment_is_dds_safe_and_keeps_a_given_domain() -> None:
-    env = demo.dds_safe_environment({"ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET", "ROS_DOMAIN_ID": "142"})
+    env = node_process.dds_safe_environment(
+        {"ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET", "ROS_DOMAIN_ID": "142"}
+    )
     assert env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
     assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
     assert env["ROS_DOMAIN_ID"] == "142"
-    drawn = demo.dds_safe_environment({})
+    drawn = node_process.dds_safe_environment({})
     assert 100 <= int(drawn["ROS_DOMAIN_ID"]) <= 199
 
 
 def test_node_command_uses_the_params_file_and_backend() -> None:
-    command = demo.node_command(
+    command = node_process.node_command(
         Path("/x/refine.yaml"), Path("/x/objects.yaml"), "classical", ["outer_iterations:=2"]
     )
     ros_args = command[command.index("--ros-args") :]
@@ -164,16 +166,16 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 def test_stale_shm_files_are_removed_only_when_new_dead_and_unused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo, "SHM_DIR", tmp_path)
+    monkeypatch.setattr(node_process, "SHM_DIR", tmp_path)
     (tmp_path / "fastdds_port47150").touch()  # there before the run
-    before = demo.fastdds_shm_files()
+    before = node_process.fastdds_shm_files()
     dead = ["fastdds_ab12", "fastdds_ab12_el", "fastdds_port47161", "sem.fastdds_port47161_mutex"]
     alive = ["fastdds_cd34", "fastdds_cd34_el", "fastdds_port47163", "fastdds_port7001", "other_file"]
     for name in dead + alive:
         (tmp_path / name).touch()
     with (tmp_path / "fastdds_cd34_el").open("rb") as owner, (tmp_path / "fastdds_port47163").open("rb"):
         fcntl.flock(owner, fcntl.LOCK_EX)  # a live segment's owner; the port file is held open
-        removed = demo.remove_stale_shm(before, domain_id=159)  # ports 47150-47399
+        removed = node_process.remove_stale_shm(before, domain_id=159)  # ports 47150-47399
     assert removed == sorted(dead)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fastdds_port47150", *alive])
 

@@ -31,19 +31,11 @@ Exit status: 0 on success, 1 when the node never answers (or exits early), 2 for
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import fcntl
 import json
 import os
-import random
-import re
-import shutil
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,13 +44,20 @@ import numpy as np
 
 from rnnpose_ros.core import metrics
 from rnnpose_ros.core.backends import BACKENDS, backend_help
-from rnnpose_ros.package_files import package_config_file
+from rnnpose_ros.tools.node_process import (
+    NODE_NAME,
+    NodeProcess,
+    NodeProcessError,
+    config_file,
+    dds_safe_environment,
+    node_command,
+    ros_context,
+    signals_as_keyboard_interrupt,
+)
 
 if TYPE_CHECKING:  # the scene player imports rclpy, which must wait for the DDS environment
     from rnnpose_ros.ros.scene_player import InstanceScore
 
-NODE_NAME = "rnnpose_refiner"
-NODE_EXECUTABLE = "refine_node"
 RESULT_TOPIC = f"/{NODE_NAME}/detections"
 DEBUG_TOPIC = f"/{NODE_NAME}/debug_image"
 STARTUP_TIMEOUT_S = 180.0
@@ -66,14 +65,8 @@ STARTUP_TIMEOUT_S = 180.0
 RESULT_TIMEOUT_S = 120.0
 # Seconds granted for the last debug image / diagnostics after the last answer.
 GRACE_S = 2.0
-STOP_TIMEOUT_S = (15.0, 5.0)  # SIGINT, then SIGTERM; then SIGKILL
 GIF_SCALE = 0.5  # the GIF is half the image size
 GIF_FRAME_S = 1.0
-SHM_DIR = Path("/dev/shm")
-# RTPS well-known ports: 7400 + 250 · domain + offsets (Fast DDS names its shared-memory port queues by them).
-DDS_PORT_BASE = 7400
-DDS_DOMAIN_GAIN = 250
-PR_SET_PDEATHSIG = 1
 #: The rows of the demo's table and the keys of its summary: these tests of
 #: :data:`rnnpose_ros.core.metrics.PASS_TESTS`, by tag, in this order.
 DEMO_TESTS = ("add_s", "cm5_deg5", "proj_5px")
@@ -83,180 +76,12 @@ class DemoError(RuntimeError):
     """The demo cannot run or the node did not answer (the message says what to check)."""
 
 
-# ---------------------------------------------------------------- environment and child process
-
-
-def config_file(name: str) -> Path:
-    """``config/<name>`` of the package (:func:`rnnpose_ros.package_files.package_config_file`)."""
-    path = package_config_file(name)
-    if path is None:
-        raise DemoError(f"config/{name} not found in the source tree or the package share directory")
-    return path
-
-
-def dds_safe_environment(environ: dict[str, str]) -> dict[str, str]:
-    """``environ`` with discovery confined to this machine and a private domain (for us and the child).
-
-    Always sets the localhost discovery range and the project's Fast DDS profile; keeps a
-    ``ROS_DOMAIN_ID`` that is already set, else draws one in 100–199.
-    """
-    env = dict(environ)
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(config_file("fastdds_localhost.xml"))
-    env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
-    if not env.get("ROS_DOMAIN_ID"):
-        env["ROS_DOMAIN_ID"] = str(random.randint(100, 199))
-    env.setdefault("PYOPENGL_PLATFORM", "egl")
-    return env
-
-
 def objects_without_weights(objects_file: Path, class_ids: Sequence[str]) -> list[str]:
     """The class ids among ``class_ids`` whose entry in the registry YAML has no ``weights`` file."""
     import yaml
 
     entries = (yaml.safe_load(objects_file.read_text()) or {}).get("objects") or {}
     return [c for c in class_ids if not (entries.get(c) or {}).get("weights")]
-
-
-def node_command(
-    params_file: Path, objects_file: Path, backend: str, extra_params: Sequence[str]
-) -> list[str]:
-    """The ``refine_node`` command line: console script next to ``sys.executable`` or on PATH, else the
-    module; the objects file is named explicitly so that the node and the scene player use the same."""
-    beside = Path(sys.executable).parent / NODE_EXECUTABLE
-    if beside.is_file() and os.access(beside, os.X_OK):
-        executable = [str(beside)]
-    elif found := shutil.which(NODE_EXECUTABLE):
-        executable = [found]
-    else:
-        executable = [sys.executable, "-m", "rnnpose_ros.ros.node"]
-    params = ["-p", f"backend:={backend}", "-p", f"objects_file:={objects_file}"]
-    for assignment in extra_params:
-        params += ["-p", assignment]
-    return [*executable, "--ros-args", "--params-file", str(params_file), *params]
-
-
-def _die_with_parent() -> None:
-    """Child pre-exec: get SIGTERM when the demo dies, however it dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def fastdds_shm_files() -> set[str]:
-    """Names of the Fast DDS shared-memory files (segments, port queues, their locks and semaphores)."""
-    if not SHM_DIR.is_dir():
-        return set()
-    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(("fastdds_", "sem.fastdds_"))}
-
-
-def shm_files_in_use() -> set[str]:
-    """Names of files in SHM_DIR that a process maps or holds open. Processes whose maps cannot be read
-    (not dumpable, e.g. a container's init) are skipped: such a process is no ROS participant."""
-    prefix = f"{SHM_DIR}/"
-    used: set[str] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for line in (proc / "maps").read_text().splitlines():
-                if prefix in line:
-                    used.add(line.rsplit(prefix, 1)[1].split(" ")[0])
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith(prefix):
-                    used.add(target[len(prefix) :].split(" ")[0])
-        except OSError:
-            continue  # not readable, or the process (or a descriptor) ended meanwhile
-    return used
-
-
-def _segment_alive(segment: str) -> bool:
-    """Fast DDS' own liveness test: a segment's owner holds an exclusive lock on ``<segment>_el``."""
-    lock_path = SHM_DIR / f"{segment}_el"
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return True  # no lock file: cannot tell, keep it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases the lock if it was taken
-    return False
-
-
-def remove_stale_shm(before: set[str], domain_id: int) -> list[str]:
-    """Remove the Fast DDS files a killed participant of this run left behind; returns their names.
-
-    Only files created since ``before`` (names from :func:`fastdds_shm_files`) are considered: segments
-    whose owner is gone (Fast DDS' zombie test) and port queues of ``domain_id``'s port range (a private
-    domain), and none that any process still maps or holds open.
-    """
-    ports = range(
-        DDS_PORT_BASE + DDS_DOMAIN_GAIN * domain_id, DDS_PORT_BASE + DDS_DOMAIN_GAIN * (domain_id + 1)
-    )
-    stale = set()
-    for name in fastdds_shm_files() - before:
-        if port := re.fullmatch(r"(?:sem\.)?fastdds_port(\d+)(?:_el|_mutex)?", name):
-            if int(port[1]) in ports:
-                stale.add(name)
-        elif (segment := re.fullmatch(r"(fastdds_[0-9a-f]+)(?:_el)?", name)) and not _segment_alive(
-            segment[1]
-        ):
-            stale.add(name)
-    removed = []
-    for name in sorted(stale - shm_files_in_use()):
-        with contextlib.suppress(FileNotFoundError):
-            (SHM_DIR / name).unlink()
-            removed.append(name)
-    return removed
-
-
-class NodeProcess:
-    """The ``refine_node`` child: started in its own session (Ctrl-C reaches the demo, which stops it in
-    order), output to ``log_path``."""
-
-    def __init__(self, command: list[str], env: dict[str, str], log_path: Path):
-        self.command = command
-        self.log_path = log_path
-        self.shm_before = fastdds_shm_files()
-        self.killed = False
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-
-    @property
-    def exit_code(self) -> int | None:
-        return self.process.poll()
-
-    def log_tail(self, lines: int = 25) -> str:
-        self._log.flush()
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-    def stop(self) -> None:
-        """SIGINT (clean rclpy shutdown), then SIGTERM, then SIGKILL the child's whole process group."""
-        for sig, timeout in ((signal.SIGINT, STOP_TIMEOUT_S[0]), (signal.SIGTERM, STOP_TIMEOUT_S[1])):
-            if self.process.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            self.killed = True
-        self._log.close()
 
 
 # ---------------------------------------------------------------- results
@@ -381,12 +206,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # Before rclpy is imported anywhere in this process: the environment decides the DDS transport.
-    os.environ.update(dds_safe_environment(dict(os.environ)))
     args.output.mkdir(parents=True, exist_ok=True)
     for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif"]:
         stale.unlink(missing_ok=True)
-    args.objects_file = config_file("objects.yaml")
+    try:
+        # Before rclpy is imported anywhere in this process: the environment decides the DDS transport.
+        os.environ.update(dds_safe_environment(dict(os.environ)))
+        args.objects_file = config_file("objects.yaml")
+        params_file = config_file("refine.yaml")
+    except NodeProcessError as error:
+        print(f"[demo] FAILED: {error}", file=sys.stderr)
+        return 1
     needs_weights = BACKENDS[args.backend].needs_weights
     if needs_weights and (missing := objects_without_weights(args.objects_file, args.objects)):
         print(
@@ -395,53 +225,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    command = node_command(config_file("refine.yaml"), args.objects_file, args.backend, args.node_param)
+    command = node_command(params_file, args.objects_file, args.backend, args.node_param)
     print(
         f"[demo] ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, discovery LOCALHOST, Fast DDS profile "
         f"{os.environ['FASTDDS_DEFAULT_PROFILES_FILE']}"
     )
     print(f"[demo] starting: {' '.join(command)}  (log: {args.output / 'refine_node.log'})")
-    # Ctrl-C, SIGTERM and a closed terminal all stop the demo through the same clean-up (SIGINT
-    # explicitly: a shell starts background jobs with it ignored, and Python then keeps it ignored).
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in handled}
-    node = NodeProcess(command, dict(os.environ), args.output / "refine_node.log")
-    try:
-        return _run(args, node)
-    except KeyboardInterrupt:
-        print("\n[demo] interrupted")
-        return 130
-    except DemoError as error:
-        print(f"[demo] FAILED: {error}", file=sys.stderr)
-        return 1
-    finally:
-        node.stop()
-        removed = remove_stale_shm(node.shm_before, int(os.environ["ROS_DOMAIN_ID"])) if node.killed else []
-        print(
-            f"[demo] refine_node stopped (exit {node.exit_code}"
-            + (f"; removed {len(removed)} stale Fast DDS shm files" if removed else "")
-            + ")"
-        )
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def ros_context() -> Iterator[Any]:
-    """A private rclpy context without rclpy's signal handlers (Ctrl-C stays a KeyboardInterrupt)."""
-    import rclpy
-    from rclpy.signals import SignalHandlerOptions
-
-    context = rclpy.Context()
-    rclpy.init(args=[], context=context, signal_handler_options=SignalHandlerOptions.NO)
-    try:
-        yield context
-    finally:
-        context.try_shutdown()
+    # Ctrl-C, SIGTERM and a closed terminal all stop the demo through the same clean-up.
+    with signals_as_keyboard_interrupt():
+        node = NodeProcess(command, dict(os.environ), args.output / "refine_node.log")
+        try:
+            return _run(args, node)
+        except KeyboardInterrupt:
+            print("\n[demo] interrupted")
+            return 130
+        except DemoError as error:
+            print(f"[demo] FAILED: {error}", file=sys.stderr)
+            return 1
+        finally:
+            print(f"[demo] {node.stop_and_clean()}")
 
 
 def _run(args: argparse.Namespace, node: NodeProcess) -> int:
