@@ -1,4 +1,4 @@
-"""Tests of rnnpose_ros.core.geometry: SE(3), projection, crop windows (spec §1.3, §1.4, §1.7)."""
+"""Tests of rnnpose_ros.core.geometry: SE(3), projection, crop windows (docs/method.md §1.3, §1.4, §1.7)."""
 
 from __future__ import annotations
 

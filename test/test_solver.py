@@ -1,4 +1,4 @@
-"""Tests of rnnpose_ros.core.solver (spec §2.10): golden parity, oracle convergence, batching,
+"""Tests of rnnpose_ros.core.solver (docs/method.md §2.10): golden parity, oracle convergence, batching,
 gradients, robust weights and degenerate inputs."""
 
 from __future__ import annotations

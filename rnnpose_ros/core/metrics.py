@@ -1,6 +1,6 @@
 """Pose-accuracy metrics (NumPy): ADD, ADD-S, ADD(-S), 2D projection, n cm n°, MSSD, MSPD.
 
-Definitions follow spec §5.1 (LINEMOD protocol) and the BOP challenge (MSSD, MSPD). Inputs are
+Definitions follow docs/method.md §5.1 (LINEMOD protocol) and the BOP challenge (MSSD, MSPD). Inputs are
 model points (N, 3) in metres in the model frame and 4×4 (or 3×4) model→camera poses (OpenCV
 camera frame, metres). Errors are returned as floats; thresholds are applied by the ``*_passed``
 helpers so that recall curves can be computed from the raw errors.

@@ -8,7 +8,8 @@ noise. Rendering is 2× supersampled so that silhouettes are anti-aliased like a
 lighting varies per scene (one point light fixed in the camera frame, random strengths and colour gain).
 
 Ground truth per instance: pose (model→camera, metres), visible mask, visible fraction; the initial
-pose is drawn with :func:`perturb_pose` (the standard RNNPose/DeepIM noise model). What a scene may
+pose is drawn with :func:`perturb_pose` (the published noise levels; see there for how its rotation
+noise differs from the published sampler). What a scene may
 look like is a :class:`SceneSpec`; given the spec, everything is deterministic given the seed (or
 ``numpy.random.Generator``).
 """
@@ -178,13 +179,15 @@ def perturb_pose(
     trans_sigma: Sequence[float] = (0.01, 0.01, 0.05),
     max_angle_deg: float = 45.0,
 ) -> np.ndarray:
-    """Standard initial-pose noise: returns a (4, 4) float64 perturbed copy of the model→camera pose T.
+    """Initial-pose noise: returns a (4, 4) float64 perturbed copy of the model→camera pose T.
 
     Euler angles (x, y, z, extrinsic, in the camera axes) are drawn from N(0, rot_sigma_deg) each and the
     draw is repeated while the total rotation angle exceeds ``max_angle_deg`` (degrees throughout — the
-    published code mixes radians in after the first redraw, so its cap is not enforced; spec §6.9).
+    published code mixes radians in after the first redraw, so its cap is not enforced; docs/method.md §6.9).
     R_init = R_delta · R_gt rotates the object about its own origin; t_init = t_gt + N(0, trans_sigma)
-    per camera axis, metres.
+    per camera axis, metres. The published sampler instead adds the noise to the Euler angles of R_gt
+    itself, a pose-dependent distribution of the same per-angle spread; this one is the same for every
+    pose, so that results do not depend on how the ground truth happens to be oriented.
     """
     T = np.asarray(T, dtype=np.float64)
     if T.shape != (4, 4):
