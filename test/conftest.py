@@ -11,7 +11,9 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +31,17 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 def golden_dir() -> Path:
     """Fixtures of the published implementation: ``$RNNPOSE_GOLDEN_DIR`` or ``<repo>/../shared/golden``."""
     return Path(os.environ.get("RNNPOSE_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="module")
+def context() -> Iterator[Any]:
+    """An rclpy context of the test module's own, in a DDS domain of its own."""
+    import rclpy
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=random.randint(150, 199))
+    yield ctx
+    rclpy.shutdown(context=ctx)
 
 
 @pytest.fixture(scope="module")

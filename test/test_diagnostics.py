@@ -3,10 +3,8 @@ rclpy — what it records comes out in ``/diagnostics`` under the node's documen
 
 from __future__ import annotations
 
-import random
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,14 +29,6 @@ def test_throttle_limits_each_key_separately() -> None:
     assert throttle.allow("a") and not throttle.allow("a")
     assert throttle.allow("b")
     assert Throttle(period=0.0).allow("a")
-
-
-@pytest.fixture(scope="module")
-def context() -> Iterator[Any]:
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=random.randint(150, 199))  # a domain of its own
-    yield ctx
-    rclpy.shutdown(context=ctx)
 
 
 def test_recorded_counts_latency_and_drops_are_published(context: Any) -> None:

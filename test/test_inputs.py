@@ -4,10 +4,9 @@ rclpy and DDS — synchronised sets become one :class:`Frame`, every message is 
 from __future__ import annotations
 
 import copy
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -65,14 +64,6 @@ class Recorder:
 
     def incompatible_qos(self, topic: str, publishers: int, text: str) -> None:
         self.incompatible.append((topic, publishers, text))
-
-
-@pytest.fixture(scope="module")
-def context() -> Iterator[Any]:
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=random.randint(150, 199))  # a domain of its own
-    yield ctx
-    rclpy.shutdown(context=ctx)
 
 
 @pytest.mark.parametrize(("sync_slop", "offset_ns"), [(0.0, 0), (0.05, 20_000_000)])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import subprocess
 import sys
 import threading
@@ -173,14 +172,6 @@ def inputs(
             hypothesis.pose.pose = matrix_to_pose(T)
         array.detections.append(Detection3D(header=copy.deepcopy(h), id=det_id, results=[hypothesis]))
     return rgb_to_image(rgb, h), info, array
-
-
-@pytest.fixture(scope="module")
-def context() -> Iterator[Any]:
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=random.randint(150, 199))  # a domain of its own
-    yield ctx
-    rclpy.shutdown(context=ctx)
 
 
 def make_node(context: Any, engine: str = "stand-in", **overrides: Any) -> RefinerNode:
