@@ -211,3 +211,32 @@ def test_engine_errors_pass_the_frame_through_and_keep_the_image(registry: Objec
     assert outcome.outputs[0].pose is None and outcome.outputs[0].score == 0.0
     assert outcome.observation is not None  # the debug overlay still shows the input poses
     assert outcome.failed_count == 1
+
+
+def test_detections_beyond_the_limit_pass_through_and_are_counted(registry: ObjectRegistry) -> None:
+    engine = ScriptedRefiner()
+    f = frame(*[pose(0.01 * k) for k in range(20)])
+    outcome = process_frame(f, engine, settings(max_detections_per_frame=16), registry)
+    ((_, instances),) = engine.calls
+    assert len(instances) == 16 and outcome.over_limit == 4
+    assert [o.pose is None for o in outcome.outputs] == [False] * 16 + [True] * 4
+    assert "first 16 are refined, 4 passed through" in outcome.warnings["too-many-detections"]
+
+
+def test_warnings_are_keyed_by_reason_not_by_text(registry: ObjectRegistry) -> None:
+    """Frames that fail for one reason with different details share one throttle key."""
+    keys = set()
+    for encoding in ("yuv422", "nv12", "foo"):
+        f = frame(pose())
+        f.image.encoding = encoding
+        keys |= set(process_frame(f, ScriptedRefiner(), settings(), registry).warnings)
+    for length in (10, 1000, 5000):
+        f = frame(pose())
+        f.image.data = bytes(f.image.data[:length])
+        keys |= set(process_frame(f, ScriptedRefiner(), settings(), registry).warnings)
+    for position in ((float("nan"), 0.0, 0.5), (float("inf"), 1.0, 0.5)):
+        f = frame(pose())
+        p = f.detections.detections[0].results[0].pose.pose.position
+        p.x, p.y, p.z = position
+        keys |= set(process_frame(f, ScriptedRefiner(), settings(), registry).warnings)
+    assert keys == {"frame:ImageConversionError", "detection:invalid-pose"}
