@@ -174,23 +174,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if result.passed else 1
 
 
-def _scenes(detections: int, seed: int) -> list[Any]:
+def _scenes(detections: int, seed: int) -> tuple[Any, list[Any]]:
+    """The object registry and ``SCENES`` scenes of ``detections`` ducks each."""
     from rnnpose_ros.core.objects import ObjectRegistry
     from rnnpose_ros.core.render import Renderer
     from rnnpose_ros.core.synth import SceneSpec, make_scene
 
-    duck = ObjectRegistry.from_yaml(config_file("objects.yaml"))["duck"]
+    registry = ObjectRegistry.from_yaml(config_file("objects.yaml"))
     renderer = Renderer()
     spec = SceneSpec(min_visible=0.3)
-    scenes = [make_scene([duck] * detections, seed + i, renderer, spec) for i in range(SCENES)]
+    scenes = [make_scene([registry["duck"]] * detections, seed + i, renderer, spec) for i in range(SCENES)]
     renderer.close()
-    return scenes
+    return registry, scenes
 
 
 class _Traffic:
     """The publishing camera + detector, and what comes back (one rclpy node in this process)."""
 
-    def __init__(self, context: Any, scenes: Sequence[Any]) -> None:
+    def __init__(self, context: Any, registry: Any, scenes: Sequence[Any]) -> None:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import qos_profile_sensor_data
@@ -206,35 +207,27 @@ class _Traffic:
         self.node.create_subscription(Detection3DArray, RESULT_TOPIC, self._on_answer, 100)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         self.images = [rgb_to_image(scene.image) for scene in scenes]
+        self.registry = registry
         self.scenes = scenes
         self.sent: dict[int, float] = {}  # stamp (ns) -> monotonic publish time
         self.latencies: list[float] = []
         self.published = self.answered = self.dropped = 0
 
     def publish(self) -> None:
-        from sensor_msgs.msg import CameraInfo
         from std_msgs.msg import Header
-        from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
 
-        from rnnpose_ros.ros.conversions import matrix_to_pose, stamp_nanoseconds
+        from rnnpose_ros.ros.conversions import stamp_nanoseconds
+        from rnnpose_ros.ros.scene_player import camera_info_message, detections_message
 
         index = self.published % len(self.scenes)
         scene = self.scenes[index]
         header = Header(frame_id=FRAME_ID, stamp=self.node.get_clock().now().to_msg())
         image = self.images[index]
         image.header = header
-        info = CameraInfo(header=header, height=scene.image.shape[0], width=scene.image.shape[1])
-        info.k = scene.K.ravel().tolist()
-        detections = Detection3DArray(header=header)
-        for instance in scene.instances:
-            hypothesis = ObjectHypothesisWithPose()
-            hypothesis.hypothesis.class_id = instance.class_id
-            hypothesis.pose.pose = matrix_to_pose(instance.pose_init)
-            detections.detections.append(Detection3D(header=header, results=[hypothesis]))
         self.sent[stamp_nanoseconds(header.stamp)] = time.monotonic()
         self.pub_image.publish(image)
-        self.pub_info.publish(info)
-        self.pub_detections.publish(detections)
+        self.pub_info.publish(camera_info_message(scene.K, scene.image.shape[:2], header))
+        self.pub_detections.publish(detections_message(scene, self.registry, header))
         self.published += 1
 
     def _on_answer(self, msg: Any) -> None:
@@ -256,9 +249,9 @@ def _soak(args: argparse.Namespace, node: NodeProcess) -> SoakResult:
     from rclpy.executors import SingleThreadedExecutor
 
     print(f"[soak] generating {SCENES} scenes with {args.detections} ducks each")
-    scenes = _scenes(args.detections, args.seed)
+    registry, scenes = _scenes(args.detections, args.seed)
     with ros_context() as context:
-        traffic = _Traffic(context, scenes)
+        traffic = _Traffic(context, registry, scenes)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(traffic.node)
         try:
