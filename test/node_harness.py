@@ -10,11 +10,9 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +26,7 @@ from tf2_msgs.msg import TFMessage
 from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
 
 from rnnpose_ros.ros.conversions import matrix_to_pose, rgb_to_image
+from rnnpose_ros.tools.node_process import node_executable
 
 from conftest import REPO_ROOT
 
@@ -37,12 +36,6 @@ FRAME = "camera_color_optical_frame"
 PARAMS_FILE = REPO_ROOT / "config" / "refine.yaml"
 RESULT_TOPIC = "/rnnpose_refiner/detections"
 START_TIMEOUT_S = 60.0
-
-
-def node_command() -> list[str]:
-    """The installed console script, else the same entry point through the interpreter."""
-    script = Path(sys.executable).with_name("refine_node")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "rnnpose_ros.ros.node"]
 
 
 def free_domain_id() -> int:
@@ -59,7 +52,7 @@ class NodeProcess:
         for assignment in params:
             ros_args += ["-p", assignment]
         self.process = subprocess.Popen(
-            [*node_command(), "--ros-args", *ros_args],
+            [*node_executable(), "--ros-args", *ros_args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -112,7 +105,7 @@ def run_node(*ros_args: str, timeout: float = 60.0) -> tuple[int, str]:
     """Run ``refine_node --ros-args <ros_args>`` to its exit (for start-up errors): (exit code, output)."""
     env = os.environ | {"ROS_DOMAIN_ID": str(free_domain_id()), "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
-        [*node_command(), "--ros-args", *ros_args],
+        [*node_executable(), "--ros-args", *ros_args],
         env=env,
         capture_output=True,
         text=True,

@@ -68,19 +68,23 @@ def dds_safe_environment(environ: dict[str, str]) -> dict[str, str]:
 def node_command(
     params_file: Path, objects_file: Path, backend: str, extra_params: Sequence[str]
 ) -> list[str]:
-    """The ``refine_node`` command line: console script next to ``sys.executable`` or on PATH, else the
-    module; the objects file is named explicitly so that the node and the scene player use the same."""
-    beside = Path(sys.executable).parent / NODE_EXECUTABLE
-    if beside.is_file() and os.access(beside, os.X_OK):
-        executable = [str(beside)]
-    elif found := shutil.which(NODE_EXECUTABLE):
-        executable = [found]
-    else:
-        executable = [sys.executable, "-m", "rnnpose_ros.ros.node"]
+    """The ``refine_node`` command line (:func:`node_executable`); the objects file is named explicitly
+    so that the node and the scene player use the same."""
     params = ["-p", f"backend:={backend}", "-p", f"objects_file:={objects_file}"]
     for assignment in extra_params:
         params += ["-p", assignment]
-    return [*executable, "--ros-args", "--params-file", str(params_file), *params]
+    return [*node_executable(), "--ros-args", "--params-file", str(params_file), *params]
+
+
+def node_executable() -> list[str]:
+    """How to run ``refine_node``: the console script next to ``sys.executable`` or on PATH, else the
+    module through this interpreter."""
+    beside = Path(sys.executable).parent / NODE_EXECUTABLE
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    if found := shutil.which(NODE_EXECUTABLE):
+        return [found]
+    return [sys.executable, "-m", "rnnpose_ros.ros.node"]
 
 
 def _die_with_parent() -> None:
