@@ -118,12 +118,18 @@ def _declare(node: Node, spec: ParameterSpec) -> Any:
     try:
         value = node.declare_parameter(spec.name, spec.default, spec.descriptor()).value
     except InvalidParameterTypeException:
-        kind = type(spec.default).__name__
-        hint = " (write 0.0, not 0)" if isinstance(spec.default, float) else ""
-        raise ParameterError(f"parameter {spec.name!r} must be of type {kind}{hint}") from None
+        raise _wrong_type(spec) from None
     except InvalidParameterValueException as error:
         raise ParameterError(f"parameter {spec.name!r}: {error}") from None
     return validate_parameter(spec, value)
+
+
+def _wrong_type(spec: ParameterSpec, detail: str = "") -> ParameterError:
+    """The error for a value of another type than ``spec.default``'s (``detail`` says what came)."""
+    hint = " (write 0.0, not 0)" if isinstance(spec.default, float) else ""
+    return ParameterError(
+        f"parameter {spec.name!r} must be of type {type(spec.default).__name__}{hint}{detail}"
+    )
 
 
 def _apply_changes(
@@ -398,11 +404,8 @@ def check_command_line(args: Sequence[str], specs: Sequence[ParameterSpec], node
             parsed = yaml.safe_load(text)
         except yaml.YAMLError:
             parsed = text
-        default = rows[name].default
-        if type(parsed) is not type(default):
-            kind = type(default).__name__
-            hint = " (write 0.0, not 0)" if isinstance(default, float) and isinstance(parsed, int) else ""
-            raise ParameterError(f"parameter {name!r} must be of type {kind}{hint}, got {text!r} from -p")
+        if type(parsed) is not type(rows[name].default):
+            raise _wrong_type(rows[name], f", got {text!r} from -p")
 
 
 def _ros_arguments(args: Sequence[str]) -> list[tuple[str, str]]:
