@@ -223,7 +223,8 @@ class Diagnostics:
                 "domain: every frame is answered (and every TF frame sent) more than once; "
                 "stop one or rename it"
             )
-            self._node.get_logger().error(summary, throttle_duration_sec=WARN_THROTTLE_S)
+            if self._throttle.allow("duplicate-node"):
+                self._node.get_logger().error(summary)
         elif arrived.get("detections", 0) > 0 and arrived.get("image", 0) == 0:
             level = DiagnosticStatus.WARN
             summary = (
