@@ -96,10 +96,11 @@ def _validate_intrinsics(K: Any) -> np.ndarray:
 
 def _validate_depth(depth: Any, size: tuple[int, int]) -> np.ndarray:
     """(H, W) float32 metres with unknown pixels as 0, or raise InputError naming the problem."""
-    if not isinstance(depth, np.ndarray) or not (
-        np.issubdtype(depth.dtype, np.floating) or np.issubdtype(depth.dtype, np.integer)
-    ):
-        raise InputError(f"depth must be a numeric numpy array (H, W) in metres, got {type(depth).__name__}")
+    if not isinstance(depth, np.ndarray):
+        raise InputError(f"depth must be a numpy array (H, W) in metres, got {type(depth).__name__}")
+    if not np.issubdtype(depth.dtype, np.floating):
+        # An integer image is millimetres (16UC1) far more often than metres: make the caller say so.
+        raise InputError(f"depth must be floating-point metres, got dtype {depth.dtype} (convert mm first)")
     if depth.shape != size:
         raise InputError(f"depth must have the image's size {size}, got {depth.shape}")
     depth = depth.astype(np.float32)
