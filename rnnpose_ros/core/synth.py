@@ -9,9 +9,8 @@ lighting varies per scene (one point light fixed in the camera frame, random str
 
 Ground truth per instance: pose (model→camera, metres), visible mask, visible fraction; the initial
 pose is drawn with :func:`perturb_pose` (the published noise levels; see there for how its rotation
-noise differs from the published sampler). What a scene may
-look like is a :class:`SceneSpec`; given the spec, everything is deterministic given the seed (or
-``numpy.random.Generator``).
+noise differs from the published sampler). What a scene may look like is a :class:`SceneSpec`;
+given the spec, everything is deterministic given the seed (or ``numpy.random.Generator``).
 """
 
 from __future__ import annotations
