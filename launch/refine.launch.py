@@ -6,18 +6,25 @@ On a ROS 2 distribution (Humble, Jazzy, Kilted) after ``colcon build``::
         image:=/camera/color/image_rect camera_info:=/camera/color/camera_info \\
         detections:=/detector/detections use_rviz:=true
 
+With a depth image registered to the colour image (``depth:=<topic>`` also sets ``use_depth: true``)::
+
+    ros2 launch rnnpose_ros refine.launch.py image:=/camera/color/image_rect_raw \\
+        camera_info:=/camera/color/camera_info detections:=/detector/detections \\
+        depth:=/camera/aligned_depth_to_color/image_raw
+
 Pip-only installs have no ``launch`` package; the equivalent there is::
 
     refine_node --ros-args --params-file config/refine.yaml \\
         -r image:=/camera/color/image_rect -r camera_info:=/camera/color/camera_info \\
-        -r detections:=/detector/detections
+        -r detections:=/detector/detections \\
+        -p use_depth:=true -r depth:=/camera/aligned_depth_to_color/image_raw   # with depth
 
 Topics are remapped here rather than passed as parameters (image_pipeline convention); every node
 parameter lives in the params file (``config/refine.yaml`` documents each one).
 """
 
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch import LaunchContext, LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
@@ -48,6 +55,13 @@ def generate_launch_description() -> LaunchDescription:
             default_value="detections",
             description="Initial poses from the detector (vision_msgs/Detection3DArray, image header).",
         ),
+        DeclareLaunchArgument(
+            "depth",
+            default_value="",
+            description="Depth image registered to the colour image (sensor_msgs/Image, 16UC1 mm or 32FC1 m, "
+            "e.g. /camera/aligned_depth_to_color/image_raw); a topic here also sets use_depth: true. "
+            "Empty = use_depth as the params file says (topic 'depth').",
+        ),
         DeclareLaunchArgument("use_rviz", default_value="false", description="Also start rviz2."),
         DeclareLaunchArgument(
             "rviz_config",
@@ -56,21 +70,6 @@ def generate_launch_description() -> LaunchDescription:
         ),
         DeclareLaunchArgument("log_level", default_value="info", description="Log level of the node."),
     ]
-    refiner = Node(
-        package=PACKAGE,
-        executable="refine_node",
-        name="rnnpose_refiner",
-        namespace=LaunchConfiguration("namespace"),
-        parameters=[LaunchConfiguration("params_file")],
-        remappings=[
-            ("image", LaunchConfiguration("image")),
-            ("camera_info", LaunchConfiguration("camera_info")),
-            ("detections", LaunchConfiguration("detections")),
-        ],
-        ros_arguments=["--log-level", LaunchConfiguration("log_level")],
-        output="screen",
-        emulate_tty=True,
-    )
     rviz = Node(
         package="rviz2",
         executable="rviz2",
@@ -79,4 +78,31 @@ def generate_launch_description() -> LaunchDescription:
         condition=IfCondition(LaunchConfiguration("use_rviz")),
         output="screen",
     )
-    return LaunchDescription([*arguments, refiner, rviz])
+    return LaunchDescription([*arguments, OpaqueFunction(function=_refiner), rviz])
+
+
+def _refiner(context: LaunchContext) -> list[Node]:
+    """The refiner node; resolved at launch time because a ``depth`` topic adds a parameter."""
+    parameters: list = [LaunchConfiguration("params_file")]
+    remappings = [
+        ("image", LaunchConfiguration("image")),
+        ("camera_info", LaunchConfiguration("camera_info")),
+        ("detections", LaunchConfiguration("detections")),
+    ]
+    depth = LaunchConfiguration("depth").perform(context)
+    if depth:
+        parameters.append({"use_depth": True})
+        remappings.append(("depth", depth))
+    return [
+        Node(
+            package=PACKAGE,
+            executable="refine_node",
+            name="rnnpose_refiner",
+            namespace=LaunchConfiguration("namespace"),
+            parameters=parameters,
+            remappings=remappings,
+            ros_arguments=["--log-level", LaunchConfiguration("log_level")],
+            output="screen",
+            emulate_tty=True,
+        )
+    ]

@@ -2,8 +2,10 @@
 
 Conventions: poses are 4×4 float64 model→camera transforms in metres, camera = the OpenCV optical
 frame of the image (x right, y down, z forward, REP-103 ``*_optical``). Images at the engine edge are
-(H, W, 3) uint8 RGB. Every function raises a ``ValueError`` subclass with a message naming the field
-and the fix, never a bare ``IndexError`` from a malformed message.
+(H, W, 3) uint8 RGB, depth images (H, W) float32 metres (0 = unknown). Every function raises a
+``ValueError`` subclass with a message naming the field and the fix, never a bare ``IndexError`` from a
+malformed message — except the parsers of what arrives per frame (:func:`parse_detections`,
+:func:`parse_depth`), which never raise: each result carries its error.
 Stamps are compared as integer nanoseconds (:func:`stamp_nanoseconds`), never as floats.
 
 Where the pose lives in the output ``vision_msgs/Detection3D``: ``results[0].pose.pose`` is the pose of
@@ -31,8 +33,8 @@ from rnnpose_ros.core.pinhole import project_to_pixels
 if TYPE_CHECKING:  # builtin_interfaces comes with std_msgs; only the annotations name it
     from builtin_interfaces.msg import Time
 
-# encoding -> (channels, bytes per channel). 16-bit colour/depth encodings are not accepted: a 16UC1
-# image is almost always depth, which this node does not take.
+# encoding -> (channels, bytes per channel). 16UC1 is not a colour encoding: it is depth in millimetres
+# (DEPTH_ENCODINGS), the node's optional depth input.
 IMAGE_ENCODINGS: dict[str, tuple[int, int]] = {
     "rgb8": (3, 1),
     "bgr8": (3, 1),
@@ -41,6 +43,8 @@ IMAGE_ENCODINGS: dict[str, tuple[int, int]] = {
     "mono8": (1, 1),
     "mono16": (1, 2),
 }
+# depth encoding -> (NumPy kind of one sample, metres per unit), as REP 118 defines them.
+DEPTH_ENCODINGS: dict[str, tuple[str, float]] = {"16UC1": ("u2", 0.001), "32FC1": ("f4", 1.0)}
 QUATERNION_MIN_NORM = 1e-6
 # A quaternion whose norm differs from 1 by more than this is normalised *with* a warning; below it
 # the difference is float32 round-off from an upstream detector and is normalised silently.
@@ -154,6 +158,100 @@ def rgb_to_image(rgb: np.ndarray, header: Header | None = None, encoding: str = 
     if header is not None:
         msg.header = header
     msg.height, msg.width = int(rgb.shape[0]), int(rgb.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = int(pixels.strides[0])
+    msg.data = pixels.tobytes()
+    return msg
+
+
+# ---------------------------------------------------------------- depth images
+
+
+@dataclass
+class DepthInput:
+    """A depth image converted for the engine, or why it cannot be used.
+
+    Attributes:
+        metres: (H, W) float32 depth in metres, 0 where unknown; None when the image is unusable.
+        reason: a short fixed code of the problem (``encoding``, ``size``, ``layout``, ``no-valid-depth``),
+            None when usable; keys throttled warnings and the diagnostics counter.
+        error: what is wrong and how to fix it, None when usable.
+    """
+
+    metres: np.ndarray | None
+    reason: str | None = None
+    error: str | None = None
+
+
+def parse_depth(msg: Image, size: tuple[int, int]) -> DepthInput:
+    """Decode a depth image registered to an (H, W) = ``size`` colour image; never raises.
+
+    ``16UC1`` is millimetres (0 = unknown), ``32FC1`` metres (0, NaN and ±inf = unknown), as REP 118
+    defines them; ``step`` (row padding) and ``is_bigendian`` are honoured. An image of another size,
+    an unknown encoding, a short ``step`` or truncated ``data``, or one without a single valid pixel
+    gives ``metres=None`` with the reason.
+    """
+    encoding = msg.encoding.strip()
+    if encoding.upper() not in DEPTH_ENCODINGS:
+        return DepthInput(
+            None,
+            "encoding",
+            f"unsupported depth encoding {msg.encoding!r}; supported: {', '.join(DEPTH_ENCODINGS)} "
+            "(millimetres / metres)",
+        )
+    kind, metres_per_unit = DEPTH_ENCODINGS[encoding.upper()]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if (height, width) != tuple(size):
+        return DepthInput(
+            None,
+            "size",
+            f"depth image is {width}×{height} but the colour image is {size[1]}×{size[0]}: use a depth "
+            "image registered to the colour image (e.g. aligned_depth_to_color/image_raw)",
+        )
+    itemsize = np.dtype(kind).itemsize
+    row_bytes = width * itemsize
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    needed = step * (height - 1) + row_bytes
+    if step < row_bytes or step % itemsize or data.size < needed:
+        return DepthInput(
+            None,
+            "layout",
+            f"depth data inconsistent with its header: {data.size} bytes, step {step}, for {width}×{height} "
+            f"{encoding} (step must be a multiple of {itemsize} and at least {row_bytes}; data at least "
+            f"step × (height − 1) + {row_bytes} bytes)",
+        )
+    rows = np.lib.stride_tricks.as_strided(data, shape=(height, row_bytes), strides=(step, 1))
+    dtype = np.dtype(kind).newbyteorder(">" if msg.is_bigendian else "<")
+    values = np.ascontiguousarray(rows).view(dtype).reshape(height, width).astype(np.float32)
+    valid = np.isfinite(values) & (values > 0.0)
+    if not valid.any():
+        return DepthInput(
+            None, "no-valid-depth", f"no valid pixel in the {width}×{height} {encoding} depth image"
+        )
+    return DepthInput(np.where(valid, values * np.float32(metres_per_unit), np.float32(0.0)))
+
+
+def depth_to_image(metres: np.ndarray, header: Header | None = None, encoding: str = "16UC1") -> Image:
+    """Encode (H, W) depth in metres (0 or NaN = unknown) as a tightly packed little-endian depth image:
+    ``16UC1`` rounds to whole millimetres (0 = unknown, clipped at 65.535 m), ``32FC1`` keeps metres
+    (NaN = unknown)."""
+    if metres.ndim != 2:
+        raise ImageConversionError(f"expected (H, W) depth in metres, got shape {metres.shape}")
+    depth = np.asarray(metres, dtype=np.float64)
+    valid = np.isfinite(depth) & (depth > 0.0)
+    if encoding == "16UC1":
+        pixels = np.where(valid, np.clip(np.round(depth * 1000.0), 0, 65535), 0).astype("<u2")
+    elif encoding == "32FC1":
+        pixels = np.where(valid, depth, np.nan).astype("<f4")
+    else:
+        raise ImageConversionError(
+            f"cannot encode depth as {encoding!r}; supported: {', '.join(DEPTH_ENCODINGS)}"
+        )
+    msg = Image()
+    if header is not None:
+        msg.header = header
+    msg.height, msg.width = int(pixels.shape[0]), int(pixels.shape[1])
     msg.encoding = encoding
     msg.is_bigendian = 0
     msg.step = int(pixels.strides[0])

@@ -4,9 +4,10 @@
 ``diagnostics_period`` seconds (status ``<node name>: refinement``, hardware id = the device) with the
 counters of :class:`Statistics` since start, the input/output rates and latency of the last period,
 and a summary that says what is wrong: inputs that do not synchronise, detections arriving without
-images (images larger than the transport's limit are dropped by DDS without a trace), or another node
-of the same name answering every frame too. Warnings go through it so that each reason is logged at
-most once per ``WARN_THROTTLE_S`` seconds.
+images (images larger than the transport's limit are dropped by DDS without a trace), frames refined
+without their depth image (``use_depth``), or another node of the same name answering every frame
+too. Warnings go through it so that each reason is logged at most once per ``WARN_THROTTLE_S``
+seconds.
 
 Threading: the input callbacks (executor thread) and the worker thread record into one
 :class:`Statistics` under its lock; the timer callback (executor thread) reads and resets the
@@ -27,7 +28,7 @@ from rclpy.node import Node
 
 from rnnpose_ros.ros import compat
 from rnnpose_ros.ros.conversions import stamp_text
-from rnnpose_ros.ros.inputs import INPUTS, Frame, FrameQueue
+from rnnpose_ros.ros.inputs import DEPTH, INPUTS, Frame, FrameQueue
 from rnnpose_ros.ros.parameters import Settings
 
 WARN_THROTTLE_S = 5.0
@@ -49,12 +50,15 @@ class Statistics:
     detections_failed: int = 0
     detections_over_limit: int = 0
     frame_errors: int = 0
+    depth: dict[str, int] = field(default_factory=dict)
+    period_without_depth: int = 0
     period_synchronised: int = 0
     period_processed: int = 0
     period_dropped: int = 0
     latency_ms: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in LATENCY_STAGES})
     incompatible_qos: dict[str, int] = field(default_factory=dict)
     last_problem: str = ""
+    last_depth_problem: str = ""
     first_input: float | None = None
     received_at_last_period: dict[str, int] = field(default_factory=dict)
 
@@ -89,6 +93,8 @@ class Diagnostics:
 
     def __init__(self, node: Node, settings: Settings, queue: FrameQueue, warmed_up: threading.Event):
         self.stats = Statistics()
+        if settings.use_depth:
+            self.stats.received[DEPTH.name] = 0
         self._node = node
         self._settings = settings
         self._queue = queue
@@ -157,6 +163,15 @@ class Diagnostics:
                 self.stats.frame_errors += 1
                 self.stats.last_problem = problem
 
+    def depth_status(self, status: str) -> None:
+        """With ``use_depth``: a frame was refined with its depth (``"used"``) or RGB-only because of
+        reason ``status`` (:attr:`~rnnpose_ros.ros.frame_processor.FrameOutcome.depth_status`)."""
+        with self.stats.lock:
+            self.stats.depth[status] = self.stats.depth.get(status, 0) + 1
+            if status != "used":
+                self.stats.period_without_depth += 1
+                self.stats.last_depth_problem = status
+
     def frame_failed(self, problem: str) -> None:
         """A frame could not be processed at all (an internal error)."""
         with self.stats.lock:
@@ -193,6 +208,12 @@ class Diagnostics:
                 "detections_failed": str(s.detections_failed),
                 "detections_over_limit": str(s.detections_over_limit),
             }
+            if self._settings.use_depth:
+                values["frames_with_depth"] = str(s.depth.get("used", 0))
+                values["frames_without_depth"] = str(sum(n for k, n in s.depth.items() if k != "used"))
+                for reason, count in sorted(s.depth.items()):
+                    if reason != "used":
+                        values[f"frames_without_depth_{reason}"] = str(count)
             for topic, count in s.received.items():
                 values[f"received_{topic}"] = str(count)
             for topic, count in s.incompatible_qos.items():
@@ -211,7 +232,8 @@ class Diagnostics:
                 topic: count - s.received_at_last_period.get(topic, 0) for topic, count in received.items()
             }
             s.received_at_last_period = received
-            s.period_synchronised = s.period_processed = s.period_dropped = 0
+            without_depth, depth_problem = s.period_without_depth, s.last_depth_problem
+            s.period_synchronised = s.period_processed = s.period_dropped = s.period_without_depth = 0
             if s.last_problem:
                 values["last_problem"] = s.last_problem
         level, summary = DiagnosticStatus.OK, "refining"
@@ -242,6 +264,12 @@ class Diagnostics:
                 "check the detector keeps the image header, or set sync_slop"
             )
             self.warn("no-sync", summary)
+        elif without_depth:
+            level = DiagnosticStatus.WARN
+            summary = (
+                f"{without_depth} frames refined without depth in the last {period:.1f} s (last reason: "
+                f"{depth_problem}; see the log)"
+            )
         elif not self._warmed_up.is_set():
             summary = "warming up (frames are queued meanwhile)"
         elif synced_total == 0:

@@ -6,7 +6,9 @@ each input detection: the refined pose and score, or the input passed through wi
 here raises for bad input, publishes or logs: like :func:`~rnnpose_ros.ros.conversions.parse_detections`,
 every problem becomes data — the reason the frame was not refined (:attr:`FrameOutcome.problem`) or a
 warning keyed by its reason (:attr:`FrameOutcome.warnings`, for a throttled logger) — and the caller
-publishes and logs.
+publishes and logs. With ``use_depth`` the frame's depth image goes into the observation; a missing or
+unusable one refines the frame RGB-only (:attr:`FrameOutcome.depth_status` says which), never costs a
+detection.
 
 Threading: a pure function of its arguments; the node calls it from its worker thread only.
 """
@@ -29,6 +31,7 @@ from rnnpose_ros.ros.conversions import (
     has_distortion,
     image_to_rgb,
     intrinsics_from_camera_info,
+    parse_depth,
     parse_detections,
     stamp_text,
 )
@@ -56,6 +59,10 @@ class FrameOutcome:
             keys are fixed codes, never message text, so that each reason is throttled as one.
         over_limit: usable detections beyond ``max_detections_per_frame``, passed through unrefined.
         engine_failure: an unexpected engine exception with its traceback, to log as an error, or None.
+        depth_status: with ``use_depth``, ``"used"`` when the observation carries the frame's depth, else
+            why it does not (a fixed code: ``missing``, ``frame-id``, or a
+            :class:`~rnnpose_ros.ros.conversions.DepthInput` reason) and the frame is refined RGB-only;
+            None without ``use_depth`` or when the frame was not converted.
         convert_s, refine_s: seconds spent checking and converting, and refining.
     """
 
@@ -67,6 +74,7 @@ class FrameOutcome:
     warnings: dict[str, str] = field(default_factory=dict)
     over_limit: int = 0
     engine_failure: str | None = None
+    depth_status: str | None = None
     convert_s: float = 0.0
     refine_s: float = 0.0
 
@@ -112,8 +120,11 @@ def process_frame(
     _check_frame(frame, settings, outcome)
     if outcome.problem is None:
         try:
+            rgb = image_to_rgb(frame.image)
             outcome.observation = Observation(
-                image_to_rgb(frame.image), intrinsics_from_camera_info(frame.camera_info)
+                rgb,
+                intrinsics_from_camera_info(frame.camera_info),
+                depth=_depth(frame, settings, rgb.shape[:2], outcome),
             )
             if has_distortion(frame.camera_info):
                 outcome.warn(
@@ -164,6 +175,46 @@ def _check_frame(frame: Frame, settings: Settings, outcome: FrameOutcome) -> Non
             f"camera_info is for {info.width}×{info.height} but the image is "
             f"{frame.image.width}×{frame.image.height}",
         )
+
+
+def _depth(
+    frame: Frame, settings: Settings, size: tuple[int, int], outcome: FrameOutcome
+) -> np.ndarray | None:
+    """The frame's depth in metres (H, W) float32 for the observation, or None (RGB-only): without
+    ``use_depth``, or — with a warning keyed by the reason and ``outcome.depth_status`` — when the
+    depth image did not arrive in time, carries another frame id (``frame_id_check``), or is unusable."""
+    if not settings.use_depth:
+        return None
+    stamp = stamp_text(frame.image.header.stamp)
+    if frame.depth is None:
+        outcome.depth_status = "missing"
+        outcome.warn(
+            "depth:missing",
+            f"frame {stamp} refined RGB-only: no depth image with its stamp (within sync_slop = "
+            f"{settings.sync_slop:g} s) arrived within depth_timeout = {settings.depth_timeout:g} s",
+        )
+        return None
+    depth_frame, image_frame = frame.depth.header.frame_id, frame.image.header.frame_id
+    if depth_frame != image_frame and settings.frame_id_check != "off":
+        text = (
+            f"depth frame {depth_frame!r} != image frame {image_frame!r}: a depth image registered to the "
+            "colour image carries the colour frame id (e.g. aligned_depth_to_color)"
+        )
+        if settings.frame_id_check == "strict":
+            outcome.depth_status = "frame-id"
+            outcome.warn(
+                "depth:frame-id",
+                f"frame {stamp} refined RGB-only: {text} (set frame_id_check to warn to use it anyway)",
+            )
+            return None
+        outcome.warn("depth:frame-id", text)
+    parsed = parse_depth(frame.depth, size)
+    if parsed.metres is None:
+        outcome.depth_status = parsed.reason
+        outcome.warn(f"depth:{parsed.reason}", f"frame {stamp} refined RGB-only: {parsed.error}")
+        return None
+    outcome.depth_status = "used"
+    return parsed.metres
 
 
 def _refine(

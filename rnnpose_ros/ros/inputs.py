@@ -6,10 +6,10 @@ counts every message per topic, explains publishers whose QoS cannot match, and 
 synchronised set as one :class:`Frame` to a callback. :class:`FrameQueue` carries frames from that
 callback to the worker thread.
 
-An input is one row of :data:`INPUTS` and one field of :class:`Frame` with the topic's name (a
-registered depth image, say, would be ``InputTopic("depth", Image, "image_qos")`` and
-``depth: Image | None = None``); a mode where an input is optional changes only how
-:class:`FrameInputs` builds frames.
+An input is one row of :data:`INPUTS` and one field of :class:`Frame` with the topic's name; a mode
+where an input is optional changes only how :class:`FrameInputs` builds frames. The optional depth
+image (:data:`DEPTH`, with ``use_depth``) is such an input: it is not synchronised with the others but
+paired with each synchronised frame by stamp (:mod:`~rnnpose_ros.ros.depth_input`).
 
 Threading: subscription, synchroniser and QoS-event callbacks run in the executor thread and only
 count and queue (never block); :class:`FrameQueue` is the one hand-over to the worker thread.
@@ -31,6 +31,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from vision_msgs.msg import Detection3DArray
 
 from rnnpose_ros.ros import compat
+from rnnpose_ros.ros.depth_input import RELEASE_PERIOD_S, DepthPairing
 from rnnpose_ros.ros.parameters import Settings, qos_profile
 
 
@@ -49,17 +50,21 @@ INPUTS: tuple[InputTopic, ...] = (
     InputTopic("camera_info", CameraInfo, "image_qos"),
     InputTopic("detections", Detection3DArray, "detections_qos"),
 )
+#: The optional depth image registered to the colour image (``use_depth``), paired by stamp.
+DEPTH = InputTopic("depth", Image, "image_qos")
 
 
 @dataclass
 class Frame:
-    """One synchronised input set (one message per :data:`INPUTS` row, same stamp) and when it was
-    queued (``time.monotonic()``, seconds)."""
+    """One synchronised input set (one message per :data:`INPUTS` row, same stamp), when it was
+    synchronised (``time.monotonic()``, seconds), and its depth image (None without ``use_depth`` or
+    when none arrived in time)."""
 
     image: Image
     camera_info: CameraInfo
     detections: Detection3DArray
     queued: float
+    depth: Image | None = None
 
 
 class FrameQueue:
@@ -117,7 +122,8 @@ class FrameInputs:
     Args:
         node: the node to subscribe with.
         settings: reads ``queue_size`` (subscription depth and synchroniser queue), ``sync_slop`` (0 =
-            exact stamps, > 0 = approximate) and the QoS parameters of :data:`INPUTS`.
+            exact stamps, > 0 = approximate), the QoS parameters of :data:`INPUTS`, and ``use_depth``
+            and ``depth_timeout`` (:data:`DEPTH` subscribed and paired with every frame).
         on_frame: called with every synchronised :class:`Frame` (executor thread; must not block).
         monitor: told about every message and every incompatible-QoS event.
     """
@@ -128,6 +134,14 @@ class FrameInputs:
         self._node = node
         self._on_frame = on_frame
         self._monitor = monitor
+        self.depth: DepthPairing | None = None
+        if settings.use_depth:
+            self.depth = DepthPairing(
+                on_frame, settings.queue_size, settings.sync_slop, settings.depth_timeout
+            )
+            self._on_frame = self.depth.add_frame
+            self._subscribe(DEPTH, settings).registerCallback(self.depth.add_depth)
+            node.create_timer(RELEASE_PERIOD_S, self.depth.release)
         self.subscribers = [self._subscribe(topic, settings) for topic in INPUTS]
         if settings.sync_slop > 0.0:
             self.synchronizer = compat.ApproximateTimeSynchronizer(

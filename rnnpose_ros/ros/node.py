@@ -143,7 +143,8 @@ class RefinerNode(Node):
                 self.get_logger().error(f"frame processing failed: {error}\n{traceback.format_exc()}")
 
     def _warm_up(self) -> None:
-        """One engine call on a grey 320×240 image with each class 3 diameters ahead (results unused)."""
+        """One engine call on a grey 320×240 image with each class 3 diameters ahead (results unused);
+        with ``use_depth`` also a depth image (a plane 1 m away), so that the depth path is warm too."""
         from rnnpose_ros.core.refiner import (  # heavy (torch): after the cheap start-up checks
             Instance,
             RefinementCancelledError,
@@ -156,9 +157,12 @@ class RefinerNode(Node):
             pose = np.eye(4)
             pose[:3, 3] = -model.center + (0.0, 0.0, 3.0 * model.diameter)
             instances.append(Instance(model.class_id, pose, "warmup"))
+        depth = np.ones((240, 320), np.float32) if self.settings.use_depth else None
         try:
             self.refiner.refine(
-                Observation(np.full((240, 320, 3), 128, np.uint8), K), instances, stop=self._stopping.is_set
+                Observation(np.full((240, 320, 3), 128, np.uint8), K, depth=depth),
+                instances,
+                stop=self._stopping.is_set,
             )
         except RefinementCancelledError:
             raise
@@ -192,6 +196,8 @@ class RefinerNode(Node):
         self.diagnostics.frame_processed(
             latency_s, outcome.refined_count, outcome.failed_count, outcome.problem, outcome.over_limit
         )
+        if outcome.depth_status is not None:
+            self.diagnostics.depth_status(outcome.depth_status)
         return message
 
     def _publish_extras(self, header: Header, outcome: FrameOutcome) -> None:

@@ -308,6 +308,20 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         QOS_CHOICES,
     ),
     ParameterSpec(
+        "use_depth",
+        False,
+        "Subscribe to depth (sensor_msgs/Image, 16UC1 mm or 32FC1 m, registered to the colour image) and "
+        "refine with it; each frame waits up to depth_timeout for the depth image of its stamp (within "
+        "sync_slop), then is refined RGB-only with a warning. false = RGB only, no depth subscription.",
+    ),
+    ParameterSpec(
+        "depth_timeout",
+        0.5,
+        "Seconds a synchronised frame waits for its depth image when use_depth is true (0.0 = only a "
+        "depth image that already arrived is used).",
+        float_range=(0.0, 10.0),
+    ),
+    ParameterSpec(
         "debug_image", True, "Publish ~/debug_image (drawn only while someone subscribes).", dynamic=True
     ),
     ParameterSpec(
@@ -359,6 +373,8 @@ class Settings:
     max_detections_per_frame: int
     image_qos: str
     detections_qos: str
+    use_depth: bool
+    depth_timeout: float
     debug_image: bool
     frame_id_check: str
     expected_frame_id: str
