@@ -26,10 +26,11 @@ from rnnpose_ros.ros.conversions import (  # noqa: E402
     image_to_rgb,
     intrinsics_from_camera_info,
     matrix_to_pose,
+    parse_depth,
     pose_to_matrix,
 )
 from rnnpose_ros.ros.parameters import ParameterError  # noqa: E402
-from rnnpose_ros.ros.scene_player import DEFAULT_FRAME_ID, ScenePlayer, score_frame  # noqa: E402
+from rnnpose_ros.ros.scene_player import DEFAULT_FRAME_ID, ScenePlayer, scene_depth, score_frame  # noqa: E402
 
 RESULT_TOPIC = "/test_refiner/detections"
 OBJECTS_FILE = str(Path(__file__).resolve().parents[1] / "config" / "objects.yaml")
@@ -56,6 +57,8 @@ class FakeRefiner:
         self.node.create_subscription(CameraInfo, "camera_info", self.infos.append, qos_profile_sensor_data)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.node.create_subscription(Detection3DArray, "detections", self.detections.append, reliable)
+        self.depths: list[Image] = []
+        self.node.create_subscription(Image, "depth", self.depths.append, qos_profile_sensor_data)
         self.pub = self.node.create_publisher(Detection3DArray, RESULT_TOPIC, reliable)
 
     def answer(self, request: Detection3DArray, poses: list[np.ndarray]) -> None:
@@ -153,13 +156,57 @@ def test_frames_are_reproducible_per_seed(context: Any) -> None:
     for _ in range(2):
         player = ScenePlayer(context=context, parameter_overrides=overrides)
         deadline = time.monotonic() + TIMEOUT_S
-        while (scene := player.source.get()) is None:
+        while (generated := player.source.get()) is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        scene, depth = generated
+        assert depth is None  # depth_encoding none
         scenes.append(scene)
         player.destroy_node()
     np.testing.assert_array_equal(scenes[0].image, scenes[1].image)
     np.testing.assert_array_equal(scenes[0].instances[0].pose_init, scenes[1].instances[0].pose_init)
+
+
+@pytest.mark.parametrize(("encoding", "resolution_m"), [("16UC1", 0.0005), ("32FC1", 1e-6)])
+def test_depth_is_published_with_the_frame_header(
+    context: Any, renderer: Any, encoding: str, resolution_m: float
+) -> None:
+    """The registered depth of the scene's object, in the asked encoding: metres where the object is
+    visible (within its diameter of its centre's depth), unknown elsewhere."""
+    player = ScenePlayer(
+        context=context,
+        parameter_overrides=[
+            Parameter("objects_file", value=OBJECTS_FILE),
+            Parameter("frames", value=1),
+            Parameter("seed", value=4),
+            Parameter("result_topic", value=RESULT_TOPIC),
+            Parameter("width", value=160),
+            Parameter("height", value=120),
+            Parameter("depth_encoding", value=encoding),
+        ],
+    )
+    fake = FakeRefiner(context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(player)
+    executor.add_node(fake.node)
+    try:
+        spin_until(executor, lambda: bool(fake.images and fake.depths))
+        (frame,) = player.frames
+        depth_msg = fake.depths[0]
+        assert depth_msg.header == frame.header and depth_msg.encoding == encoding
+        parsed = parse_depth(depth_msg, (120, 160))
+        assert parsed.error is None
+        (truth,) = frame.scene.instances
+        known = parsed.metres > 0
+        assert known.any() and not (known & ~truth.mask).any()  # object pixels only
+        duck = player.registry["duck"]
+        assert np.all(np.abs(parsed.metres[known] - truth.pose_gt[2, 3]) < duck.diameter)
+        expected = scene_depth(frame.scene, [duck], renderer)
+        np.testing.assert_allclose(parsed.metres, expected, atol=resolution_m)
+    finally:
+        executor.shutdown()
+        player.destroy_node()
+        fake.node.destroy_node()
 
 
 @pytest.mark.parametrize(

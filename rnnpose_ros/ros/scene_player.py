@@ -9,6 +9,8 @@ shared header (stamp = publish time, ``frame_id`` = ``camera_color_optical_frame
     ``detections``   vision_msgs/Detection3DArray, one detection per object with a *noisy* pose, as a
                      detector would give it (:func:`~rnnpose_ros.core.synth.perturb_pose`: 15° per Euler
                      angle, 1 / 1 / 5 cm along x / y / z by default, seeded)
+    ``depth``        with ``depth_encoding`` 16UC1 (mm) or 32FC1 (m): the registered depth image of the
+                     scene (:func:`scene_depth`), same header
 
 It listens to the refiner's output (``result_topic``, default ``/rnnpose_refiner/detections``) and keeps
 every frame's ground truth with the answer, so a caller can score the refinement
@@ -53,6 +55,7 @@ from rnnpose_ros.core.synth import Scene, SceneError, SceneSpec, make_scene
 from rnnpose_ros.ros.conversions import (
     ConversionError,
     bounding_box,
+    depth_to_image,
     matrix_to_pose,
     pose_to_matrix,
     rgb_to_image,
@@ -207,13 +210,15 @@ class SceneSource:
         frames: int,
         spec: SceneSpec,
         prefetch: int = 2,
+        depth: bool = False,
     ):
         self.models = list(models)
         self.seed = seed
         self.frames = frames
         self.spec = spec
+        self.depth = depth
         self.error: BaseException | None = None
-        self._queue: queue.Queue[Scene] = queue.Queue(maxsize=max(prefetch, 1))
+        self._queue: queue.Queue[tuple[Scene, np.ndarray | None]] = queue.Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._generate, name="scene_source", daemon=True)
         self._thread.start()
@@ -227,9 +232,10 @@ class SceneSource:
             index = 0
             while not self._stop.is_set() and (self.frames == 0 or index < self.frames):
                 scene = self._scene(renderer, index)
+                depth = scene_depth(scene, self.models, renderer) if self.depth else None
                 while not self._stop.is_set():
                     try:
-                        self._queue.put(scene, timeout=0.1)
+                        self._queue.put((scene, depth), timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -249,8 +255,9 @@ class SceneSource:
                 last = error
         raise SceneError(f"frame {index}: {last}")
 
-    def get(self) -> Scene | None:
-        """The next scene if one is ready, else None (never blocks)."""
+    def get(self) -> tuple[Scene, np.ndarray | None] | None:
+        """The next scene and its depth image ((H, W) float32 metres, None unless ``depth``) if one is
+        ready, else None (never blocks)."""
         try:
             return self._queue.get_nowait()
         except queue.Empty:
@@ -259,6 +266,29 @@ class SceneSource:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10.0)
+
+
+def scene_depth(scene: Scene, models: Sequence[ObjectModel], renderer: Any) -> np.ndarray:
+    """(H, W) float32 metric depth registered to ``scene.image`` (0 = unknown).
+
+    The scene's own depth image when :mod:`~rnnpose_ros.core.synth` made one (``scene.observation.depth``,
+    with its sensor model); otherwise the rendered depth of the objects at their ground-truth poses
+    where they are visible (``SceneInstance.mask``), unknown elsewhere — no background surface, no
+    occluder depth, no sensor noise.
+    """
+    depth = scene.observation.depth
+    if depth is not None:
+        return np.asarray(depth, dtype=np.float32)
+    by_class = {model.class_id: model for model in models}
+    size = scene.image.shape[:2]
+    nearest = np.full(size, np.inf, np.float32)
+    visible = np.zeros(size, bool)
+    for instance in scene.instances:
+        out = renderer.render([by_class[instance.class_id]], instance.pose_gt, scene.K, size)
+        nearest = np.where(out.mask[0], np.minimum(nearest, out.depth[0]), nearest)
+        if instance.mask is not None:
+            visible |= instance.mask
+    return np.where(visible & np.isfinite(nearest), nearest, 0.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------- the node
@@ -333,6 +363,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         check=_translation_sigma,
     ),
     ParameterSpec(
+        "depth_encoding",
+        "none",
+        "Also publish the registered depth image on 'depth' in this encoding (16UC1 = millimetres, "
+        "32FC1 = metres); none = no depth.",
+        ("none", "16UC1", "32FC1"),
+    ),
+    ParameterSpec(
         "autostart", True, "Start publishing as soon as the refiner subscribes (False: call start())."
     ),
 )
@@ -359,6 +396,7 @@ class PlayerSettings:
     rot_sigma_deg: float
     max_angle_deg: float
     trans_sigma: list[float]
+    depth_encoding: str
     autostart: bool
 
 
@@ -395,11 +433,17 @@ class ScenePlayer(Node):
                 trans_sigma=tuple(p.trans_sigma),
                 max_angle_deg=p.max_angle_deg,
             ),
+            depth=p.depth_encoding != "none",
         )
         self.pub_image = self.create_publisher(Image, "image", qos_profile_sensor_data)
         self.pub_info = self.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.pub_detections = self.create_publisher(Detection3DArray, "detections", reliable)
+        self.pub_depth = (
+            None
+            if p.depth_encoding == "none"
+            else self.create_publisher(Image, "depth", qos_profile_sensor_data)
+        )
         self.create_subscription(Detection3DArray, p.result_topic, self._on_result, reliable)
         self._last_publish = -math.inf
         self._timer = self.create_timer(POLL_PERIOD_S, self._tick)
@@ -413,11 +457,13 @@ class ScenePlayer(Node):
 
     @property
     def refiner_subscribed(self) -> bool:
-        """Whether the refiner's input subscriptions and its output publisher are matched."""
+        """Whether the refiner's input subscriptions (depth too when published) and its output publisher
+        are matched."""
         return (
             self.pub_image.get_subscription_count() > 0
             and self.pub_info.get_subscription_count() > 0
             and self.pub_detections.get_subscription_count() > 0
+            and (self.pub_depth is None or self.pub_depth.get_subscription_count() > 0)
             and self.count_publishers(self.settings.result_topic) > 0
         )
 
@@ -456,12 +502,13 @@ class ScenePlayer(Node):
             return
         if p.wait_for_result and self.frames and not self.settled(self.frames[-1], now):
             return
-        scene = self.source.get()
-        if scene is not None:
-            self.publish(scene)
+        generated = self.source.get()
+        if generated is not None:
+            self.publish(*generated)
 
-    def publish(self, scene: Scene) -> PlayedFrame:
-        """Publish one scene's image, camera_info and detections with one header; returns its record."""
+    def publish(self, scene: Scene, depth: np.ndarray | None = None) -> PlayedFrame:
+        """Publish one scene's image, camera_info, detections and (when given and ``depth_encoding`` is
+        set) its (H, W) metric ``depth`` with one header; returns its record."""
         header = Header(frame_id=self.settings.frame_id, stamp=self.get_clock().now().to_msg())
         info = camera_info_message(scene.K, scene.image.shape[:2], header)
         detections = detections_message(scene, self.registry, header)
@@ -470,6 +517,8 @@ class ScenePlayer(Node):
         self.frames.append(frame)
         self._by_stamp[frame.stamp_ns] = frame
         self._last_publish = frame.published_at
+        if self.pub_depth is not None and depth is not None:
+            self.pub_depth.publish(depth_to_image(depth, header, self.settings.depth_encoding))
         self.pub_detections.publish(detections)
         self.pub_info.publish(info)
         self.pub_image.publish(image)
