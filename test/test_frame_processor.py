@@ -24,7 +24,7 @@ from rnnpose_ros.core.objects import ObjectRegistry
 from rnnpose_ros.core.observation import InputError, Observation
 from rnnpose_ros.core.refiner import Instance, RefineResult, RefineStatus
 from rnnpose_ros.package_files import default_objects_file
-from rnnpose_ros.ros.conversions import matrix_to_pose, rgb_to_image
+from rnnpose_ros.ros.conversions import depth_to_image, matrix_to_pose, rgb_to_image
 from rnnpose_ros.ros.frame_processor import process_frame
 from rnnpose_ros.ros.inputs import Frame
 from rnnpose_ros.ros.parameters import PARAMETERS, Settings
@@ -240,3 +240,107 @@ def test_warnings_are_keyed_by_reason_not_by_text(registry: ObjectRegistry) -> N
         p.x, p.y, p.z = position
         keys |= set(process_frame(f, ScriptedRefiner(), settings(), registry).warnings)
     assert keys == {"frame:ImageConversionError", "detection:invalid-pose"}
+
+
+# ---------------------------------------------------------------- depth
+
+
+@pytest.fixture(scope="module")
+def depth_m(renderer: Any, registry: ObjectRegistry) -> np.ndarray:
+    """(240, 320) float32 metres: the duck rendered at ``pose()``, 0 around it."""
+    depth = renderer.render([registry["duck"]], pose(), K, SIZE).depth[0]
+    assert (depth > 0).any()
+    return depth
+
+
+def with_depth(f: Frame, depth: np.ndarray, encoding: str = "16UC1") -> Frame:
+    f.depth = depth_to_image(depth, copy.deepcopy(f.image.header), encoding)
+    return f
+
+
+@pytest.mark.parametrize(("encoding", "tolerance_m"), [("16UC1", 0.0005), ("32FC1", 0.0)])
+def test_depth_goes_into_the_observation_in_metres(
+    registry: ObjectRegistry, depth_m: np.ndarray, encoding: str, tolerance_m: float
+) -> None:
+    engine = ScriptedRefiner()
+    f = with_depth(frame(pose(), pose(0.05)), depth_m, encoding)
+    outcome = process_frame(f, engine, settings(use_depth=True), registry)
+    ((observation, _),) = engine.calls
+    assert observation.depth.dtype == np.float32
+    np.testing.assert_allclose(observation.depth, depth_m, atol=tolerance_m, rtol=1e-6)
+    assert outcome.depth_status == "used" and outcome.warnings == {} and outcome.refined_count == 2
+
+
+def test_depth_is_not_read_without_use_depth(registry: ObjectRegistry, depth_m: np.ndarray) -> None:
+    engine = ScriptedRefiner()
+    outcome = process_frame(with_depth(frame(pose()), depth_m), engine, settings(), registry)
+    ((observation, _),) = engine.calls
+    assert observation.depth is None and outcome.depth_status is None and outcome.warnings == {}
+
+
+def _no_depth(f: Frame, depth: np.ndarray) -> None:
+    f.depth = None
+
+
+def _half_size(f: Frame, depth: np.ndarray) -> None:
+    with_depth(f, depth[::2, ::2])
+
+
+def _mono8(f: Frame, depth: np.ndarray) -> None:
+    with_depth(f, depth).depth.encoding = "mono8"
+
+
+def _nothing_valid(f: Frame, depth: np.ndarray) -> None:
+    with_depth(f, np.full_like(depth, np.nan), "32FC1")
+
+
+def _short_step(f: Frame, depth: np.ndarray) -> None:
+    with_depth(f, depth).depth.step = 2 * SIZE[1] - 2
+
+
+def _truncated(f: Frame, depth: np.ndarray) -> None:
+    with_depth(f, depth)
+    f.depth.data = bytes(f.depth.data)[:1000]
+
+
+def _other_frame(f: Frame, depth: np.ndarray) -> None:
+    with_depth(f, depth).depth.header.frame_id = "camera_depth_optical_frame"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "reason", "text"),
+    [
+        (_no_depth, "missing", "no depth image with its stamp (within sync_slop = 0 s) arrived within"),
+        (_half_size, "size", "depth image is 160×120 but the colour image is 320×240"),
+        (_mono8, "encoding", "unsupported depth encoding 'mono8'"),
+        (_nothing_valid, "no-valid-depth", "no valid pixel"),
+        (_short_step, "layout", "step 638"),
+        (_truncated, "layout", "1000 bytes"),
+        (_other_frame, "frame-id", "depth frame 'camera_depth_optical_frame' != image frame"),
+    ],
+)
+def test_unusable_depth_refines_the_frame_rgb_only_with_a_warning(
+    registry: ObjectRegistry, depth_m: np.ndarray, breakage: Any, reason: str, text: str
+) -> None:
+    f = frame(pose(-0.05), pose(0.05))
+    breakage(f, depth_m)
+    engine = ScriptedRefiner()
+    outcome = process_frame(f, engine, settings(use_depth=True), registry)
+    ((observation, instances),) = engine.calls
+    assert observation.depth is None and len(instances) == 2
+    assert outcome.refined_count == 2 and outcome.problem is None  # no detection lost
+    assert outcome.depth_status == reason
+    assert list(outcome.warnings) == [f"depth:{reason}"]
+    assert outcome.warnings[f"depth:{reason}"].startswith("frame 1000.000000005 refined RGB-only: ")
+    assert text in outcome.warnings[f"depth:{reason}"]
+
+
+def test_depth_of_another_frame_is_used_with_frame_id_check_warn(
+    registry: ObjectRegistry, depth_m: np.ndarray
+) -> None:
+    f = frame(pose())
+    _other_frame(f, depth_m)
+    engine = ScriptedRefiner()
+    outcome = process_frame(f, engine, settings(use_depth=True, frame_id_check="warn"), registry)
+    assert engine.calls[0][0].depth is not None and outcome.depth_status == "used"
+    assert "depth frame 'camera_depth_optical_frame' != image frame" in outcome.warnings["depth:frame-id"]
