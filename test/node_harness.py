@@ -132,6 +132,7 @@ class Camera:
         self.pub_image = self.node.create_publisher(Image, "image", qos_profile_sensor_data)
         self.pub_info = self.node.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
         self.pub_detections = self.node.create_publisher(Detection3DArray, "detections", 5)
+        self.pub_depth = self.node.create_publisher(Image, "depth", qos_profile_sensor_data)
         self.outputs: dict[tuple[int, int], tuple[Detection3DArray, float]] = {}
         self.sent: dict[tuple[int, int], float] = {}
         self.tf: list[TFMessage] = []
@@ -184,11 +185,20 @@ class Camera:
         return key
 
     def publish(
-        self, image: np.ndarray, detections: Sequence[Detection3D], stamp_sec: int, K: np.ndarray = K
+        self,
+        image: np.ndarray,
+        detections: Sequence[Detection3D],
+        stamp_sec: int,
+        K: np.ndarray = K,
+        depth: Image | None = None,
     ) -> tuple[int, int]:
-        """One consistent frame (image, camera_info with K, detections) stamped ``stamp_sec``."""
+        """One consistent frame (image, camera_info with K, detections) stamped ``stamp_sec``, after its
+        registered ``depth`` image (restamped) when given."""
         header = Header(frame_id=FRAME)
         header.stamp.sec = stamp_sec
+        if depth is not None:
+            depth.header = header
+            self.pub_depth.publish(depth)
         info = CameraInfo(header=header, height=image.shape[0], width=image.shape[1])
         info.k = K.ravel().tolist()
         info.p = np.hstack([K, np.zeros((3, 1))]).ravel().tolist()
