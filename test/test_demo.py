@@ -115,8 +115,9 @@ def test_backend_choices_come_from_the_registry(capsys: pytest.CaptureFixture[st
     assert all(name in error for name in BACKENDS)
 
 
-def test_demo_end_to_end(tmp_path: Path) -> None:
-    """Two frames through the real node (few iterations: this checks the plumbing, not accuracy)."""
+def test_demo_end_to_end_rgb_and_rgbd(tmp_path: Path) -> None:
+    """Two frames through the real node, RGB-only then with depth (``--depth 32FC1``: the same frames,
+    the node with ``use_depth``); few iterations: this checks the plumbing, not accuracy."""
     pytest.importorskip("rclpy")
     pytest.importorskip("vision_msgs")
     output = tmp_path / "demo_output"
@@ -135,6 +136,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         "20",
         "--output",
         str(output),
+        "--depth",
+        "32FC1",
         "--node-param",
         "outer_iterations:=2",
         "--node-param",
@@ -147,20 +150,46 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, f"demo failed:\n{run.stdout}\n{run.stderr}"
     assert "ADD(-S)@0.1d" in run.stdout and "latency" in run.stdout
+    assert "RGB vs RGB-D, the same 2 instances" in run.stdout and "ADD(-S)@0.02d" in run.stdout
 
-    summary = json.loads((output / "summary.json").read_text())
-    assert summary.keys() >= SUMMARY_KEYS
-    assert summary["frames_published"] == summary["frames_answered"] == 2
-    assert summary["ros_domain_id"] == int(env["ROS_DOMAIN_ID"])
-    assert set(summary["metrics"]) == {"ADD(-S)@0.1d", "5cm5deg", "proj2D@5px"}
-    refined = [i["refined"] for f in summary["frames"] for i in f["instances"]]
-    assert len(refined) == 2
-    assert all(r is not None and math.isfinite(r["add_m"]) for r in refined)
-    assert math.isfinite(summary["latency_ms"]["mean"])
+    summaries = {}
+    for folder, encoding in (("rgb", None), ("rgbd", "32FC1")):
+        summary = summaries[folder] = json.loads((output / folder / "summary.json").read_text())
+        assert summary.keys() >= SUMMARY_KEYS and summary["depth_encoding"] == encoding
+        assert summary["frames_published"] == summary["frames_answered"] == 2
+        assert summary["ros_domain_id"] == int(env["ROS_DOMAIN_ID"])
+        assert set(summary["metrics"]) == {"ADD(-S)@0.1d", "5cm5deg", "proj2D@5px"}
+        assert set(summary["metrics_strict_add"]) == {"ADD(-S)@0.02d", "ADD(-S)@0.05d"}
+        refined = [i["refined"] for f in summary["frames"] for i in f["instances"]]
+        assert len(refined) == 2
+        assert all(r is not None and math.isfinite(r["add_m"]) for r in refined)
+        assert math.isfinite(summary["latency_ms"]["mean"])
+        pngs = sorted((output / folder).glob("frame_*.png"))
+        assert [p.name for p in pngs] == summary["files"]["png"] == ["frame_000.png", "frame_001.png"]
+        assert (output / folder / "demo.gif").stat().st_size > 0
+    # the same scenes and detector noise in both runs; the node used the depth of every RGB-D frame
+    initial = {folder: [f["instances"][0]["initial"] for f in s["frames"]] for folder, s in summaries.items()}
+    assert initial["rgb"] == initial["rgbd"]
+    assert "use_depth:=true" in summaries["rgbd"]["node_command"]
+    assert summaries["rgbd"]["node_diagnostics"]["frames_with_depth"] == "2"
+    assert "frames_with_depth" not in summaries["rgb"]["node_diagnostics"]
+    comparison = json.loads((output / "comparison.json").read_text())
+    assert comparison["depth_encoding"] == "32FC1" and set(comparison["runs"]) == {"RGB", "RGB-D"}
 
-    pngs = sorted(output.glob("frame_*.png"))
-    assert [p.name for p in pngs] == summary["files"]["png"] == ["frame_000.png", "frame_001.png"]
-    assert (output / "demo.gif").stat().st_size > 0
+
+def test_strict_add_rates() -> None:
+    near = PoseErrors(add_m=0.003, projection_px=1.0, rotation_deg=1.0, translation_m=0.003, diameter_m=0.1)
+    scores = [
+        SimpleNamespace(initial=BAD, refined=near),  # 0.03 d: passes 0.05 d, fails 0.02 d
+        SimpleNamespace(initial=near, refined=GOOD),  # 0.01 d
+        SimpleNamespace(initial=GOOD, refined=None),
+    ]
+    rates = demo.strict_add_rates(scores)
+    assert list(rates) == ["ADD(-S)@0.02d", "ADD(-S)@0.05d"]
+    assert rates["ADD(-S)@0.02d"] == demo.Rates(initial=pytest.approx(1 / 3), refined=pytest.approx(1 / 3))
+    assert rates["ADD(-S)@0.05d"] == demo.Rates(initial=pytest.approx(2 / 3), refined=pytest.approx(2 / 3))
+    assert demo.strict_add_rates([]) == {}
+    assert demo.parse_args(["--depth"]).depth == "16UC1" and demo.parse_args([]).depth is None
 
 
 def test_stale_shm_files_are_removed_only_when_new_dead_and_unused(

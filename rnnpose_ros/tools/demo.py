@@ -1,7 +1,7 @@
 """End-to-end demo: the real ``refine_node`` executable refines synthetic frames sent over real DDS.
 
     python -m rnnpose_ros.tools.demo [--frames N] [--seed S] [--backend classical|rnnpose]
-                                     [--output demo_output] [--rate HZ] [--free-run]
+                                     [--output demo_output] [--rate HZ] [--free-run] [--depth [16UC1|32FC1]]
 
 What runs:
   * ``refine_node --ros-args --params-file config/refine.yaml -p backend:=...`` as a child process
@@ -16,6 +16,13 @@ table and the latency (frame published → refined detections received, so DDS t
 and writes the node's debug overlays (white = detector pose, red = refined) as PNGs, an animated GIF and
 ``summary.json`` under ``--output``. By default each frame waits for its answer (accuracy, no drops);
 ``--free-run`` publishes at ``--rate`` regardless and shows the node's drop-oldest policy.
+
+``--depth`` plays the same frames twice (same seed, so the same scenes and detector noise): once to
+the node RGB-only, once with the scene player publishing the registered depth image (``16UC1``
+millimetres by default, or ``32FC1`` metres) and the node started with ``use_depth:=true``; each run
+writes its own ``rgb/`` and ``rgbd/`` folder under ``--output``, and the demo prints the two side by
+side (also the stricter ADD(-S)@0.02d and @0.05d, and the time per frame) and writes
+``comparison.json``.
 
 DDS safety: before anything imports rclpy the demo restricts discovery to this machine
 (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, the project's Fast DDS profile: shared memory + UDP on
@@ -70,6 +77,10 @@ GIF_FRAME_S = 1.0
 #: The rows of the demo's table and the keys of its summary: these tests of
 #: :data:`rnnpose_ros.core.metrics.PASS_TESTS`, by tag, in this order.
 DEMO_TESTS = ("add_s", "cm5_deg5", "proj_5px")
+#: Stricter ADD(-S) thresholds (fractions of the diameter) of the RGB vs RGB-D comparison: with depth,
+#: 0.1·d is no longer the interesting threshold.
+STRICT_ADD_FRACTIONS = (0.02, 0.05)
+DEPTH_ENCODINGS = ("16UC1", "32FC1")
 
 
 class DemoError(RuntimeError):
@@ -108,6 +119,22 @@ def pass_rates(scores: Sequence[InstanceScore]) -> dict[str, Rates]:
             refined=float(np.mean([p is not None and p[name] for p in refined])),
         )
         for name in DEMO_TESTS
+    }
+
+
+def strict_add_rates(scores: Sequence[InstanceScore]) -> dict[str, Rates]:
+    """Share of ``scores`` whose ADD(-S) is below each of :data:`STRICT_ADD_FRACTIONS` of the diameter,
+    initial and refined (an instance without a refined pose fails), by label ("ADD(-S)@0.02d")."""
+    if not scores:
+        return {}
+    return {
+        f"ADD(-S)@{fraction:g}d": Rates(
+            initial=float(np.mean([s.initial.add_fraction < fraction for s in scores])),
+            refined=float(
+                np.mean([s.refined is not None and s.refined.add_fraction < fraction for s in scores])
+            ),
+        )
+        for fraction in STRICT_ADD_FRACTIONS
     }
 
 
@@ -187,6 +214,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME:=VALUE",
         help="extra refine_node parameter (repeatable), e.g. outer_iterations:=4",
     )
+    parser.add_argument(
+        "--depth",
+        nargs="?",
+        const=DEPTH_ENCODINGS[0],
+        choices=DEPTH_ENCODINGS,
+        help="play the frames twice, RGB-only and with registered depth in this encoding (default "
+        f"{DEPTH_ENCODINGS[0]}: millimetres; 32FC1: metres), and compare",
+    )
     parser.add_argument("--objects", nargs="+", default=["duck"], help="class ids in every scene")
     parser.add_argument(
         "--result-timeout",
@@ -206,9 +241,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    args.output.mkdir(parents=True, exist_ok=True)
-    for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif"]:
-        stale.unlink(missing_ok=True)
     try:
         # Before rclpy is imported anywhere in this process: the environment decides the DDS transport.
         os.environ.update(dds_safe_environment(dict(os.environ)))
@@ -225,11 +257,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    command = node_command(params_file, args.objects_file, args.backend, args.node_param)
     print(
         f"[demo] ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, discovery LOCALHOST, Fast DDS profile "
         f"{os.environ['FASTDDS_DEFAULT_PROFILES_FILE']}"
     )
+    if args.depth is None:
+        return _play(args, params_file)[0]
+    # The same seed twice: the same scenes and detector noise, compared instance by instance.
+    runs = {}
+    for label, folder, encoding in (("RGB", "rgb", None), ("RGB-D", "rgbd", args.depth)):
+        run = argparse.Namespace(**vars(args))
+        run.output, run.depth = args.output / folder, encoding
+        if encoding is not None:
+            run.node_param = [*args.node_param, "use_depth:=true"]
+        print(f"\n[demo] ===== {label} run: {run.output}/")
+        code, results = _play(run, params_file)
+        if code or results is None:
+            return code or 1
+        runs[label] = results
+    _compare(args, runs)
+    return 0
+
+
+def _play(args: argparse.Namespace, params_file: Path) -> tuple[int, RunResults | None]:
+    """Start the node, play the frames, report: (exit status, the run's figures or None)."""
+    args.output.mkdir(parents=True, exist_ok=True)
+    for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif"]:
+        stale.unlink(missing_ok=True)
+    command = node_command(params_file, args.objects_file, args.backend, args.node_param)
     print(f"[demo] starting: {' '.join(command)}  (log: {args.output / 'refine_node.log'})")
     # Ctrl-C, SIGTERM and a closed terminal all stop the demo through the same clean-up.
     with signals_as_keyboard_interrupt():
@@ -238,15 +293,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, node)
         except KeyboardInterrupt:
             print("\n[demo] interrupted")
-            return 130
+            return 130, None
         except DemoError as error:
             print(f"[demo] FAILED: {error}", file=sys.stderr)
-            return 1
+            return 1, None
         finally:
             print(f"[demo] {node.stop_and_clean()}")
 
 
-def _run(args: argparse.Namespace, node: NodeProcess) -> int:
+def _compare(args: argparse.Namespace, runs: dict[str, RunResults]) -> None:
+    """Print the RGB and RGB-D runs side by side and write ``comparison.json`` under ``--output``."""
+    rgb, rgbd = runs["RGB"], runs["RGB-D"]
+    print(
+        f"\n[demo] RGB vs RGB-D, the same {rgb.instances} instances (seed {args.seed}, depth {args.depth}):"
+    )
+    print(f"{'metric':<28} {'initial':>8} {'RGB':>8} {'RGB-D':>8}")
+    for name in [*rgb.rates, *rgb.strict_add]:
+        a, b = (rgb.rates | rgb.strict_add)[name], (rgbd.rates | rgbd.strict_add)[name]
+        print(f"{name:<28} {a.initial * 100:7.1f}% {a.refined * 100:7.1f}% {b.refined * 100:7.1f}%")
+    if rgb.mean_add_mm["refined"] is not None and rgbd.mean_add_mm["refined"] is not None:
+        print(
+            f"{'mean ADD(-S) (mm)':<28} {rgb.mean_add_mm['initial']:8.1f} {rgb.mean_add_mm['refined']:8.1f} "
+            f"{rgbd.mean_add_mm['refined']:8.1f}"
+        )
+    times = [r.latency_ms["mean_after_first"] or r.latency_ms["mean"] for r in (rgb, rgbd)]
+    if None not in times:
+        print(
+            f"{'latency per frame (ms)':<28} {'':>8} {times[0]:8.0f} {times[1]:8.0f}   "
+            f"(RGB-D / RGB = {times[1] / times[0]:.2f}; warm-up frame excluded)"
+        )
+    comparison = {
+        "seed": args.seed,
+        "frames": args.frames,
+        "depth_encoding": args.depth,
+        "runs": {
+            label: {
+                "instances": r.instances,
+                "metrics": {name: asdict(rate) for name, rate in (r.rates | r.strict_add).items()},
+                "mean_add_mm": r.mean_add_mm,
+                "latency_ms": r.latency_ms,
+            }
+            for label, r in runs.items()
+        },
+    }
+    (args.output / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    print(f"[demo] wrote {args.output / 'comparison.json'}")
+
+
+def _run(args: argparse.Namespace, node: NodeProcess) -> tuple[int, RunResults | None]:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
@@ -263,6 +357,7 @@ def _run(args: argparse.Namespace, node: NodeProcess) -> int:
             Parameter("objects", value=list(args.objects)),
             Parameter("objects_file", value=str(args.objects_file)),
             Parameter("autostart", value=False),
+            Parameter("depth_encoding", value=args.depth or "none"),
         ]
         player = _scene_player(context, overrides)
         collector, outputs = _collector(context)
@@ -307,10 +402,9 @@ def _run(args: argparse.Namespace, node: NodeProcess) -> int:
                 if frame.index not in printed:
                     print(describe(frame, []) + (" (dropped by the node)" if args.free_run else ""))
             if interrupted:
-                if any(f.result is not None for f in player.frames):
-                    _report(args, player, outputs, node)
-                return 130
-            return _report(args, player, outputs, node)
+                answered = any(f.result is not None for f in player.frames)
+                return 130, _report(args, player, outputs, node) if answered else None
+            return 0, _report(args, player, outputs, node)
         finally:
             executor.shutdown()
             player.destroy_node()
@@ -438,6 +532,7 @@ class RunResults:
         frames_published, frames_answered: frame counts.
         instances: scored objects (of answered frames).
         rates: pass rates by test tag (:func:`pass_rates`).
+        strict_add: pass rates at the stricter ADD(-S) thresholds (:func:`strict_add_rates`).
         mean_add_mm: mean ADD(-S) of the "initial" and of the "refined" poses, millimetres (None
             without such poses).
         latency_ms: :func:`latency_summary` of the answered frames.
@@ -447,12 +542,13 @@ class RunResults:
     frames_answered: int
     instances: int
     rates: dict[str, Rates]
+    strict_add: dict[str, Rates]
     mean_add_mm: dict[str, float | None]
     latency_ms: dict[str, float | None]
 
 
-def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeProcess) -> int:
-    """Score every frame, write the overlays and ``summary.json``, print the results; returns 0.
+def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeProcess) -> RunResults:
+    """Score every frame, write the overlays and ``summary.json``, print the results; returns the figures.
 
     Raises:
         DemoError: the node answered no frame.
@@ -470,7 +566,7 @@ def _report(args: argparse.Namespace, player: Any, outputs: Outputs, node: NodeP
     )
     if not results.frames_answered:
         raise DemoError(f"refine_node never answered ({len(player.frames)} frames sent):\n{node.log_tail()}")
-    return 0
+    return results
 
 
 def _frame_report(frame: Any, outputs: Outputs, registry: Any) -> FrameReport:
@@ -525,6 +621,7 @@ def _results(frames: Sequence[Any], reports: Sequence[FrameReport]) -> RunResult
         frames_answered=len(answered),
         instances=len(scores),
         rates=pass_rates(scores),
+        strict_add=strict_add_rates(scores),
         mean_add_mm=mean_add_mm(scores),
         latency_ms=latency_summary([f.latency_s for f in answered]),
     )
@@ -563,6 +660,11 @@ def _print_results(results: RunResults, diagnostics: dict[str, str]) -> None:
         f"{unanswered} unanswered"
         + (f" (node: {diagnostics.get('frames_dropped', '?')} dropped)" if diagnostics else "")
     )
+    if "frames_with_depth" in diagnostics:
+        print(
+            f"depth: the node refined {diagnostics['frames_with_depth']} frames with depth, "
+            f"{diagnostics['frames_without_depth']} without"
+        )
 
 
 def _summary(
@@ -579,6 +681,7 @@ def _summary(
         "seed": args.seed,
         "objects": list(args.objects),
         "wait_for_result": not args.free_run,
+        "depth_encoding": args.depth,
         "rate_hz": args.rate,
         "ros_domain_id": int(os.environ["ROS_DOMAIN_ID"]),
         "node_command": node.command,
@@ -588,6 +691,7 @@ def _summary(
         "frames_unanswered": results.frames_published - results.frames_answered,
         "instances": results.instances,
         "metrics": {name: asdict(rate) for name, rate in results.rates.items()},
+        "metrics_strict_add": {name: asdict(rate) for name, rate in results.strict_add.items()},
         "mean_add_mm": results.mean_add_mm,
         "latency_ms": results.latency_ms,
         "node_diagnostics": outputs.diagnostics,
