@@ -1,4 +1,5 @@
-"""launch_testing test of ``launch/refine.launch.py``: the launched node answers a frame on ``~/detections``.
+"""launch_testing test of ``launch/refine.launch.py``: the launched node answers a frame on ``~/detections``;
+``depth:=<topic>`` remaps the depth input and turns ``use_depth`` on.
 
 Runs on a ROS 2 distribution where ``launch``, ``launch_ros`` and ``launch_testing`` are installed and
 the package is built (``colcon build``; ``colcon test`` or ``pytest`` with the install sourced). The
@@ -48,6 +49,7 @@ def generate_test_description() -> LaunchDescription:
             "image": "camera/image_rect",
             "camera_info": "camera/camera_info",
             "detections": "detector/detections",
+            "depth": "camera/aligned_depth",
             "use_rviz": "false",
         }.items(),
     )
@@ -71,19 +73,24 @@ class TestRefineLaunch(unittest.TestCase):
         pub_image = self.node.create_publisher(Image, "camera/image_rect", 5)
         pub_info = self.node.create_publisher(CameraInfo, "camera/camera_info", 5)
         pub_detections = self.node.create_publisher(Detection3DArray, "detector/detections", 5)
+        pub_depth = self.node.create_publisher(Image, "camera/aligned_depth", 5)
         header = Header(frame_id="camera_color_optical_frame")
         header.stamp.sec = 42
         image = Image(header=header, height=2, width=2, encoding="rgb8", step=6, data=bytes(12))
         info = CameraInfo(header=header, height=2, width=2)
         info.k = [100.0, 0.0, 1.0, 0.0, 100.0, 1.0, 0.0, 0.0, 1.0]
+        depth = Image(header=header, height=2, width=2, encoding="16UC1", step=4, data=bytes([232, 3] * 4))
         deadline = time.monotonic() + TIMEOUT_S
         while not outputs and time.monotonic() < deadline:
             # Re-send until the node (started by launch, warming up) has matched our publishers.
+            pub_depth.publish(depth)
             pub_image.publish(image)
             pub_info.publish(info)
             pub_detections.publish(Detection3DArray(header=header))
             rclpy.spin_once(self.node, timeout_sec=0.5)
         self.assertTrue(outputs, "no message on /rnnpose_refiner/detections")
+        # depth:= turned use_depth on: the node subscribes to the remapped depth topic
+        self.assertGreaterEqual(self.node.count_subscribers("camera/aligned_depth"), 1)
         self.assertEqual(outputs[0].header, header)
         self.assertEqual(len(outputs[0].detections), 0)
 
