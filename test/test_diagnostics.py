@@ -62,3 +62,33 @@ def test_recorded_counts_latency_and_drops_are_published(context: Any) -> None:
     finally:
         executor.shutdown()
         node.destroy_node()
+
+
+def test_depth_counts_per_reason_and_a_warning_status(context: Any) -> None:
+    values = {spec.name: spec.default for spec in PARAMETERS} | {"diagnostics_period": 0.1, "use_depth": True}
+    node = rclpy.create_node("depth_diagnostics_under_test", context=context)
+    warmed_up = threading.Event()
+    warmed_up.set()
+    diagnostics = Diagnostics(node, Settings(**values), FrameQueue(1), warmed_up)
+    received: list[DiagnosticArray] = []
+    node.create_subscription(DiagnosticArray, "/diagnostics", received.append, 10)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    try:
+        for depth in ("used", "used", "missing", "size", "missing"):
+            diagnostics.frame_processed(dict.fromkeys(LATENCY_STAGES, 0.001), 1, 0, None, depth=depth)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not received:
+            assert time.monotonic() < deadline, "no /diagnostics"
+            executor.spin_once(timeout_sec=0.02)
+        (status,) = received[0].status
+        values = {kv.key: kv.value for kv in status.values}
+        assert values["received_depth"] == "0"  # the depth input is listed from the start
+        assert values["frames_with_depth"] == "2" and values["frames_without_depth"] == "3"
+        assert values["frames_without_depth_missing"] == "2" and values["frames_without_depth_size"] == "1"
+        assert status.level == DiagnosticStatus.WARN
+        assert status.message.startswith("3 frames refined without depth in the last")
+        assert "last reason: missing" in status.message
+    finally:
+        executor.shutdown()
+        node.destroy_node()

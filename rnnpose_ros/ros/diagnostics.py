@@ -147,10 +147,12 @@ class Diagnostics:
         failed: int,
         problem: str | None,
         over_limit: int = 0,
+        depth: str | None = None,
     ) -> None:
         """One frame published: seconds per stage of :data:`LATENCY_STAGES`, detections refined and not
-        refined (of which ``over_limit`` beyond ``max_detections_per_frame``), and why the whole frame
-        was not refined (or None)."""
+        refined (of which ``over_limit`` beyond ``max_detections_per_frame``), why the whole frame
+        was not refined (or None), and with ``use_depth`` whether it was refined with its depth
+        (``"used"``) or why not (:attr:`~rnnpose_ros.ros.frame_processor.FrameOutcome.depth_status`)."""
         with self.stats.lock:
             self.stats.processed += 1
             self.stats.period_processed += 1
@@ -162,15 +164,11 @@ class Diagnostics:
             if problem is not None:
                 self.stats.frame_errors += 1
                 self.stats.last_problem = problem
-
-    def depth_status(self, status: str) -> None:
-        """With ``use_depth``: a frame was refined with its depth (``"used"``) or RGB-only because of
-        reason ``status`` (:attr:`~rnnpose_ros.ros.frame_processor.FrameOutcome.depth_status`)."""
-        with self.stats.lock:
-            self.stats.depth[status] = self.stats.depth.get(status, 0) + 1
-            if status != "used":
-                self.stats.period_without_depth += 1
-                self.stats.last_depth_problem = status
+            if depth is not None:
+                self.stats.depth[depth] = self.stats.depth.get(depth, 0) + 1
+                if depth != "used":
+                    self.stats.period_without_depth += 1
+                    self.stats.last_depth_problem = depth
 
     def frame_failed(self, problem: str) -> None:
         """A frame could not be processed at all (an internal error)."""

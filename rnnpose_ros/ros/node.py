@@ -194,10 +194,13 @@ class RefinerNode(Node):
             "total": done - frame.queued,
         }
         self.diagnostics.frame_processed(
-            latency_s, outcome.refined_count, outcome.failed_count, outcome.problem, outcome.over_limit
+            latency_s,
+            outcome.refined_count,
+            outcome.failed_count,
+            outcome.problem,
+            outcome.over_limit,
+            depth=outcome.depth_status,
         )
-        if outcome.depth_status is not None:
-            self.diagnostics.depth_status(outcome.depth_status)
         return message
 
     def _publish_extras(self, header: Header, outcome: FrameOutcome) -> None:
