@@ -223,13 +223,16 @@ def parse_depth(msg: Image, size: tuple[int, int]) -> DepthInput:
         )
     rows = np.lib.stride_tricks.as_strided(data, shape=(height, row_bytes), strides=(step, 1))
     dtype = np.dtype(kind).newbyteorder(">" if msg.is_bigendian else "<")
-    values = np.ascontiguousarray(rows).view(dtype).reshape(height, width).astype(np.float32)
-    valid = np.isfinite(values) & (values > 0.0)
-    if not valid.any():
+    metres = np.ascontiguousarray(rows).view(dtype).reshape(height, width).astype(np.float32)
+    if metres_per_unit != 1.0:
+        metres *= np.float32(metres_per_unit)
+    # NaN fails ``> 0``; +inf is the only other non-finite value left.
+    metres[~(metres > 0.0) | (metres == np.inf)] = 0.0
+    if not metres.any():
         return DepthInput(
             None, "no-valid-depth", f"no valid pixel in the {width}×{height} {encoding} depth image"
         )
-    return DepthInput(np.where(valid, values * np.float32(metres_per_unit), np.float32(0.0)))
+    return DepthInput(metres)
 
 
 def depth_to_image(metres: np.ndarray, header: Header | None = None, encoding: str = "16UC1") -> Image:
