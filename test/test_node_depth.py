@@ -65,10 +65,18 @@ class DepthHarness(Harness):
         ], self.node.refiner.observations[-1]
 
     def diagnostics_values(self) -> dict[str, str]:
-        """The values of the next ``/diagnostics`` status."""
+        """The values of the first ``/diagnostics`` status that counts every frame processed so far (one
+        published just before the last frame was recorded may still be on its way)."""
+        processed = str(self.node.diagnostics.stats.processed)
+
+        def values() -> dict[str, str]:
+            return (
+                {kv.key: kv.value for kv in self.diagnostics[-1].status[0].values} if self.diagnostics else {}
+            )
+
         self.diagnostics.clear()
-        self.spin_until(lambda: self.diagnostics)
-        return {kv.key: kv.value for kv in self.diagnostics[-1].status[0].values}
+        self.spin_until(lambda: values().get("frames_processed") == processed)
+        return values()
 
 
 @pytest.fixture(scope="module")
