@@ -13,7 +13,10 @@ Pip-only installs have no ``launch`` package; the equivalent there is::
         -r detections:=/detector/detections
 
 Topics are remapped here rather than passed as parameters (image_pipeline convention); every node
-parameter lives in the params file (``config/refine.yaml`` documents each one).
+parameter lives in the params file (``config/refine.yaml`` documents each one), except ``use_sim_time``
+(ROS' own parameter, on for bag replay: ``ros2 bag play --clock`` publishes ``/clock``). rviz2 starts in
+the node's namespace and ``config/rnnpose.rviz`` names the node's topics relatively, so it shows this
+node's output whatever the namespace.
 """
 
 from launch import LaunchDescription
@@ -21,6 +24,7 @@ from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
 PACKAGE = "rnnpose_ros"
@@ -55,13 +59,19 @@ def generate_launch_description() -> LaunchDescription:
             description="rviz2 configuration (meshes, TF and debug overlay of rnnpose_refiner).",
         ),
         DeclareLaunchArgument("log_level", default_value="info", description="Log level of the node."),
+        DeclareLaunchArgument(
+            "use_sim_time",
+            default_value="false",
+            description="Use /clock (true when replaying a bag with `ros2 bag play --clock`).",
+        ),
     ]
+    sim_time = {"use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)}
     refiner = Node(
         package=PACKAGE,
         executable="refine_node",
         name="rnnpose_refiner",
         namespace=LaunchConfiguration("namespace"),
-        parameters=[LaunchConfiguration("params_file")],
+        parameters=[LaunchConfiguration("params_file"), sim_time],
         remappings=[
             ("image", LaunchConfiguration("image")),
             ("camera_info", LaunchConfiguration("camera_info")),
@@ -75,7 +85,9 @@ def generate_launch_description() -> LaunchDescription:
         package="rviz2",
         executable="rviz2",
         name="rviz2",
+        namespace=LaunchConfiguration("namespace"),
         arguments=["-d", LaunchConfiguration("rviz_config")],
+        parameters=[sim_time],
         condition=IfCondition(LaunchConfiguration("use_rviz")),
         output="screen",
     )

@@ -4,7 +4,8 @@ YAML schema::
 
     objects:
       <class_id>:
-        mesh: <path>          # absolute, relative to the YAML file, or pkg://<python-package>/<path>
+        mesh: <uri or path>   # package://<ros package>/<path>, file:///<path>, pkg://<python package>/<path>,
+                              # or a path, absolute or relative to the YAML file (core/uris.py)
         scale: <float>        # mesh units -> metres (default 1.0)
         symmetric: <bool>     # default false; selects ADD-S instead of ADD
         weights: <path>       # optional per-object weights file (resolved like mesh, not opened here)
@@ -34,10 +35,11 @@ import yaml
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import cdist
 
+from rnnpose_ros.core.uris import UriError, resolve_uri
+
 MIN_DIAMETER_M = 0.005
 MAX_DIAMETER_M = 3.0
 DEFAULT_EVAL_POINTS = 2000
-PKG_SCHEME = "pkg://"
 _ENTRY_KEYS = {"mesh", "scale", "symmetric", "weights"}
 
 _log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ class ObjectModel:
     ) -> ObjectModel:
         """Load a mesh file (OBJ + MTL + texture, PLY with vertex colours, ...) and convert it to metres.
 
-        ``mesh_path`` may use the ``pkg://`` scheme. Raises ObjectModelError with a specific message.
+        ``mesh_path`` may be a URI (:func:`resolve_mesh_path`). Raises ObjectModelError (specific message).
         """
         path = resolve_mesh_path(str(mesh_path), base_dir=Path.cwd())
         if not (isinstance(scale, int | float) and not isinstance(scale, bool) and math.isfinite(scale)):
@@ -189,30 +191,13 @@ class ObjectModel:
 
 
 def resolve_mesh_path(spec: str, base_dir: Path) -> Path:
-    """Resolve an absolute path, a path relative to ``base_dir``, or ``pkg://<package>/<inner path>``.
-
-    ``pkg://`` locates an installed Python package with importlib (no file is copied).
-    """
-    if spec.startswith(PKG_SCHEME):
-        rest = spec[len(PKG_SCHEME) :]
-        package, _, inner = rest.partition("/")
-        if not package or not inner:
-            raise ObjectModelError(f"{spec!r}: expected pkg://<python-package>/<path inside it>")
-        try:
-            found = importlib.util.find_spec(package)
-        except (ImportError, ValueError) as exc:
-            raise ObjectModelError(f"{spec!r}: cannot locate Python package {package!r}: {exc}") from exc
-        if found is None:
-            raise ObjectModelError(f"{spec!r}: Python package {package!r} is not installed")
-        if found.submodule_search_locations:
-            root = Path(next(iter(found.submodule_search_locations)))
-        elif found.origin:
-            root = Path(found.origin).parent
-        else:
-            raise ObjectModelError(f"{spec!r}: Python package {package!r} has no location on disk")
-        return (root / inner).resolve()
-    path = Path(spec).expanduser()
-    return (path if path.is_absolute() else base_dir / path).resolve()
+    """The file ``spec`` names: a URI of :mod:`~rnnpose_ros.core.uris` (``package://``, ``file://``,
+    ``pkg://``) or a path, absolute or relative to ``base_dir``. Raises ObjectModelError (an unknown
+    scheme, a package that is not installed, a malformed URI)."""
+    try:
+        return resolve_uri(spec, base_dir)
+    except UriError as error:
+        raise ObjectModelError(str(error)) from None
 
 
 def mesh_diameter(points: np.ndarray, chunk: int = 512) -> float:
@@ -436,7 +421,7 @@ def _model_from_entry(class_id: str, entry: Any, base_dir: Path, where: str) -> 
         )
     mesh = entry.get("mesh")
     if not isinstance(mesh, str) or not mesh:
-        raise ObjectModelError(f"{where}.mesh: required, a path or pkg:// URL (got {mesh!r})")
+        raise ObjectModelError(f"{where}.mesh: required, a path or URI (got {mesh!r})")
     scale = entry.get("scale", 1.0)
     if (
         isinstance(scale, bool)
@@ -453,8 +438,14 @@ def _model_from_entry(class_id: str, entry: Any, base_dir: Path, where: str) -> 
     weights = entry.get("weights")
     if weights is not None and (not isinstance(weights, str) or not weights):
         raise ObjectModelError(f"{where}.weights: must be a path, got {weights!r}")
-    mesh_path = resolve_mesh_path(mesh, base_dir)
-    weights_path = resolve_mesh_path(weights, base_dir) if weights is not None else None
+    try:
+        mesh_path = resolve_mesh_path(mesh, base_dir)
+    except ObjectModelError as exc:
+        raise ObjectModelError(f"{where}.mesh: {exc}") from None
+    try:
+        weights_path = resolve_mesh_path(weights, base_dir) if weights is not None else None
+    except ObjectModelError as exc:
+        raise ObjectModelError(f"{where}.weights: {exc}") from None
     try:
         return ObjectModel.from_file(mesh_path, class_id, float(scale), symmetric, weights_path)
     except ObjectModelError as exc:

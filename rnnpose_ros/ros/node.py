@@ -47,6 +47,7 @@ from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from rnnpose_ros.core.observation import Observation
+from rnnpose_ros.core.uris import display_uri
 from rnnpose_ros.ros import compat
 from rnnpose_ros.ros.conversions import (
     MeshMarker,
@@ -213,7 +214,7 @@ class RefinerNode(Node):
             MeshMarker(
                 item.instance_id,
                 result.pose,
-                self.registry[item.class_id].mesh_path.resolve().as_uri(),
+                display_uri(self.registry[item.class_id].mesh_path),
                 self.registry[item.class_id].mesh_scale,
             )
             for item, result in shown
