@@ -57,6 +57,7 @@ from rnnpose_ros.ros.conversions import (
     object_transforms,
     overlay_image,
     rgb_to_image,
+    stamp_nanoseconds,
 )
 from rnnpose_ros.ros.diagnostics import Diagnostics
 from rnnpose_ros.ros.frame_processor import FrameOutcome, process_frame
@@ -70,6 +71,7 @@ from rnnpose_ros.ros.parameters import (
     resolve_backend,
     resolve_device,
 )
+from rnnpose_ros.ros.pose_memory import PoseMemory
 
 NODE_NAME = "rnnpose_refiner"
 # Longest wait for the worker at shutdown: one engine stage (a render iteration of a full batch on a
@@ -103,6 +105,7 @@ class RefinerNode(Node):
         self.pub_debug = self.create_publisher(Image, "~/debug_image", QoSProfile(depth=2))
         self.tf_broadcaster = compat.TransformBroadcaster(self)
         self._markers_shown: set[str] = set()
+        self.pose_memory = PoseMemory()
 
         self.queue = FrameQueue(s.max_pending_frames)
         self.warmed_up = threading.Event()
@@ -172,7 +175,12 @@ class RefinerNode(Node):
     def process(self, frame: Frame) -> Detection3DArray:
         """Refine and publish one synchronised frame; returns the published detections."""
         start = time.monotonic()
-        outcome = process_frame(frame, self.refiner, self.settings, self.registry, stop=self._stopping.is_set)
+        stamp_ns = stamp_nanoseconds(frame.image.header.stamp)
+        references = self.pose_memory.references(stamp_ns)  # symmetric objects: no flips between frames
+        outcome = process_frame(
+            frame, self.refiner, self.settings, self.registry, self._stopping.is_set, references
+        )
+        self.pose_memory.update(stamp_ns, outcome.refined_poses())
         processed = time.monotonic()
         if outcome.engine_failure is not None:
             self.get_logger().error(outcome.engine_failure, throttle_duration_sec=5.0)
