@@ -23,34 +23,12 @@ from rnnpose_ros.core.render import Lighting
 from rnnpose_ros.core.symmetry import Symmetries, axis_angle_matrix, closest_equivalent
 from rnnpose_ros.core.synth import perturb_pose, random_background, rotation_angle_deg
 
-# 180° turns about x, y and z: the symmetry group (D2) of a box with three different side lengths.
-TURN_X = [1, 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1]
-TURN_Y = [-1, 0, 0, 0, 0, 1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1]
-TURN_Z = [-1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
-BOX_EXTENTS = (0.12, 0.08, 0.05)
-
-
-def _box_mesh(units: float = 1.0, offset=(0.0, 0.0, 0.0)) -> trimesh.Trimesh:
-    """A 12 × 8 × 5 cm box subdivided to 5 mm edges whose vertex colours depend on |x|, |y|, |z| only
-    (a texture with the box's own symmetry, for the refiner's image flow), in file units of ``units``
-    per metre, translated by ``offset`` (file units)."""
-    box = trimesh.creation.box(extents=BOX_EXTENTS)
-    vertices, faces = trimesh.remesh.subdivide_to_size(box.vertices, box.faces, max_edge=0.005)
-    a = np.abs(vertices)
-    colours = np.stack(
-        [
-            128 + 110 * np.cos(a[:, 0] * 2 * math.pi / 0.03),
-            128 + 110 * np.cos(a[:, 1] * 2 * math.pi / 0.025),
-            128 + 110 * np.cos((a[:, 2] + a[:, 0]) * 2 * math.pi / 0.04),
-        ],
-        axis=1,
-    ).astype(np.uint8)
-    return trimesh.Trimesh(vertices * units + np.asarray(offset), faces, vertex_colors=colours, process=False)
+from conftest import BOX_TURNS, symmetric_box_mesh
 
 
 def _box_model(**kwargs) -> ObjectModel:
-    mesh = _box_mesh()
-    symmetries = Symmetries.from_entry({"symmetries_discrete": [TURN_X, TURN_Y, TURN_Z]}, 1.0, "box")
+    mesh = symmetric_box_mesh()
+    symmetries = Symmetries.from_entry({"symmetries_discrete": BOX_TURNS}, 1.0, "box")
     return ObjectModel.from_arrays(
         "box",
         mesh.vertices,
@@ -75,8 +53,8 @@ def _angle(R_a: np.ndarray, R_b: np.ndarray) -> float:
 
 def test_yaml_declarations_in_file_units(tmp_path: Path) -> None:
     # a box in millimetres whose centre is at z = 30 mm: the turn about x moves it by 60 mm (file units)
-    _box_mesh(1000.0, offset=(0, 0, 30)).export(tmp_path / "box.ply")
-    turn_x_about_centre = list(TURN_X)
+    symmetric_box_mesh(1000.0, offset=(0, 0, 30)).export(tmp_path / "box.ply")
+    turn_x_about_centre = list(BOX_TURNS[0])
     turn_x_about_centre[11] = 60.0
     (tmp_path / "objects.yaml").write_text(
         "objects:\n  box:\n    mesh: box.ply\n    scale: 0.001\n"
@@ -123,7 +101,7 @@ def test_cylinder_continuous_axis_with_offset(tmp_path: Path) -> None:
     ],
 )
 def test_bad_declarations_are_refused_naming_the_entry(tmp_path: Path, entry: dict, message: str) -> None:
-    _box_mesh().export(tmp_path / "box.ply")
+    symmetric_box_mesh().export(tmp_path / "box.ply")
     (tmp_path / "objects.yaml").write_text(yaml.safe_dump({"objects": {"box": {"mesh": "box.ply", **entry}}}))
     with pytest.raises(ObjectModelError, match=rf"objects\.box.*{message}"):
         ObjectRegistry.from_yaml(tmp_path / "objects.yaml")
