@@ -121,7 +121,8 @@ class Symmetries:
             if distance > SELF_MAP_TOLERANCE * diameter:
                 raise SymmetryError(
                     f"{name} does not map the mesh onto itself: {100 - SELF_MAP_PERCENTILE}% of the moved "
-                    f"vertices lie over {distance * 1000:.1f} mm ({distance / diameter:.2f}·d) from any vertex; "
+                    f"vertices lie over {distance * 1000:.1f} mm ({distance / diameter:.2f}·d) from any "
+                    "vertex; "
                     "check the axis, the offset / translation (mesh-file units) and the rotation"
                 )
 

@@ -62,6 +62,7 @@ from rnnpose_ros.ros.conversions import (
 from rnnpose_ros.ros.diagnostics import Diagnostics
 from rnnpose_ros.ros.frame_processor import FrameOutcome, process_frame
 from rnnpose_ros.ros.inputs import Frame, FrameInputs, FrameQueue
+from rnnpose_ros.ros.output_frame import OutputFrame, express
 from rnnpose_ros.ros.parameters import (
     PARAMETERS,
     ParameterError,
@@ -97,6 +98,10 @@ class RefinerNode(Node):
     def __init__(self, refiner_factory: Callable[[Settings, Any], Any] | None = None, **kwargs: Any):
         super().__init__(NODE_NAME, **kwargs)
         s = self.settings = declare_settings(self, PARAMETERS, Settings)
+        # before the slow engine start: a set output_frame without tf2_ros is an error at once
+        self.output_frame = OutputFrame(
+            self, s.output_frame, lambda key, text: self.diagnostics.warn(key, text)
+        )
         self.registry = load_registry(s.objects_file)
         self.refiner = (refiner_factory or create_refiner)(s, self.registry)
 
@@ -187,9 +192,11 @@ class RefinerNode(Node):
         for key, text in outcome.warnings.items():
             self.diagnostics.warn(key, text)
         header = frame.image.header
+        output_header, to_output = self.output_frame.resolve(header)
         message = detection_array(header, frame.detections, outcome.detections, outcome.outputs)
+        message = express(message, output_header, to_output)
         self.pub_detections.publish(message)
-        self._publish_extras(header, outcome)
+        self._publish_extras(header, outcome, output_header, to_output)
         done = time.monotonic()
         latency_s = {
             "queue": start - frame.queued,
@@ -203,9 +210,13 @@ class RefinerNode(Node):
         )
         return message
 
-    def _publish_extras(self, header: Header, outcome: FrameOutcome) -> None:
-        """TF, markers and (when subscribed) the debug overlay for one frame."""
+    def _publish_extras(
+        self, header: Header, outcome: FrameOutcome, output_header: Header, to_output: np.ndarray | None
+    ) -> None:
+        """TF and markers under ``output_header`` (poses premultiplied by the (4, 4) ``to_output`` unless
+        None) and, when subscribed, the debug overlay in the image (``header``) for one frame."""
         s = self.settings
+        placed = (lambda T: T) if to_output is None else (lambda T: to_output @ T)
         pairs = list(zip(outcome.detections, outcome.outputs, strict=True))
         shown = [
             (item, result)
@@ -213,15 +224,15 @@ class RefinerNode(Node):
             if result.pose is not None and result.score >= s.score_threshold
         ]
         if s.publish_tf and shown:
-            if header.frame_id:
-                frames = [(s.tf_prefix + item.instance_id, result.pose) for item, result in shown]
-                self.tf_broadcaster.sendTransform(object_transforms(header, frames))
+            if output_header.frame_id:
+                frames = [(s.tf_prefix + item.instance_id, placed(result.pose)) for item, result in shown]
+                self.tf_broadcaster.sendTransform(object_transforms(output_header, frames))
             else:
                 self.diagnostics.warn("tf-no-frame", "image header.frame_id is empty: no TF published")
         meshes = [
             MeshMarker(
                 item.instance_id,
-                result.pose,
+                placed(result.pose),
                 display_uri(self.registry[item.class_id].mesh_path),
                 self.registry[item.class_id].mesh_scale,
             )
@@ -229,7 +240,9 @@ class RefinerNode(Node):
         ]
         current = {mesh.instance_id for mesh in meshes}
         if meshes or self._markers_shown:
-            self.pub_markers.publish(mesh_markers(header, meshes, sorted(self._markers_shown - current)))
+            self.pub_markers.publish(
+                mesh_markers(output_header, meshes, sorted(self._markers_shown - current))
+            )
         self._markers_shown = current
         observation = outcome.observation
         if s.debug_image and observation is not None and self.pub_debug.get_subscription_count() > 0:
