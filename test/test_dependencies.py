@@ -24,7 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("rnnpose_ros", "launch", "test")
-FIRST_PARTY = {"rnnpose_ros", "conftest", "node_harness"}
+# The package and the test modules (tests import helpers of other test modules).
+FIRST_PARTY = {"rnnpose_ros"} | {path.stem for path in (REPO / "test").glob("*.py")}
 RUNTIME_REQUIREMENTS = ("core.txt", "ros.txt", "torch-cpu.txt")
 TEST_REQUIREMENTS = ("dev.txt",)
 _STRING_IMPORTERS = {"importorskip", "find_spec", "import_module"}
@@ -46,6 +47,7 @@ DEPENDENCIES: dict[str, tuple[str, str | None, str]] = {
     "geometry_msgs": ("geometry_msgs", "ros-geometry-msgs", ""),
     "visualization_msgs": ("visualization_msgs", "ros-visualization-msgs", ""),
     "diagnostic_msgs": ("diagnostic_msgs", "ros-diagnostic-msgs", ""),
+    "rosgraph_msgs": ("rosgraph_msgs", "ros-rosgraph-msgs", ""),
     "ament_index_python": ("ament_index_python", "ros-ament-index-python", ""),
     "vision_msgs": ("vision_msgs", None, NOT_ON_PYPI_GENERATED),
     "tf2_msgs": ("tf2_msgs", None, NOT_ON_PYPI_GENERATED),
