@@ -75,8 +75,9 @@ def test_unreadable_recordings_are_refused_naming_the_problem(tmp_path: Path) ->
 
 
 def test_recorded_scene_player_frames_replay_into_the_refiner(context: Any, tmp_path: Path) -> None:
-    """The player records three frames (nobody listening); the replay publishes them to the refiner
-    node with their recorded stamps and /clock, and every frame is answered under its own stamp."""
+    """The player records three frames (nobody listening); the replay publishes them with their
+    recorded stamps and /clock to the refiner node on simulated time, which answers every frame under
+    its own stamp."""
     record_dir = tmp_path / "frames"
     player = ScenePlayer(
         context=context,
@@ -105,7 +106,7 @@ def test_recorded_scene_player_frames_replay_into_the_refiner(context: Any, tmp_
     assert [m.time_ns for m in recording.messages] == [s for s in played for _ in range(3)]
     assert all(stamp_nanoseconds(m.message.header.stamp) == m.time_ns for m in recording.messages)
 
-    refiner = make_node(context)
+    refiner = make_node(context, use_sim_time=True)  # as `launch ... use_sim_time:=true` starts it
     answers: list[Detection3DArray] = []
     clock: list[Clock] = []
     listener = rclpy.create_node("replay_listener", context=context)
@@ -122,6 +123,8 @@ def test_recorded_scene_player_frames_replay_into_the_refiner(context: Any, tmp_
         )
         clock_ns = [stamp_nanoseconds(c.clock) for c in clock]
         assert clock_ns and played[0] <= min(clock_ns) and np.all(np.diff(clock_ns) >= 0)
+        # the node runs on the recording's time, not the wall clock
+        assert played[0] <= refiner.get_clock().now().nanoseconds <= max(clock_ns)
     finally:
         executor.shutdown()
         for node in (refiner, listener, replayer):

@@ -135,9 +135,9 @@ def test_closest_equivalent_about_a_continuous_axis_is_the_best_turn() -> None:
     chosen = closest_equivalent(pose, reference, symmetries)
     brute = min(
         _angle((pose @ symmetries.continuous[0].transform(a))[:3, :3], reference[:3, :3])
-        for a in np.linspace(0, 2 * math.pi, 3600, endpoint=False)
+        for a in np.linspace(0, 2 * math.pi, 720, endpoint=False)
     )
-    assert _angle(chosen[:3, :3], reference[:3, :3]) == pytest.approx(brute, abs=0.1)
+    assert _angle(chosen[:3, :3], reference[:3, :3]) == pytest.approx(brute, abs=0.5)
     # a turn about the axis through the offset keeps the axis' points in place
     np.testing.assert_allclose(chosen @ np.append(offset, 1.0), pose @ np.append(offset, 1.0), atol=1e-12)
     np.testing.assert_allclose(chosen[:3, :3] @ (0, 0, 1), pose[:3, :3] @ (0, 0, 1), atol=1e-12)
