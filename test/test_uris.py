@@ -48,6 +48,20 @@ def test_package_uri_resolves_through_the_ament_index(ament_prefix: Path, tmp_pa
         resolve_uri("package://toy_objects", tmp_path)
 
 
+def test_symlinked_share_keeps_the_package_uri(ament_prefix: Path, tmp_path: Path) -> None:
+    """``colcon build --symlink-install``: the share file is a link into the source tree."""
+    source = tmp_path / "src" / "toy_objects" / "meshes" / "can.ply"
+    source.parent.mkdir(parents=True)
+    trimesh.creation.cylinder(radius=0.03, height=0.1).export(source)
+    link = ament_prefix / "share" / "toy_objects" / "meshes" / "can.ply"
+    link.symlink_to(source)
+    yaml = tmp_path / "objects.yaml"
+    yaml.write_text("objects:\n  can: {mesh: package://toy_objects/meshes/can.ply}\n")
+    model = ObjectRegistry.from_yaml(yaml)["can"]
+    assert model.mesh_path == link
+    assert display_uri(model.mesh_path) == "package://toy_objects/meshes/can.ply"
+
+
 def test_own_package_uri_is_this_source_tree_and_the_shipped_duck_is_pybullets() -> None:
     path = resolve_uri("package://rnnpose_ros/meshes/duck.obj", Path("/"))
     assert path == REPO / "meshes" / "duck.obj" and path.is_file()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -51,16 +52,20 @@ def uri_scheme(spec: str) -> str | None:
 def resolve_uri(spec: str, base_dir: Path) -> Path:
     """The absolute file path ``spec`` names (forms in the module docstring); does not check that it exists.
 
+    Symbolic links are kept (``..`` is folded): with ``colcon build --symlink-install`` the share
+    directory's files link into the source tree, and the share path is what names the package again
+    for a viewer (:func:`display_uri`).
+
     Raises:
         UriError: unknown scheme, malformed URI, or a package that cannot be found.
     """
     scheme = uri_scheme(spec)
     if scheme is None:
         path = Path(spec).expanduser()
-        return (path if path.is_absolute() else base_dir / path).resolve()
+        return Path(os.path.abspath(path if path.is_absolute() else base_dir / path))
     if scheme == "package":
         package, inner = _package_and_path(spec, "package://<ros package>/<path inside its share directory>")
-        return (ros_package_share(package, spec) / inner).resolve()
+        return Path(os.path.abspath(ros_package_share(package, spec) / inner))
     if scheme == "pkg":
         package, inner = _package_and_path(spec, "pkg://<python package>/<path inside it>")
         return (python_package_root(package, spec) / inner).resolve()
@@ -135,14 +140,16 @@ def display_uri(path: Path) -> str:
     """The URI a viewer should load ``path`` with: ``package://<pkg>/<rel>`` when the file lies in a ROS
     package's share directory (or in this package's shared source folders), so that rviz on another
     machine with the package installed finds it; otherwise ``file://`` of the absolute path."""
-    path = Path(path).resolve()
-    own = _own_package_relative(path)
+    absolute, resolved = Path(os.path.abspath(path)), Path(path).resolve()
+    own = _own_package_relative(resolved)
     if own is not None:
         return f"{PACKAGE_SCHEME}{_OWN_PACKAGE}/{own}"
-    for package, share in _ament_shares():
-        if path.is_relative_to(share):
-            return f"{PACKAGE_SCHEME}{package}/{path.relative_to(share).as_posix()}"
-    return path.as_uri()
+    shares = _ament_shares()
+    for candidate in (absolute, resolved):  # a share path, or where its symlink points
+        for package, share in shares:
+            if candidate.is_relative_to(share):
+                return f"{PACKAGE_SCHEME}{package}/{candidate.relative_to(share).as_posix()}"
+    return resolved.as_uri()
 
 
 def _own_package_relative(path: Path) -> str | None:
@@ -166,5 +173,7 @@ def _ament_shares() -> list[tuple[str, Path]]:
         prefixes = get_packages_with_prefixes()
     except (LookupError, OSError, ValueError):
         return []
-    shares = [(name, (Path(prefix) / "share" / name).resolve()) for name, prefix in prefixes.items()]
+    shares = [
+        (name, Path(os.path.abspath(Path(prefix) / "share" / name))) for name, prefix in prefixes.items()
+    ]
     return sorted(shares, key=lambda item: len(item[1].parts), reverse=True)
