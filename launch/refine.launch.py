@@ -15,17 +15,20 @@ Pip-only installs have no ``launch`` package; the equivalent there is::
 Topics are remapped here rather than passed as parameters (image_pipeline convention); every node
 parameter lives in the params file (``config/refine.yaml`` documents each one), except ``use_sim_time``
 (ROS' own parameter, on for bag replay: ``ros2 bag play --clock`` publishes ``/clock``). rviz2 starts in
-the node's namespace and ``config/rnnpose.rviz`` names the node's topics relatively, so it shows this
-node's output whatever the namespace.
+the node's namespace with a copy of the rviz configuration whose ``rnnpose_refiner/...`` topics are
+made absolute under it (:mod:`rnnpose_ros.rviz_config`), so it shows this node's output whatever the
+namespace.
 """
 
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch import LaunchContext, LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
+
+from rnnpose_ros.rviz_config import write_namespaced_rviz_config
 
 PACKAGE = "rnnpose_ros"
 
@@ -81,14 +84,26 @@ def generate_launch_description() -> LaunchDescription:
         output="screen",
         emulate_tty=True,
     )
-    rviz = Node(
-        package="rviz2",
-        executable="rviz2",
-        name="rviz2",
-        namespace=LaunchConfiguration("namespace"),
-        arguments=["-d", LaunchConfiguration("rviz_config")],
-        parameters=[sim_time],
-        condition=IfCondition(LaunchConfiguration("use_rviz")),
-        output="screen",
+
+    def rviz(context: LaunchContext) -> list[Node]:
+        namespace = LaunchConfiguration("namespace").perform(context)
+        config = write_namespaced_rviz_config(LaunchConfiguration("rviz_config").perform(context), namespace)
+        return [
+            Node(
+                package="rviz2",
+                executable="rviz2",
+                name="rviz2",
+                namespace=namespace,
+                arguments=["-d", str(config)],
+                parameters=[sim_time],
+                output="screen",
+            )
+        ]
+
+    return LaunchDescription(
+        [
+            *arguments,
+            refiner,
+            OpaqueFunction(function=rviz, condition=IfCondition(LaunchConfiguration("use_rviz"))),
+        ]
     )
-    return LaunchDescription([*arguments, refiner, rviz])
