@@ -18,7 +18,7 @@ object only flagged ``symmetric`` (no group declared) keeps the nearest-point AD
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -138,17 +138,14 @@ def _within_cm_deg(translation_m: float, rotation_deg: float, max_cm: float, max
     return bool(translation_m < max_cm / 100.0 and rotation_deg < max_deg)
 
 
-def _symmetries(symmetries: Sequence[ArrayLike] | None) -> list[np.ndarray]:
-    """4×4 float64 model-frame symmetry transforms; identity only by default."""
+def _symmetries(symmetries: Sequence[ArrayLike] | None) -> np.ndarray:
+    """(G, 4, 4) float64 model-frame symmetry transforms; the identity alone by default."""
     if symmetries is None or len(symmetries) == 0:
-        return [np.eye(4)]
-    result = []
-    for S in symmetries:
-        S = np.asarray(S, dtype=np.float64)
-        if S.shape != (4, 4):
-            raise MetricsInputError(f"symmetry transforms must be 4×4, got {S.shape}")
-        result.append(S)
-    return result
+        return np.eye(4)[None]
+    group = np.asarray(symmetries, dtype=np.float64)
+    if group.ndim != 3 or group.shape[1:] != (4, 4):
+        raise MetricsInputError(f"symmetry transforms must be 4×4, got {group.shape[1:]}")
+    return group
 
 
 def mssd(
@@ -160,12 +157,10 @@ def mssd(
     transform that maps the object onto itself (identity only by default).
     """
     estimated = transform(points, pose_est)
-    pose_gt = _as_4x4(pose_gt)
-    errors = [
-        np.linalg.norm(estimated - transform(points, pose_gt @ S), axis=1).max()
-        for S in _symmetries(symmetries)
-    ]
-    return float(min(errors))
+    return min(
+        float(np.linalg.norm(moved - estimated, axis=2).max(axis=1).min())
+        for _, moved in _posed_ground_truths(points, pose_gt, symmetries)
+    )
 
 
 def mspd(
@@ -180,12 +175,11 @@ def mspd(
     min over symmetries S of max over points x of ‖π(K, P_e·x) − π(K, P_g·S·x)‖.
     """
     estimated = project(transform(points, pose_est), K)
-    pose_gt = _as_4x4(pose_gt)
-    errors = [
-        np.linalg.norm(estimated - project(transform(points, pose_gt @ S), K), axis=1).max()
-        for S in _symmetries(symmetries)
-    ]
-    return float(min(errors))
+    errors = []
+    for _, moved in _posed_ground_truths(points, pose_gt, symmetries):
+        pixels = project(moved.reshape(-1, 3), K).reshape(*moved.shape[:2], 2)
+        errors.append(float(np.linalg.norm(pixels - estimated, axis=2).max(axis=1).min()))
+    return min(errors)
 
 
 def nearest_equivalent_gt(
@@ -194,13 +188,8 @@ def nearest_equivalent_gt(
     """The ground truth ``P_g·S`` (S over the (G, 4, 4) model-frame ``symmetries``) of least ADD to the
     estimate, and that ADD (metres): the symmetry-aware ADD of an object with a declared group."""
     estimated = transform(points, pose_est)
-    model = _points(points)
-    pose_gt = _as_4x4(pose_gt)
-    group = np.stack(_symmetries(symmetries))
-    best, best_error = pose_gt, np.inf
-    for start in range(0, len(group), _GROUP_CHUNK):
-        poses = pose_gt @ group[start : start + _GROUP_CHUNK]  # (g, 4, 4)
-        moved = np.einsum("gij,nj->gni", poses[:, :3, :3], model) + poses[:, None, :3, 3]
+    best, best_error = _as_4x4(pose_gt), np.inf
+    for poses, moved in _posed_ground_truths(points, pose_gt, symmetries):
         errors = np.linalg.norm(moved - estimated, axis=2).mean(axis=1)
         k = int(np.argmin(errors))
         if errors[k] < best_error:
@@ -208,8 +197,20 @@ def nearest_equivalent_gt(
     return best, best_error
 
 
-# Group elements per vectorised ADD evaluation: bounds the (g, N, 3) temporary to a few MB.
+# Group elements per vectorised evaluation: bounds the (g, N, 3) temporary to a few MB.
 _GROUP_CHUNK = 64
+
+
+def _posed_ground_truths(
+    points: ArrayLike, pose_gt: ArrayLike, symmetries: Sequence[ArrayLike] | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Chunks of (poses P_g·S (g, 4, 4), the model points posed by each (g, N, 3)) over the symmetries."""
+    model = _points(points)
+    pose_gt = _as_4x4(pose_gt)
+    group = _symmetries(symmetries)
+    for start in range(0, len(group), _GROUP_CHUNK):
+        poses = pose_gt @ group[start : start + _GROUP_CHUNK]
+        yield poses, model[None] @ np.swapaxes(poses[:, :3, :3], 1, 2) + poses[:, None, :3, 3]
 
 
 def _as_4x4(pose: ArrayLike) -> np.ndarray:
@@ -286,7 +287,7 @@ def pose_errors(obj: MeasuredObject, pose_est: ArrayLike, pose_gt: ArrayLike, K:
     points = obj.eval_points
     symmetries = getattr(obj, "symmetries", None)
     if symmetries:
-        group = symmetries.transforms()
+        group = symmetries.group
         pose_gt, add_m = nearest_equivalent_gt(points, pose_est, pose_gt, group)
     else:
         group = None

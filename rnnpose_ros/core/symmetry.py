@@ -20,6 +20,7 @@ the group (continuous axes sampled) for symmetry-aware errors (MSSD, MSPD, rotat
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,14 +78,19 @@ class Symmetries:
     def __bool__(self) -> bool:
         return len(self.discrete) > 0 or len(self.continuous) > 0
 
+    @functools.cached_property
+    def group(self) -> np.ndarray:
+        """:meth:`transforms` at the default sampling, computed once (the metrics use it per pose)."""
+        return self.transforms()
+
     def transforms(self, samples: int = CONTINUOUS_SAMPLES) -> np.ndarray:
         """(G, 4, 4) float64 group elements, identity first: each of {I} ∪ discrete followed by each
         continuous axis sampled at ``samples`` angles (for errors minimised over the group)."""
-        group = [np.eye(4), *self.discrete]
+        group = np.concatenate([np.eye(4)[None], self.discrete])
         for axis in self.continuous:
-            turns = [axis.transform(2.0 * math.pi * k / samples) for k in range(samples)]
-            group = [D @ C for D in group for C in turns]
-        return np.stack(group)
+            turns = np.stack([axis.transform(2.0 * math.pi * k / samples) for k in range(samples)])
+            group = (group[:, None] @ turns[None]).reshape(-1, 4, 4)
+        return group
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any], scale: float, where: str) -> Symmetries:
