@@ -20,7 +20,11 @@ Pip-only installs have no ``launch`` package; the equivalent there is::
         -p use_depth:=true -r depth:=/camera/aligned_depth_to_color/image_raw   # with depth
 
 Topics are remapped here rather than passed as parameters (image_pipeline convention); every node
-parameter lives in the params file (``config/refine.yaml`` documents each one).
+parameter lives in the params file (``config/refine.yaml`` documents each one), except ``use_sim_time``
+(ROS' own parameter, on for bag replay: ``ros2 bag play --clock`` publishes ``/clock``). rviz2 starts in
+the node's namespace with a copy of the rviz configuration whose ``rnnpose_refiner/...`` topics are
+made absolute under it (:mod:`rnnpose_ros.rviz_config`), so it shows this node's output whatever the
+namespace.
 """
 
 from launch import LaunchContext, LaunchDescription
@@ -28,7 +32,10 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
+
+from rnnpose_ros.rviz_config import write_namespaced_rviz_config
 
 PACKAGE = "rnnpose_ros"
 
@@ -69,21 +76,28 @@ def generate_launch_description() -> LaunchDescription:
             description="rviz2 configuration (meshes, TF and debug overlay of rnnpose_refiner).",
         ),
         DeclareLaunchArgument("log_level", default_value="info", description="Log level of the node."),
+        DeclareLaunchArgument(
+            "use_sim_time",
+            default_value="false",
+            description="Use /clock (true when replaying a bag with `ros2 bag play --clock`).",
+        ),
     ]
-    rviz = Node(
-        package="rviz2",
-        executable="rviz2",
-        name="rviz2",
-        arguments=["-d", LaunchConfiguration("rviz_config")],
-        condition=IfCondition(LaunchConfiguration("use_rviz")),
-        output="screen",
+    return LaunchDescription(
+        [
+            *arguments,
+            OpaqueFunction(function=_refiner),
+            OpaqueFunction(function=_rviz, condition=IfCondition(LaunchConfiguration("use_rviz"))),
+        ]
     )
-    return LaunchDescription([*arguments, OpaqueFunction(function=_refiner), rviz])
+
+
+def _sim_time() -> dict:
+    return {"use_sim_time": ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)}
 
 
 def _refiner(context: LaunchContext) -> list[Node]:
     """The refiner node; resolved at launch time because a ``depth`` topic adds a parameter."""
-    parameters: list = [LaunchConfiguration("params_file")]
+    parameters: list = [LaunchConfiguration("params_file"), _sim_time()]
     remappings = [
         ("image", LaunchConfiguration("image")),
         ("camera_info", LaunchConfiguration("camera_info")),
@@ -104,5 +118,22 @@ def _refiner(context: LaunchContext) -> list[Node]:
             ros_arguments=["--log-level", LaunchConfiguration("log_level")],
             output="screen",
             emulate_tty=True,
+        )
+    ]
+
+
+def _rviz(context: LaunchContext) -> list[Node]:
+    """rviz2 in the node's namespace, with a copy of the configuration made absolute under it."""
+    namespace = LaunchConfiguration("namespace").perform(context)
+    config = write_namespaced_rviz_config(LaunchConfiguration("rviz_config").perform(context), namespace)
+    return [
+        Node(
+            package="rviz2",
+            executable="rviz2",
+            name="rviz2",
+            namespace=namespace,
+            arguments=["-d", str(config)],
+            parameters=[_sim_time()],
+            output="screen",
         )
     ]

@@ -7,6 +7,7 @@ so running ``pytest`` directly is as safe as ``make test``.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import subprocess
@@ -26,6 +27,36 @@ os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO_ROOT / "config" / "fastdd
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(100, 199)))
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+
+#: 180° turns about x, y and z (BOP symmetries_discrete rows): the symmetry group of a box with three
+#: different side lengths, such as :func:`symmetric_box_mesh`.
+BOX_TURNS = [
+    [1, 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1],
+    [-1, 0, 0, 0, 0, 1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1],
+    [-1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1],
+]
+
+
+def symmetric_box_mesh(units: float = 1.0, offset: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Any:
+    """A 12 × 8 × 5 cm box (trimesh) subdivided to 5 mm edges whose vertex colours depend on |x|, |y|,
+    |z| only: a texture with the box's own symmetry (:data:`BOX_TURNS`), for the refiner's image flow.
+    Vertices in file units of ``units`` per metre, translated by ``offset`` (file units)."""
+    import numpy as np
+    import trimesh
+
+    box = trimesh.creation.box(extents=(0.12, 0.08, 0.05))
+    vertices, faces = trimesh.remesh.subdivide_to_size(box.vertices, box.faces, max_edge=0.005)
+    a = np.abs(vertices)
+    colours = np.stack(
+        [
+            128 + 110 * np.cos(a[:, 0] * 2 * math.pi / 0.03),
+            128 + 110 * np.cos(a[:, 1] * 2 * math.pi / 0.025),
+            128 + 110 * np.cos((a[:, 2] + a[:, 0]) * 2 * math.pi / 0.04),
+        ],
+        axis=1,
+    ).astype(np.uint8)
+    return trimesh.Trimesh(vertices * units + np.asarray(offset), faces, vertex_colors=colours, process=False)
 
 
 def golden_dir() -> Path:

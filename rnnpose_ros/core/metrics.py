@@ -8,11 +8,17 @@ helpers so that recall curves can be computed from the raw errors.
 The vocabulary every tool reports in: :func:`pose_errors` measures one pose as :class:`PoseErrors`,
 and :data:`PASS_TESTS` names the three standard tests on them (ADD(-S) < 0.1·diameter, 2D projection
 < 5 px, 5 cm 5°), which :func:`passed` applies.
+
+Symmetric objects: an object that declares its symmetry group (``objects.yaml``, BOP style, see
+:mod:`~rnnpose_ros.core.symmetry`) is measured against the equivalent ground truth ``P_g·S`` nearest to
+the estimate (the S of least ADD): its ADD-S is that least ADD, and the projection, rotation and
+translation errors are taken against the same ``P_g·S``; MSSD and MSPD minimise over the group. An
+object only flagged ``symmetric`` (no group declared) keeps the nearest-point ADD-S of LINEMOD.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -132,17 +138,14 @@ def _within_cm_deg(translation_m: float, rotation_deg: float, max_cm: float, max
     return bool(translation_m < max_cm / 100.0 and rotation_deg < max_deg)
 
 
-def _symmetries(symmetries: Sequence[ArrayLike] | None) -> list[np.ndarray]:
-    """4×4 float64 model-frame symmetry transforms; identity only by default."""
+def _symmetries(symmetries: Sequence[ArrayLike] | None) -> np.ndarray:
+    """(G, 4, 4) float64 model-frame symmetry transforms; the identity alone by default."""
     if symmetries is None or len(symmetries) == 0:
-        return [np.eye(4)]
-    result = []
-    for S in symmetries:
-        S = np.asarray(S, dtype=np.float64)
-        if S.shape != (4, 4):
-            raise MetricsInputError(f"symmetry transforms must be 4×4, got {S.shape}")
-        result.append(S)
-    return result
+        return np.eye(4)[None]
+    group = np.asarray(symmetries, dtype=np.float64)
+    if group.ndim != 3 or group.shape[1:] != (4, 4):
+        raise MetricsInputError(f"symmetry transforms must be 4×4, got {group.shape[1:]}")
+    return group
 
 
 def mssd(
@@ -154,12 +157,10 @@ def mssd(
     transform that maps the object onto itself (identity only by default).
     """
     estimated = transform(points, pose_est)
-    pose_gt = _as_4x4(pose_gt)
-    errors = [
-        np.linalg.norm(estimated - transform(points, pose_gt @ S), axis=1).max()
-        for S in _symmetries(symmetries)
-    ]
-    return float(min(errors))
+    return min(
+        float(np.linalg.norm(moved - estimated, axis=2).max(axis=1).min())
+        for _, moved in _posed_ground_truths(points, pose_gt, symmetries)
+    )
 
 
 def mspd(
@@ -174,12 +175,42 @@ def mspd(
     min over symmetries S of max over points x of ‖π(K, P_e·x) − π(K, P_g·S·x)‖.
     """
     estimated = project(transform(points, pose_est), K)
+    errors = []
+    for _, moved in _posed_ground_truths(points, pose_gt, symmetries):
+        pixels = project(moved.reshape(-1, 3), K).reshape(*moved.shape[:2], 2)
+        errors.append(float(np.linalg.norm(pixels - estimated, axis=2).max(axis=1).min()))
+    return min(errors)
+
+
+def nearest_equivalent_gt(
+    points: ArrayLike, pose_est: ArrayLike, pose_gt: ArrayLike, symmetries: Sequence[ArrayLike]
+) -> tuple[np.ndarray, float]:
+    """The ground truth ``P_g·S`` (S over the (G, 4, 4) model-frame ``symmetries``) of least ADD to the
+    estimate, and that ADD (metres): the symmetry-aware ADD of an object with a declared group."""
+    estimated = transform(points, pose_est)
+    best, best_error = _as_4x4(pose_gt), np.inf
+    for poses, moved in _posed_ground_truths(points, pose_gt, symmetries):
+        errors = np.linalg.norm(moved - estimated, axis=2).mean(axis=1)
+        k = int(np.argmin(errors))
+        if errors[k] < best_error:
+            best, best_error = poses[k], float(errors[k])
+    return best, best_error
+
+
+# Group elements per vectorised evaluation: bounds the (g, N, 3) temporary to a few MB.
+_GROUP_CHUNK = 64
+
+
+def _posed_ground_truths(
+    points: ArrayLike, pose_gt: ArrayLike, symmetries: Sequence[ArrayLike] | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Chunks of (poses P_g·S (g, 4, 4), the model points posed by each (g, N, 3)) over the symmetries."""
+    model = _points(points)
     pose_gt = _as_4x4(pose_gt)
-    errors = [
-        np.linalg.norm(estimated - project(transform(points, pose_gt @ S), K), axis=1).max()
-        for S in _symmetries(symmetries)
-    ]
-    return float(min(errors))
+    group = _symmetries(symmetries)
+    for start in range(0, len(group), _GROUP_CHUNK):
+        poses = pose_gt @ group[start : start + _GROUP_CHUNK]
+        yield poses, model[None] @ np.swapaxes(poses[:, :3, :3], 1, 2) + poses[:, None, :3, 3]
 
 
 def _as_4x4(pose: ArrayLike) -> np.ndarray:
@@ -202,6 +233,11 @@ class PoseErrors:
         rotation_deg: angle of R_est·R_gtᵀ, degrees in [0, 180].
         translation_m: ‖t_est − t_gt‖, metres.
         diameter_m: the object's diameter, metres (the scale of the ADD(-S) test).
+        mssd_m: BOP MSSD, metres, minimised over the object's declared symmetries (the identity
+            alone when none is declared); NaN where it was not computed.
+
+    For an object with a declared symmetry group every error is taken against the equivalent ground
+    truth nearest to the estimate (module docstring).
     """
 
     add_m: float
@@ -209,6 +245,7 @@ class PoseErrors:
     rotation_deg: float
     translation_m: float
     diameter_m: float
+    mssd_m: float = float("nan")
 
     @property
     def add_fraction(self) -> float:
@@ -223,6 +260,9 @@ class MeasuredObject(Protocol):
         eval_points: (M, 3) model points, metres in the model frame.
         diameter: metres.
         symmetric: whether ADD-S replaces ADD.
+
+    An object may also have ``symmetries`` (:class:`~rnnpose_ros.core.symmetry.Symmetries`), its
+    declared group; the errors then use it (module docstring).
     """
 
     eval_points: np.ndarray
@@ -245,12 +285,20 @@ def pose_errors(obj: MeasuredObject, pose_est: ArrayLike, pose_gt: ArrayLike, K:
     if not (np.isfinite(obj.diameter) and obj.diameter > 0):
         raise MetricsInputError(f"diameter must be a finite number > 0, got {obj.diameter}")
     points = obj.eval_points
+    symmetries = getattr(obj, "symmetries", None)
+    if symmetries:
+        group = symmetries.group
+        pose_gt, add_m = nearest_equivalent_gt(points, pose_est, pose_gt, group)
+    else:
+        group = None
+        add_m = add_or_add_s(points, pose_est, pose_gt, obj.symmetric)
     return PoseErrors(
-        add_m=add_or_add_s(points, pose_est, pose_gt, obj.symmetric),
+        add_m=add_m,
         projection_px=projection_error_2d(points, pose_est, pose_gt, K),
         rotation_deg=rotation_error_deg(pose_est, pose_gt),
         translation_m=translation_error(pose_est, pose_gt),
         diameter_m=float(obj.diameter),
+        mssd_m=mssd(points, pose_est, pose_gt, group),
     )
 
 

@@ -4,10 +4,13 @@ YAML schema::
 
     objects:
       <class_id>:
-        mesh: <path>          # absolute, relative to the YAML file, or pkg://<python-package>/<path>
+        mesh: <uri or path>   # package://<ros package>/<path>, file:///<path>, pkg://<python package>/<path>,
+                              # or a path, absolute or relative to the YAML file (core/uris.py)
         scale: <float>        # mesh units -> metres (default 1.0)
-        symmetric: <bool>     # default false; selects ADD-S instead of ADD
+        symmetric: <bool>     # default false; selects ADD-S instead of ADD (implied by symmetries below)
         weights: <path>       # optional per-object weights file (resolved like mesh, not opened here)
+        symmetries_discrete: [[16 numbers], ...]        # optional, BOP models_info style (core/symmetry.py)
+        symmetries_continuous: [{axis: [x, y, z], offset: [x, y, z]}, ...]
 
 Vertex order: the model's vertex set is the vertex array exactly as trimesh loads the file (without
 merging or reordering). A textured OBJ is split on UV seams, so a 3D position may appear several times
@@ -34,11 +37,13 @@ import yaml
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import cdist
 
+from rnnpose_ros.core.symmetry import CONTINUOUS_KEY, DISCRETE_KEY, Symmetries, SymmetryError
+from rnnpose_ros.core.uris import UriError, resolve_uri
+
 MIN_DIAMETER_M = 0.005
 MAX_DIAMETER_M = 3.0
 DEFAULT_EVAL_POINTS = 2000
-PKG_SCHEME = "pkg://"
-_ENTRY_KEYS = {"mesh", "scale", "symmetric", "weights"}
+_ENTRY_KEYS = {"mesh", "scale", "symmetric", "weights", DISCRETE_KEY, CONTINUOUS_KEY}
 
 _log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ class ObjectModel:
         texture: (h, w, 3) uint8 RGB image (row 0 = top), or None.
         vertex_colors: (N, 3) uint8 RGB, or None. For a material with a diffuse colour but no texture
             this holds that colour on every vertex.
-        symmetric: whether the object is treated as symmetric (ADD-S).
+        symmetric: whether the object is treated as symmetric (ADD-S); true when symmetries are declared.
         weights: optional per-object weights file.
         diameter: metres, maximum distance between two vertices (exact, via the convex hull).
         extents: (3,) float64 metres, axis-aligned bounding-box side lengths.
@@ -77,6 +82,7 @@ class ObjectModel:
         eval_points: (M, 3) float32 metres, M <= 2000 distinct vertex positions for the metrics.
         mesh_path: resolved mesh file.
         mesh_scale: metres per mesh-file unit (the registry's ``scale``; rviz draws the file itself).
+        symmetries: the declared symmetry group (metres, model frame); empty when none is declared.
     """
 
     class_id: str
@@ -93,6 +99,7 @@ class ObjectModel:
     eval_points: np.ndarray
     mesh_path: Path
     mesh_scale: float = 1.0
+    symmetries: Symmetries = field(default_factory=Symmetries)
 
     @property
     def bounding_radius(self) -> float:
@@ -108,10 +115,11 @@ class ObjectModel:
         symmetric: bool = False,
         weights: str | Path | None = None,
         num_eval_points: int = DEFAULT_EVAL_POINTS,
+        symmetries: Symmetries | None = None,
     ) -> ObjectModel:
         """Load a mesh file (OBJ + MTL + texture, PLY with vertex colours, ...) and convert it to metres.
 
-        ``mesh_path`` may use the ``pkg://`` scheme. Raises ObjectModelError with a specific message.
+        ``mesh_path`` may be a URI (:func:`resolve_mesh_path`). Raises ObjectModelError (specific message).
         """
         path = resolve_mesh_path(str(mesh_path), base_dir=Path.cwd())
         if not (isinstance(scale, int | float) and not isinstance(scale, bool) and math.isfinite(scale)):
@@ -134,6 +142,7 @@ class ObjectModel:
             mesh_path=path,
             num_eval_points=num_eval_points,
             mesh_scale=float(scale),
+            symmetries=symmetries,
         )
 
     @classmethod
@@ -150,11 +159,14 @@ class ObjectModel:
         mesh_path: str | Path = "",
         num_eval_points: int = DEFAULT_EVAL_POINTS,
         mesh_scale: float = 1.0,
+        symmetries: Symmetries | None = None,
     ) -> ObjectModel:
         """Build a model from arrays already in metres (e.g. a trimesh primitive in a test).
 
         vertices (N, 3), faces (F, 3), uvs (N, 2), texture (h, w, 3) uint8, vertex_colors (N, 3) uint8.
         Derived fields (diameter, extents, centre, eval points) are computed; no unit check is made.
+        ``symmetries`` (metres) must map the vertices onto themselves; declaring any makes the model
+        symmetric.
         """
         vertices = np.asarray(vertices, dtype=np.float64)
         faces = np.asarray(faces, dtype=np.int64)
@@ -170,6 +182,12 @@ class ObjectModel:
             if array is not None and len(array) != len(vertices):
                 raise ObjectModelError(f"{class_id}: {name} must have one row per vertex ({len(vertices)})")
         lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+        diameter = mesh_diameter(vertices)
+        symmetries = symmetries if symmetries is not None else Symmetries()
+        try:
+            symmetries.check_maps_onto(vertices, diameter)
+        except SymmetryError as exc:
+            raise ObjectModelError(str(exc)) from None
         return cls(
             class_id=class_id,
             vertices=vertices.astype(np.float32),
@@ -177,42 +195,26 @@ class ObjectModel:
             uvs=np.asarray(uvs, dtype=np.float32) if uvs is not None else None,
             texture=np.asarray(texture, dtype=np.uint8) if texture is not None else None,
             vertex_colors=np.asarray(vertex_colors, dtype=np.uint8) if vertex_colors is not None else None,
-            symmetric=bool(symmetric),
+            symmetric=bool(symmetric) or bool(symmetries),
             weights=Path(weights) if weights is not None else None,
-            diameter=mesh_diameter(vertices),
+            diameter=diameter,
             extents=hi - lo,
             center=(hi + lo) / 2.0,
             eval_points=sample_eval_points(vertices, num_eval_points),
             mesh_path=Path(mesh_path),
             mesh_scale=float(mesh_scale),
+            symmetries=symmetries,
         )
 
 
 def resolve_mesh_path(spec: str, base_dir: Path) -> Path:
-    """Resolve an absolute path, a path relative to ``base_dir``, or ``pkg://<package>/<inner path>``.
-
-    ``pkg://`` locates an installed Python package with importlib (no file is copied).
-    """
-    if spec.startswith(PKG_SCHEME):
-        rest = spec[len(PKG_SCHEME) :]
-        package, _, inner = rest.partition("/")
-        if not package or not inner:
-            raise ObjectModelError(f"{spec!r}: expected pkg://<python-package>/<path inside it>")
-        try:
-            found = importlib.util.find_spec(package)
-        except (ImportError, ValueError) as exc:
-            raise ObjectModelError(f"{spec!r}: cannot locate Python package {package!r}: {exc}") from exc
-        if found is None:
-            raise ObjectModelError(f"{spec!r}: Python package {package!r} is not installed")
-        if found.submodule_search_locations:
-            root = Path(next(iter(found.submodule_search_locations)))
-        elif found.origin:
-            root = Path(found.origin).parent
-        else:
-            raise ObjectModelError(f"{spec!r}: Python package {package!r} has no location on disk")
-        return (root / inner).resolve()
-    path = Path(spec).expanduser()
-    return (path if path.is_absolute() else base_dir / path).resolve()
+    """The file ``spec`` names: a URI of :mod:`~rnnpose_ros.core.uris` (``package://``, ``file://``,
+    ``pkg://``) or a path, absolute or relative to ``base_dir``. Raises ObjectModelError (an unknown
+    scheme, a package that is not installed, a malformed URI)."""
+    try:
+        return resolve_uri(spec, base_dir)
+    except UriError as error:
+        raise ObjectModelError(str(error)) from None
 
 
 def mesh_diameter(points: np.ndarray, chunk: int = 512) -> float:
@@ -428,7 +430,7 @@ class ObjectRegistry:
 
 def _model_from_entry(class_id: str, entry: Any, base_dir: Path, where: str) -> ObjectModel:
     if not isinstance(entry, Mapping):
-        raise ObjectModelError(f"{where}: expected a mapping with keys mesh, scale, symmetric, weights")
+        raise ObjectModelError(f"{where}: expected a mapping with keys {', '.join(sorted(_ENTRY_KEYS))}")
     unknown = set(entry) - _ENTRY_KEYS
     if unknown:
         raise ObjectModelError(
@@ -436,7 +438,7 @@ def _model_from_entry(class_id: str, entry: Any, base_dir: Path, where: str) -> 
         )
     mesh = entry.get("mesh")
     if not isinstance(mesh, str) or not mesh:
-        raise ObjectModelError(f"{where}.mesh: required, a path or pkg:// URL (got {mesh!r})")
+        raise ObjectModelError(f"{where}.mesh: required, a path or URI (got {mesh!r})")
     scale = entry.get("scale", 1.0)
     if (
         isinstance(scale, bool)
@@ -453,10 +455,22 @@ def _model_from_entry(class_id: str, entry: Any, base_dir: Path, where: str) -> 
     weights = entry.get("weights")
     if weights is not None and (not isinstance(weights, str) or not weights):
         raise ObjectModelError(f"{where}.weights: must be a path, got {weights!r}")
-    mesh_path = resolve_mesh_path(mesh, base_dir)
-    weights_path = resolve_mesh_path(weights, base_dir) if weights is not None else None
     try:
-        return ObjectModel.from_file(mesh_path, class_id, float(scale), symmetric, weights_path)
+        mesh_path = resolve_mesh_path(mesh, base_dir)
+    except ObjectModelError as exc:
+        raise ObjectModelError(f"{where}.mesh: {exc}") from None
+    try:
+        weights_path = resolve_mesh_path(weights, base_dir) if weights is not None else None
+    except ObjectModelError as exc:
+        raise ObjectModelError(f"{where}.weights: {exc}") from None
+    try:
+        symmetries = Symmetries.from_entry(entry, float(scale), where)
+    except SymmetryError as exc:
+        raise ObjectModelError(str(exc)) from None
+    try:
+        return ObjectModel.from_file(
+            mesh_path, class_id, float(scale), symmetric, weights_path, symmetries=symmetries
+        )
     except ObjectModelError as exc:
         raise ObjectModelError(f"{where}: {exc}") from exc
 

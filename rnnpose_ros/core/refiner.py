@@ -50,6 +50,7 @@ from rnnpose_ros.core.loop import Correspondences, InnerStep, RefinerConfig, run
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
 from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.pinhole import project_to_pixels
+from rnnpose_ros.core.symmetry import closest_equivalent
 
 # Tolerance of the rigidity check on input rotations (max |RᵀR − I|); within it R is re-orthonormalised.
 ROTATION_TOLERANCE = 1e-3
@@ -82,11 +83,15 @@ class Instance:
         class_id: registry key of the object.
         pose: (4, 4) model → camera initial pose (OpenCV camera, metres).
         instance_id: caller's id, passed through to the result.
+        reference: (4, 4) pose the result should stay nearest to among the poses a symmetric object
+            cannot be told apart in (e.g. the previous frame's output, so a TF frame does not flip);
+            None = ``pose``. Unused for an object without declared symmetries.
     """
 
     class_id: str
     pose: np.ndarray
     instance_id: str | None = None
+    reference: np.ndarray | None = None
 
 
 @dataclass
@@ -279,13 +284,16 @@ class Refiner:
             self.backend.prepare_objects(batch_models)
             outcomes = self._refine_chunked(call, batch_models, batch_poses, batch_index)
             outcomes = self._restart_weak(call, batch_models, batch_poses, batch_index, outcomes)
-            for i, outcome in zip(batch_index, outcomes, strict=True):
+            for i, model, outcome in zip(batch_index, batch_models, outcomes, strict=True):
                 instance = instances[i]
                 ok = outcome.status is RefineStatus.OK
+                pose = (
+                    _symmetry_choice(outcome.pose, instance, model) if ok else _as_pose_array(instance.pose)
+                )
                 results[i] = RefineResult(
                     class_id=instance.class_id,
                     instance_id=instance.instance_id,
-                    pose=outcome.pose if ok else _as_pose_array(instance.pose),
+                    pose=pose,
                     initial_pose=_as_pose_array(instance.pose),
                     score=outcome.score if ok else 0.0,
                     status=outcome.status,
@@ -633,6 +641,18 @@ def _mean_flow(target: Tensor, foreground: Tensor) -> Tensor:
     grid = pixel_grid(height, width, target.dtype, target.device)
     length = torch.linalg.vector_norm(target - grid, dim=-1)
     return (length * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp_min(1.0)
+
+
+def _symmetry_choice(pose: np.ndarray, instance: Instance, model: ObjectModel) -> np.ndarray:
+    """``pose`` or, for a symmetric object, its equivalent nearest to the instance's reference (or
+    initial) rotation (:func:`~rnnpose_ros.core.symmetry.closest_equivalent`)."""
+    if not model.symmetries:
+        return pose
+    reference = instance.reference if instance.reference is not None else instance.pose
+    reference = np.asarray(reference, dtype=np.float64)
+    if reference.shape != (4, 4) or not np.isfinite(reference).all():
+        return pose  # an unusable reference leaves the refined pose as the engine found it
+    return closest_equivalent(pose, reference, model.symmetries)
 
 
 def _as_pose_array(pose: Any) -> np.ndarray:

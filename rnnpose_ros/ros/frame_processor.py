@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,14 @@ class FrameOutcome:
     def refined_count(self) -> int:
         return sum(output.pose is not None for output in self.outputs)
 
+    def refined_poses(self) -> list[tuple[str, np.ndarray]]:
+        """(instance id, (4, 4) refined pose) of every refined detection, in input order."""
+        return [
+            (item.instance_id, output.pose)
+            for item, output in zip(self.detections, self.outputs, strict=True)
+            if output.pose is not None
+        ]
+
     @property
     def failed_count(self) -> int:
         """Detections passed through unrefined."""
@@ -102,10 +110,13 @@ def process_frame(
     settings: Settings,
     registry: ObjectRegistry,
     stop: Callable[[], bool] | None = None,
+    references: Mapping[str, np.ndarray] | None = None,
 ) -> FrameOutcome:
     """Refine the detections of ``frame`` with ``refiner`` (``refine(observation, instances, stop=...)``,
     as :class:`~rnnpose_ros.core.refiner.Refiner`); reads ``frame_id_check``, ``expected_frame_id`` and
-    ``max_detections_per_frame`` of ``settings`` and the models' boxes from ``registry``. Never raises
+    ``max_detections_per_frame`` of ``settings`` and the models' boxes from ``registry``; ``references``
+    (instance id -> (4, 4) pose, e.g. the previous frame's output) choose among a symmetric object's
+    equivalent poses (:attr:`~rnnpose_ros.core.refiner.Instance.reference`). Never raises
     for bad input; :class:`~rnnpose_ros.core.refiner.RefinementCancelledError` passes through when
     ``stop`` asks the engine to stop."""
     start = time.monotonic()
@@ -137,7 +148,9 @@ def process_frame(
     converted = time.monotonic()
     results: dict[int, RefineResult] = {}
     if outcome.observation is not None and outcome.problem is None:
-        results = _refine(refiner, outcome.observation, outcome, settings.max_detections_per_frame, stop)
+        results = _refine(
+            refiner, outcome.observation, outcome, settings.max_detections_per_frame, stop, references or {}
+        )
     outcome.outputs = [_output(item, results.get(item.index), registry) for item in detections]
     if outcome.problem is not None:
         outcome.warn(
@@ -223,6 +236,7 @@ def _refine(
     outcome: FrameOutcome,
     max_detections: int,
     stop: Callable[[], bool] | None,
+    references: Mapping[str, np.ndarray],
 ) -> dict[int, RefineResult]:
     """One engine call for the usable detections (the first ``max_detections`` of them, in input order);
     returns the OK results by input index and records every other outcome (warnings, ``problem``,
@@ -251,7 +265,10 @@ def _refine(
         usable = usable[:max_detections]
     if not usable:
         return {}
-    instances = [Instance(item.class_id, item.pose, item.instance_id) for item in usable]
+    instances = [
+        Instance(item.class_id, item.pose, item.instance_id, references.get(item.instance_id))
+        for item in usable
+    ]
     try:
         results = refiner.refine(observation, instances, stop=stop)
     except RefinementCancelledError:

@@ -47,6 +47,7 @@ from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from rnnpose_ros.core.observation import Observation
+from rnnpose_ros.core.uris import display_uri
 from rnnpose_ros.ros import compat
 from rnnpose_ros.ros.conversions import (
     MeshMarker,
@@ -56,10 +57,12 @@ from rnnpose_ros.ros.conversions import (
     object_transforms,
     overlay_image,
     rgb_to_image,
+    stamp_nanoseconds,
 )
 from rnnpose_ros.ros.diagnostics import Diagnostics
 from rnnpose_ros.ros.frame_processor import FrameOutcome, process_frame
 from rnnpose_ros.ros.inputs import Frame, FrameInputs, FrameQueue
+from rnnpose_ros.ros.output_frame import OutputFrame, express
 from rnnpose_ros.ros.parameters import (
     PARAMETERS,
     ParameterError,
@@ -69,6 +72,7 @@ from rnnpose_ros.ros.parameters import (
     resolve_backend,
     resolve_device,
 )
+from rnnpose_ros.ros.pose_memory import PoseMemory
 
 NODE_NAME = "rnnpose_refiner"
 # Longest wait for the worker at shutdown: one engine stage (a render iteration of a full batch on a
@@ -94,6 +98,10 @@ class RefinerNode(Node):
     def __init__(self, refiner_factory: Callable[[Settings, Any], Any] | None = None, **kwargs: Any):
         super().__init__(NODE_NAME, **kwargs)
         s = self.settings = declare_settings(self, PARAMETERS, Settings)
+        # before the slow engine start: a set output_frame without tf2_ros is an error at once
+        self.output_frame = OutputFrame(
+            self, s.output_frame, lambda key, text: self.diagnostics.warn(key, text)
+        )
         self.registry = load_registry(s.objects_file)
         self.refiner = (refiner_factory or create_refiner)(s, self.registry)
 
@@ -102,6 +110,7 @@ class RefinerNode(Node):
         self.pub_debug = self.create_publisher(Image, "~/debug_image", QoSProfile(depth=2))
         self.tf_broadcaster = compat.TransformBroadcaster(self)
         self._markers_shown: set[str] = set()
+        self.pose_memory = PoseMemory()
 
         self.queue = FrameQueue(s.max_pending_frames)
         self.warmed_up = threading.Event()
@@ -175,16 +184,23 @@ class RefinerNode(Node):
     def process(self, frame: Frame) -> Detection3DArray:
         """Refine and publish one synchronised frame; returns the published detections."""
         start = time.monotonic()
-        outcome = process_frame(frame, self.refiner, self.settings, self.registry, stop=self._stopping.is_set)
+        stamp_ns = stamp_nanoseconds(frame.image.header.stamp)
+        references = self.pose_memory.references(stamp_ns)  # symmetric objects: no flips between frames
+        outcome = process_frame(
+            frame, self.refiner, self.settings, self.registry, self._stopping.is_set, references
+        )
+        self.pose_memory.update(stamp_ns, outcome.refined_poses())
         processed = time.monotonic()
         if outcome.engine_failure is not None:
             self.get_logger().error(outcome.engine_failure, throttle_duration_sec=5.0)
         for key, text in outcome.warnings.items():
             self.diagnostics.warn(key, text)
         header = frame.image.header
+        output_header, to_output = self.output_frame.resolve(header)
         message = detection_array(header, frame.detections, outcome.detections, outcome.outputs)
+        message = express(message, output_header, to_output)
         self.pub_detections.publish(message)
-        self._publish_extras(header, outcome)
+        self._publish_extras(header, outcome, output_header, to_output)
         done = time.monotonic()
         latency_s = {
             "queue": start - frame.queued,
@@ -203,9 +219,13 @@ class RefinerNode(Node):
         )
         return message
 
-    def _publish_extras(self, header: Header, outcome: FrameOutcome) -> None:
-        """TF, markers and (when subscribed) the debug overlay for one frame."""
+    def _publish_extras(
+        self, header: Header, outcome: FrameOutcome, output_header: Header, to_output: np.ndarray | None
+    ) -> None:
+        """TF and markers under ``output_header`` (poses premultiplied by the (4, 4) ``to_output`` unless
+        None) and, when subscribed, the debug overlay in the image (``header``) for one frame."""
         s = self.settings
+        placed = (lambda T: T) if to_output is None else (lambda T: to_output @ T)
         pairs = list(zip(outcome.detections, outcome.outputs, strict=True))
         shown = [
             (item, result)
@@ -213,23 +233,25 @@ class RefinerNode(Node):
             if result.pose is not None and result.score >= s.score_threshold
         ]
         if s.publish_tf and shown:
-            if header.frame_id:
-                frames = [(s.tf_prefix + item.instance_id, result.pose) for item, result in shown]
-                self.tf_broadcaster.sendTransform(object_transforms(header, frames))
+            if output_header.frame_id:
+                frames = [(s.tf_prefix + item.instance_id, placed(result.pose)) for item, result in shown]
+                self.tf_broadcaster.sendTransform(object_transforms(output_header, frames))
             else:
                 self.diagnostics.warn("tf-no-frame", "image header.frame_id is empty: no TF published")
         meshes = [
             MeshMarker(
                 item.instance_id,
-                result.pose,
-                self.registry[item.class_id].mesh_path.resolve().as_uri(),
+                placed(result.pose),
+                display_uri(self.registry[item.class_id].mesh_path),
                 self.registry[item.class_id].mesh_scale,
             )
             for item, result in shown
         ]
         current = {mesh.instance_id for mesh in meshes}
         if meshes or self._markers_shown:
-            self.pub_markers.publish(mesh_markers(header, meshes, sorted(self._markers_shown - current)))
+            self.pub_markers.publish(
+                mesh_markers(output_header, meshes, sorted(self._markers_shown - current))
+            )
         self._markers_shown = current
         observation = outcome.observation
         if s.debug_image and observation is not None and self.pub_debug.get_subscription_count() > 0:

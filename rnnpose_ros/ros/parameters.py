@@ -270,6 +270,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ),
     ParameterSpec("publish_tf", True, "Broadcast one TF frame per refined detection on /tf.", dynamic=True),
     ParameterSpec(
+        "output_frame",
+        "",
+        "Frame of the output poses, boxes and TF parents (e.g. base_link), looked up with tf2 at the image "
+        "stamp; empty = the image frame. Needs tf2_ros (a ROS 2 distribution).",
+        check=tf_frame_text,
+    ),
+    ParameterSpec(
         "sync_slop",
         0.0,
         "Largest stamp difference (s) between image, camera_info and detections of one set; 0 = identical "
@@ -367,6 +374,7 @@ class Settings:
     score_threshold: float
     tf_prefix: str
     publish_tf: bool
+    output_frame: str
     sync_slop: float
     queue_size: int
     max_pending_frames: int

@@ -24,6 +24,10 @@ answered later one was dropped by the node (it works on frames in order).
 Scenes are generated ahead in a background thread (rendering never delays an answer's bookkeeping).
 Frame ``i`` of seed ``s`` is always the same scene and the same noisy detection.
 
+With ``record_dir`` set, every published message is also written to that directory, and
+``scene_player --replay <dir>`` plays it back (:mod:`~rnnpose_ros.ros.recording`, for installs without
+rosbag2).
+
 Standalone: ``scene_player --ros-args -p frames:=20 -p rate:=1.0`` next to a running ``refine_node``
 logs each frame's initial and refined ADD(-S) error. :mod:`rnnpose_ros.tools.demo` runs it in-process.
 """
@@ -62,6 +66,7 @@ from rnnpose_ros.ros.conversions import (
     stamp_nanoseconds,
 )
 from rnnpose_ros.ros.parameters import ParameterError, ParameterSpec, declare_settings, objects_file_path
+from rnnpose_ros.ros.recording import Recorder, RecordingError, replay_main
 
 NODE_NAME = "scene_player"
 DEFAULT_FRAME_ID = "camera_color_optical_frame"
@@ -372,6 +377,12 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec(
         "autostart", True, "Start publishing as soon as the refiner subscribes (False: call start())."
     ),
+    ParameterSpec(
+        "record_dir",
+        "",
+        "Also write every published message to this new directory, replayable with "
+        "`scene_player --replay <dir>` (where rosbag2 is not installed); empty = do not record.",
+    ),
 )
 
 
@@ -398,6 +409,7 @@ class PlayerSettings:
     trans_sigma: list[float]
     depth_encoding: str
     autostart: bool
+    record_dir: str
 
 
 class ScenePlayer(Node):
@@ -445,6 +457,15 @@ class ScenePlayer(Node):
             else self.create_publisher(Image, "depth", qos_profile_sensor_data)
         )
         self.create_subscription(Detection3DArray, p.result_topic, self._on_result, reliable)
+        self.recorder = None
+        if p.record_dir:
+            topics = {"image": (Image, "sensor_data"), "camera_info": (CameraInfo, "sensor_data")}
+            try:
+                self.recorder = Recorder(
+                    Path(p.record_dir), topics | {"detections": (Detection3DArray, "reliable")}
+                )
+            except RecordingError as error:
+                raise ParameterError(f"parameter 'record_dir': {error}") from None
         self._last_publish = -math.inf
         self._timer = self.create_timer(POLL_PERIOD_S, self._tick)
         self.get_logger().info(
@@ -522,6 +543,9 @@ class ScenePlayer(Node):
         self.pub_detections.publish(detections)
         self.pub_info.publish(info)
         self.pub_image.publish(image)
+        if self.recorder is not None:
+            for topic, message in (("detections", detections), ("camera_info", info), ("image", image)):
+                self.recorder.write(topic, message, frame.stamp_ns)
         for callback in self.on_published:
             callback(frame)
         return frame
@@ -538,6 +562,8 @@ class ScenePlayer(Node):
     def destroy_node(self) -> None:
         if hasattr(self, "source"):  # absent when __init__ failed
             self.source.close()
+        if getattr(self, "recorder", None) is not None:
+            self.recorder.close()
         super().destroy_node()
 
 
@@ -564,7 +590,12 @@ def describe(frame: PlayedFrame, scores: Sequence[InstanceScore]) -> str:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Console entry point ``scene_player``: publish the frames, log each answer, exit when done."""
+    """Console entry point ``scene_player``: publish the frames, log each answer, exit when done;
+    ``scene_player --replay <dir> ...`` replays a recording instead
+    (:func:`~rnnpose_ros.ros.recording.replay_main`)."""
+    argv = sys.argv if args is None else args
+    if "--replay" in rclpy.utilities.remove_ros_args(argv):
+        return replay_main(argv)
     rclpy.init(args=args)
     node = None
     try:
