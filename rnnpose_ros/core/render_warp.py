@@ -159,6 +159,7 @@ class WarpRenderer:
             weakref.WeakKeyDictionary()
         )
         self._pack: _Pack | None = None
+        self._lights: dict[tuple[str, tuple[float, float, float]], Tensor] = {}
         self._closed = False
 
     # --- public interface ----------------------------------------------------------------------------
@@ -313,7 +314,7 @@ class WarpRenderer:
             albedo = torch.where(pack.textured[instance, None], textured, albedo)
         rotation = poses[:, :3, :3]
         camera_in_model = (-rotation.transpose(1, 2) @ poses[:, :3, 3:]).squeeze(-1).float()
-        light = torch.tensor(lighting.light_position, dtype=torch.float32, device=points.device)
+        light = self._light(lighting, points.device)
         to_light = _normalise(light - points)
         cos_light = (normals * to_light).sum(-1)
         diffuse = lighting.diffuse * cos_light.clamp(min=0.0)
@@ -325,6 +326,15 @@ class WarpRenderer:
         colour = torch.where((weights.sum(-1) > 0)[:, None], colour, 0.0)
         out = colour.new_zeros(batch * height * width, 3).index_copy_(0, pixels, colour)
         return out.view(batch, height, width, 3)
+
+    def _light(self, lighting: Lighting, device: torch.device) -> Tensor:
+        """(3,) float32 light position on ``device``, cached (an upload per render waits for the device)."""
+        key = (str(device), tuple(lighting.light_position))
+        light = self._lights.get(key)
+        if light is None:
+            light = torch.tensor(lighting.light_position, dtype=torch.float32).to(device)
+            self._lights[key] = light
+        return light
 
     # --- model tables --------------------------------------------------------------------------------
 
@@ -424,7 +434,7 @@ def _warp_device(device: torch.device) -> str:
 
 def _as_batch(value: np.ndarray | Tensor, shape: tuple[int, int], name: str, device: torch.device) -> Tensor:
     """(B, *shape) float64 tensor on ``device``."""
-    tensor = torch.as_tensor(value).to(device=device, dtype=torch.float64)
+    tensor = torch.as_tensor(value).detach().to(device=device, dtype=torch.float64)
     if tensor.shape == shape:
         tensor = tensor[None]
     if tensor.ndim != 3 or tuple(tensor.shape[1:]) != shape:
