@@ -106,6 +106,10 @@ def test_degenerate_poses_give_empty_render(warp_renderer, meshes, t):
     out = warp_renderer.render([meshes[2]], T, K, SIZE)
     assert not out.mask.any() and (out.depth == 0).all() and (out.rgb == 0).all()
     assert not warp_renderer.render([meshes[2]], np.full((4, 4), np.nan), K, SIZE).mask.any()
+    singular = np.diag([250.0, 0.0, 1.0])
+    assert not warp_renderer.render(
+        [meshes[2]], np.eye(4) + np.diag([0, 0, 0.5, 0]), singular, SIZE
+    ).mask.any()
 
 
 def test_camera_inside_object_sees_the_inside_as_opengl_does(renderer, warp_renderer, meshes):

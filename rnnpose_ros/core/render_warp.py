@@ -151,6 +151,10 @@ class WarpRenderer:
         self.lighting = lighting or Lighting()
         self.device = torch.device(device)
         self._wp, self._kernel = _warp()
+        if self.device.type == "cuda" and not self._wp.is_cuda_available():
+            raise RenderError(
+                "Warp finds no usable CUDA device (is the driver older than Warp's CUDA toolkit?)"
+            )
         self._lock = threading.Lock()
         self._models: weakref.WeakKeyDictionary[ObjectModel, dict[str, _DeviceModel]] = (
             weakref.WeakKeyDictionary()
@@ -263,12 +267,11 @@ class WarpRenderer:
         wp = self._wp
         batch = poses.shape[0]
         rotation_t = poses[:, :3, :3].transpose(1, 2)
-        K_inv, _ = torch.linalg.inv_ex(K)  # inv_ex: no host check of the result
-        pixel_to_ray = (rotation_t @ K_inv).float().contiguous()
+        pixel_to_ray = (rotation_t @ _inverse_3x3(K)).float().contiguous()
         origins = (-rotation_t @ poses[:, :3, 3:]).squeeze(-1).float().contiguous()
-        valid = (torch.isfinite(poses).flatten(1).all(1) & torch.isfinite(K).flatten(1).all(1)).to(
-            torch.int32
-        )
+        # a non-finite pose or a singular K: no rays, an empty image
+        valid = pixel_to_ray.flatten(1).isfinite().all(1) & origins.isfinite().all(1)
+        valid = (valid & poses.flatten(1).isfinite().all(1)).to(torch.int32)
 
         face_index = torch.full((batch, height, width), -1, dtype=torch.int64, device=device)
         barycentric = torch.zeros(batch, height, width, 3, dtype=torch.float32, device=device)
@@ -446,6 +449,17 @@ def _shaded_pixels(face_index: Tensor) -> Tensor:
     if flat.device.type == "cpu":
         return torch.nonzero(flat >= 0, as_tuple=True)[0]
     return torch.arange(flat.numel(), device=flat.device)
+
+
+def _inverse_3x3(matrix: Tensor) -> Tensor:
+    """(B, 3, 3) inverses by the adjugate: unlike ``torch.linalg.inv`` never waits for the device to
+    report a singular matrix (a singular K gives non-finite rays, hence an empty image)."""
+    r0, r1, r2 = matrix.unbind(-2)
+    adjugate_t = torch.stack(
+        [torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)], -1
+    )
+    determinant = (r0 * adjugate_t[..., 0]).sum(-1)
+    return adjugate_t / determinant[:, None, None]
 
 
 def _corners(
