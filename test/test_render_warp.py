@@ -160,3 +160,48 @@ def test_cuda_render_matches_cpu_without_host_synchronisation(warp_renderer, vie
     both = cpu.mask & out.mask.cpu().numpy()
     assert (cpu.mask == out.mask.cpu().numpy()).mean() >= 0.999
     assert np.abs(cpu.depth - out.depth.cpu().numpy())[both].max() <= 10e-6
+
+
+def test_learned_refinement_is_the_same_with_either_renderer(renderer, warp_renderer, meshes, tmp_path):
+    """The learned backend takes ``render_tensors`` from either renderer: one refinement (random
+    weights, small crops, a short schedule) ends at the same pose."""
+    from dataclasses import replace
+
+    from rnnpose_ros.core.backends.learned import LearnedBackend, LearnedConfig
+    from rnnpose_ros.core.checkpoint import save_checkpoint
+    from rnnpose_ros.core.model import RNNPoseNet
+    from rnnpose_ros.core.objects import ObjectRegistry
+    from rnnpose_ros.core.refiner import Instance, Refiner, RefineStatus
+    from rnnpose_ros.core.synth import make_scene
+
+    class Switch:
+        """Forwards every renderer call to ``target``: one refiner (its object features computed
+        once) renders with each renderer in turn."""
+
+        target = renderer
+
+        def __getattr__(self, name):
+            return getattr(self.target, name)
+
+    duck = meshes[0]
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "duck.pt", RNNPoseNet())
+    config = LearnedConfig(first_crop_size=96, zoom_crop_size=64, weights={"duck": tmp_path / "duck.pt"})
+    loop = replace(LearnedBackend.default_loop(), outer_iterations=2, inner_steps=1, restart_below_score=None)
+    switch = Switch()
+    refiner = Refiner(
+        ObjectRegistry(models={"duck": duck}),
+        backend="rnnpose",
+        config=loop,
+        backend_config=config,
+        renderer=switch,
+    )
+    scene = make_scene([duck], 3, renderer)
+    start = scene.instances[0].pose_init
+    results = []
+    for target in (renderer, warp_renderer):
+        switch.target = target
+        results.append(refiner.refine(scene.observation, [Instance("duck", start)])[0])
+    assert all(r.status is RefineStatus.OK for r in results)
+    assert not np.allclose(results[0].pose, start)
+    np.testing.assert_allclose(results[0].pose, results[1].pose, atol=1e-5)
