@@ -7,9 +7,11 @@ The rays are expressed in the model frame (``origin = −Rᵀt``, ``direction = 
 camera z is 1, so that the ray parameter is the depth); they start on the plane z = ``MIN_NEAR_M``,
 where the OpenGL rasteriser of :mod:`rnnpose_ros.core.render` clips. Shading then runs in torch on the
 same device over the whole batch (docs/method.md §2.9, the same Phong model and texture lookup as the
-NumPy shading of the OpenGL renderer). Inputs and outputs are torch tensors shared with Warp without
-copies (``warp.from_torch``), the Warp launch goes on torch's current stream, and nothing is read back
-to the host: on CUDA a render is a handful of asynchronous launches.
+NumPy shading of the OpenGL renderer): on the CPU over the foreground pixels only, on CUDA over every
+pixel and masked afterwards, because selecting the foreground there would wait for the device. Inputs
+and outputs are torch tensors shared with Warp without copies (``warp.from_torch``), the Warp launch
+goes on torch's current stream, and nothing is read back to the host: on CUDA a render is a few dozen
+asynchronous launches.
 
 Instances of one call may show different models: the distinct models of the call are packed into one
 set of vertex, face and texture tables (cached for the last model combination), and every instance

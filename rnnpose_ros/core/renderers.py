@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from rnnpose_ros.core.objects import ObjectModel
-from rnnpose_ros.core.render import Lighting, RenderError, RenderOutput, RenderTensors
+if TYPE_CHECKING:  # the renderers open graphics libraries: imported when one is made
+    from rnnpose_ros.core.objects import ObjectModel
+    from rnnpose_ros.core.render import Lighting, RenderOutput, RenderTensors
 
 #: Accepted values of ``kind``.
 RENDERER_KINDS = ("auto", "opengl", "warp")
@@ -82,6 +83,8 @@ def make_renderer(
     """
     if kind not in RENDERER_KINDS:
         raise ValueError(f"unknown renderer {kind!r}; choose one of {', '.join(RENDERER_KINDS)}")
+    from rnnpose_ros.core.render import Renderer, RenderError
+
     chosen = default_renderer_kind(device) if kind == "auto" else kind
     if chosen == "warp":
         from rnnpose_ros.core.render_warp import WarpRenderer
@@ -92,6 +95,4 @@ def make_renderer(
             if kind != "auto":
                 raise
             warnings.warn(f"{exc}; rendering with OpenGL on the host instead", RuntimeWarning, stacklevel=2)
-    from rnnpose_ros.core.render import Renderer
-
     return Renderer(lighting)
