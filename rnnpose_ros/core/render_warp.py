@@ -269,11 +269,11 @@ class WarpRenderer:
         wp = self._wp
         batch = poses.shape[0]
         rotation_t = poses[:, :3, :3].transpose(1, 2)
-        pixel_to_ray = (rotation_t @ _inverse_3x3(K)).float().contiguous()
-        origins = (-rotation_t @ poses[:, :3, 3:]).squeeze(-1).float().contiguous()
-        # a non-finite pose or a singular K: no rays, an empty image
-        valid = pixel_to_ray.flatten(1).isfinite().all(1) & origins.isfinite().all(1)
-        valid = (valid & poses.flatten(1).isfinite().all(1)).to(torch.int32)
+        # (B, 3, 4) float64: ray matrix and origin; NaN or inf from a non-finite pose or a singular K
+        rays = torch.cat([rotation_t @ _inverse_3x3(K), -rotation_t @ poses[:, :3, 3:]], 2)
+        valid = rays.flatten(1).isfinite().all(1).to(torch.int32)  # no rays: an empty image
+        rays = rays.float()
+        pixel_to_ray, origins = rays[:, :, :3].contiguous(), rays[:, :, 3].contiguous()
 
         face_index = torch.full((batch, height, width), -1, dtype=torch.int64, device=device)
         barycentric = torch.zeros(batch, height, width, 3, dtype=torch.float32, device=device)
