@@ -50,6 +50,8 @@ from rnnpose_ros.core.render import (
 
 #: Largest ray parameter (= depth, metres) searched.
 MAX_DEPTH_M = 1.0e6
+#: Largest texture (texels) whose texel indices float32 holds exactly.
+MAX_TEXELS = 2**24
 #: Columns of the per-vertex attribute table, interpolated in one gather per face corner: model-frame
 #: position (m), unit normal, albedo (vertex colour or the default), texture coordinates (0 untextured).
 ATTRIBUTES = {"position": slice(0, 3), "normal": slice(3, 6), "colour": slice(6, 9), "uv": slice(9, 11)}
@@ -131,7 +133,9 @@ class _Pack:
     face_offset: Tensor  # (B,) int64
     texels: Tensor | None  # (ΣT, 3) float32, all textures flattened row-major; None: no texture
     texture_offset: Tensor | None  # (B,) int64 first texel of the instance's texture
-    texture_size: Tensor | None  # (B, 2) int64 (h, w)
+    # (B, 6) float32 per instance: scale (w, −h) and shift (−0.5, h − 0.5) from OpenGL uv to texel
+    # coordinates (x right, y down, texel centres at integers), then the texture's (w, h)
+    texture_frame: Tensor | None
     textured: Tensor | None  # (B,) bool
 
 
@@ -362,6 +366,11 @@ class WarpRenderer:
         else:
             colours = np.broadcast_to(np.asarray(DEFAULT_ALBEDO, dtype=np.float32), vertices.shape)
         textured = model.texture is not None and model.uvs is not None
+        if textured and model.texture.shape[0] * model.texture.shape[1] > MAX_TEXELS:
+            height, width = model.texture.shape[:2]
+            raise RenderError(
+                f"model {model.class_id!r}: texture {width}x{height} has more than {MAX_TEXELS} texels"
+            )
         uvs = model.uvs.astype(np.float32) if textured else np.zeros((len(vertices), 2), dtype=np.float32)
         normals = vertex_normals(model.vertices.astype(np.float64), model.faces)
         attributes = np.concatenate([vertices, normals, colours, uvs], axis=1)
@@ -391,7 +400,7 @@ class WarpRenderer:
         vertex_offsets = torch.cumsum(vertex_counts, 0) - vertex_counts
         face_offsets = torch.cumsum(face_counts, 0) - face_counts
         faces = torch.cat([t.faces + int(offset) for t, offset in zip(tables, vertex_offsets, strict=True)])
-        texels = texture_offset = texture_size = textured = None
+        texels = texture_offset = texture_frame = textured = None
         if any(t.texture is not None for t in tables):
             # an untextured model gets one black texel: its albedo comes from its colours
             textures = [
@@ -400,11 +409,14 @@ class WarpRenderer:
             texels = torch.cat([tex.reshape(-1, 3) for tex in textures])
             counts = torch.tensor([tex.shape[0] * tex.shape[1] for tex in textures], dtype=torch.int64)
             offsets = torch.cumsum(counts, 0) - counts
-            sizes = torch.tensor([tex.shape[:2] for tex in textures], dtype=torch.int64)
+            frames = torch.tensor(
+                [[w, -h, -0.5, h - 0.5, w, h] for h, w in (tex.shape[:2] for tex in textures)],
+                dtype=torch.float32,
+            )
             flags = torch.tensor([t.texture is not None for t in tables])
-            texture_offset, texture_size, textured = (
+            texture_offset, texture_frame, textured = (
                 offsets[which].to(device),
-                sizes[which].to(device),
+                frames[which].to(device),
                 flags[which].to(device),
             )
         wp = self._wp
@@ -418,7 +430,7 @@ class WarpRenderer:
             face_offset=face_offsets[which].to(device),
             texels=texels,
             texture_offset=texture_offset,
-            texture_size=texture_size,
+            texture_frame=texture_frame,
             textured=textured,
         )
         return self._pack
@@ -493,27 +505,21 @@ def _normalise(v: Tensor) -> Tensor:
 
 def _sample_texture(pack: _Pack, instance: Tensor, uv: Tensor) -> Tensor:
     """Bilinear, wrapping lookup in each pixel's texture; instance (M,), uv (M, 2) OpenGL convention ->
-    (M, 3) float32."""
-    size = pack.texture_size.index_select(
-        0, instance
-    ).float()  # texture sides are far below float32's exact integers
-    h, w = size[:, 0], size[:, 1]
-    x = uv[:, 0] * w - 0.5
-    y = (1.0 - uv[:, 1]) * h - 0.5
-    x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    xa, ya = _wrap(x0, w), _wrap(y0, h)
-    xb, yb = _wrap(xa + 1, w), _wrap(ya + 1, h)
-    base = pack.texture_offset.index_select(0, instance)
-
-    def texel(row: Tensor, column: Tensor) -> Tensor:
-        return pack.texels.index_select(0, base + (row * w + column).to(torch.int64))
-
-    top = texel(ya, xa) * (1 - fx) + texel(ya, xb) * fx
-    bottom = texel(yb, xa) * (1 - fx) + texel(yb, xb) * fx
-    return top * (1 - fy) + bottom * fy
-
-
-def _wrap(index: Tensor, size: Tensor) -> Tensor:
-    """Integer-valued float ``index`` modulo ``size`` (float arithmetic: int64 modulo is slow on the CPU)."""
-    return index - size * torch.floor(index / size)
+    (M, 3) float32. Texel indices are exact in float32 (textures have at most MAX_TEXELS)."""
+    frame = pack.texture_frame.index_select(0, instance)
+    size = frame[:, 4:6]  # (w, h)
+    position = torch.addcmul(frame[:, 2:4], uv, frame[:, 0:2])  # (x, y) texel coordinates
+    low = torch.floor(position)
+    fraction = position - low  # (fx, fy)
+    low = torch.remainder(low, size)
+    high = torch.remainder(low + 1, size)
+    rows = torch.stack([low[:, 1], high[:, 1]], 1) * size[:, 0:1]  # (M, 2) first texel of each row
+    columns = torch.stack([low[:, 0], high[:, 0]], 1)
+    index = (rows[:, :, None] + columns[:, None, :]).long() + pack.texture_offset.index_select(0, instance)[
+        :, None, None
+    ]
+    texels = pack.texels.index_select(0, index.reshape(-1)).view(-1, 2, 2, 3)  # [row, column]
+    fx, fy = fraction[:, 0:1], fraction[:, 1:2]
+    top = torch.lerp(texels[:, 0, 0], texels[:, 0, 1], fx)
+    bottom = torch.lerp(texels[:, 1, 0], texels[:, 1, 1], fx)
+    return torch.lerp(top, bottom, fy)
