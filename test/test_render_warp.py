@@ -148,10 +148,12 @@ def test_cuda_render_matches_cpu_without_host_synchronisation(warp_renderer, vie
     models, poses = views
     cuda = WarpRenderer(device="cuda")
     poses_t, K_t = torch.from_numpy(poses).cuda(), torch.from_numpy(K).cuda()
-    cuda.render_tensors(models, poses_t, K_t, SIZE)  # uploads the meshes once
+    for combination in (models, models[1:3]):  # uploads the meshes and packs each combination once
+        cuda.render_tensors(combination, poses_t[: len(combination)], K_t, SIZE)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        cuda.render_tensors(models[1:3], poses_t[:2], K_t, SIZE)
         out = cuda.render_tensors(models, poses_t, K_t, SIZE)
     finally:
         torch.cuda.set_sync_debug_mode("default")

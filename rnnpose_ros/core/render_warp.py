@@ -14,7 +14,7 @@ goes on torch's current stream, and nothing is read back to the host: on CUDA a 
 asynchronous launches.
 
 Instances of one call may show different models: the distinct models of the call are packed into one
-set of vertex, face and texture tables (cached for the last model combination), and every instance
+set of vertex, face and texture tables (cached for recent model combinations), and every instance
 carries its model's offsets into them, so there is no per-instance Python loop.
 
 Agreement with the OpenGL renderer: both find the triangle under each pixel centre exactly; they differ
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ from rnnpose_ros.core.render import (
 
 #: Largest ray parameter (= depth, metres) searched.
 MAX_DEPTH_M = 1.0e6
+#: Model combinations (the models of a call, in order) whose packed tables are kept.
+PACKS_KEPT = 8
 #: Largest texture (texels) whose texel indices float32 holds exactly.
 MAX_TEXELS = 2**24
 #: Columns of the per-vertex attribute table, interpolated in one gather per face corner: model-frame
@@ -126,7 +129,7 @@ class _Pack:
     """The distinct models of a call in one set of tables, and each instance's offsets into them."""
 
     key: tuple  # the device and the instances' model ids
-    models: list[ObjectModel]  # the instances' models (keeps the key's ids alive)
+    models: list[ObjectModel]  # the instances' models (keeps the key's ids alive while cached)
     mesh_ids: object  # (B,) warp uint64
     faces: Tensor  # (ΣF, 3) int64, global vertex indices
     attributes: Tensor  # (ΣN, 11) float32, the columns of ATTRIBUTES
@@ -165,7 +168,7 @@ class WarpRenderer:
         self._models: weakref.WeakKeyDictionary[ObjectModel, dict[str, _DeviceModel]] = (
             weakref.WeakKeyDictionary()
         )
-        self._pack: _Pack | None = None
+        self._packs: OrderedDict[tuple, _Pack] = OrderedDict()  # least recently used first
         self._lights: dict[tuple[str, tuple[float, float, float]], Tensor] = {}
         self._closed = False
 
@@ -261,7 +264,7 @@ class WarpRenderer:
         with self._lock:
             self._closed = True
             self._models.clear()
-            self._pack = None
+            self._packs.clear()
 
     # --- geometry ------------------------------------------------------------------------------------
 
@@ -385,10 +388,13 @@ class WarpRenderer:
         return cached
 
     def _packed(self, models: list[ObjectModel], device: torch.device) -> _Pack:
-        """The tables of the instances' models (cached for the last combination; caller holds the lock)."""
+        """The tables of the instances' models (the last PACKS_KEPT combinations are kept: building one
+        uploads index tables, which on CUDA waits for the device; the caller holds the lock)."""
         key = (str(device), *(id(m) for m in models))
-        if self._pack is not None and self._pack.key == key:
-            return self._pack
+        cached = self._packs.get(key)
+        if cached is not None:
+            self._packs.move_to_end(key)
+            return cached
         distinct: dict[int, int] = {}
         for model in models:
             distinct.setdefault(id(model), len(distinct))
@@ -399,14 +405,19 @@ class WarpRenderer:
         face_counts = torch.tensor([len(t.faces) for t in tables], dtype=torch.int64)
         vertex_offsets = torch.cumsum(vertex_counts, 0) - vertex_counts
         face_offsets = torch.cumsum(face_counts, 0) - face_counts
-        faces = torch.cat([t.faces + int(offset) for t, offset in zip(tables, vertex_offsets, strict=True)])
+        faces = _concat(
+            [
+                t.faces + offset if offset else t.faces
+                for t, offset in zip(tables, vertex_offsets.tolist(), strict=True)
+            ]
+        )
         texels = texture_offset = texture_frame = textured = None
         if any(t.texture is not None for t in tables):
             # an untextured model gets one black texel: its albedo comes from its colours
             textures = [
                 t.texture if t.texture is not None else t.attributes.new_zeros(1, 1, 3) for t in tables
             ]
-            texels = torch.cat([tex.reshape(-1, 3) for tex in textures])
+            texels = _concat([tex.reshape(-1, 3) for tex in textures])
             counts = torch.tensor([tex.shape[0] * tex.shape[1] for tex in textures], dtype=torch.int64)
             offsets = torch.cumsum(counts, 0) - counts
             frames = torch.tensor(
@@ -421,19 +432,28 @@ class WarpRenderer:
             )
         wp = self._wp
         mesh_ids = np.array([tables[i].mesh.id for i in which.tolist()], dtype=np.uint64)
-        self._pack = _Pack(
+        pack = _Pack(
             key=key,
             models=models,
             mesh_ids=wp.array(mesh_ids, dtype=wp.uint64, device=_warp_device(device)),
             faces=faces,
-            attributes=torch.cat([t.attributes for t in tables]),
+            attributes=_concat([t.attributes for t in tables]),
             face_offset=face_offsets[which].to(device),
             texels=texels,
             texture_offset=texture_offset,
             texture_frame=texture_frame,
             textured=textured,
         )
-        return self._pack
+        self._packs[key] = pack
+        while len(self._packs) > PACKS_KEPT:
+            self._packs.popitem(last=False)
+        return pack
+
+
+def _concat(tensors: list[Tensor]) -> Tensor:
+    """``torch.cat`` along dim 0 that shares a single tensor instead of copying it (one model per call
+    is the usual case, and its tables can be large)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _warp_device(device: torch.device) -> str:
