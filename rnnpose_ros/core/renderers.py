@@ -18,10 +18,10 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch and the graphics libraries load when a renderer is made (tools' --help stays fast)
+    import numpy as np
+    import torch
 
-if TYPE_CHECKING:  # the renderers open graphics libraries: imported when one is made
     from rnnpose_ros.core.objects import ObjectModel
     from rnnpose_ros.core.render import Lighting, RenderOutput, RenderTensors
 
@@ -63,7 +63,7 @@ class RendererLike(Protocol):
 
 def default_renderer_kind(device: torch.device | str) -> str:
     """``warp`` for a CUDA device, ``opengl`` otherwise."""
-    return "warp" if torch.device(device).type == "cuda" else "opengl"
+    return "warp" if str(device).startswith("cuda") else "opengl"
 
 
 def make_renderer(
