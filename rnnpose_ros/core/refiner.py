@@ -209,7 +209,8 @@ class Refiner:
         device: torch device of the batched tensors ("cpu", "cuda", ...).
         config: the loop policy (default: the backend's own, ``default_loop()``).
         backend_config: the backend's options (default: the backend's defaults).
-        renderer: a shared :class:`~rnnpose_ros.core.render.Renderer` (created on first use if None).
+        renderer: a shared renderer (:class:`~rnnpose_ros.core.renderers.RendererLike`; if None, the
+            one :func:`~rnnpose_ros.core.renderers.make_renderer` chooses for ``device``, on first use).
     """
 
     def __init__(

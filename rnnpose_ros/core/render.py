@@ -94,6 +94,18 @@ class RenderOutput:
 
 
 @dataclass
+class RenderTensors:
+    """Batched render result as torch tensors on the device of the poses; fields, shapes, dtypes and
+    units as :class:`RenderOutput`."""
+
+    rgb: torch.Tensor
+    depth: torch.Tensor
+    mask: torch.Tensor
+    face_index: torch.Tensor
+    barycentric: torch.Tensor
+
+
+@dataclass
 class _GpuMesh:
     vao: int
     buffers: tuple[int, int]
@@ -228,6 +240,24 @@ class Renderer:
             rgb=rgb, depth=depth, mask=face_index >= 0, face_index=face_index, barycentric=bary
         )
 
+    def render_tensors(
+        self,
+        models: Sequence[ObjectModel],
+        poses: np.ndarray | torch.Tensor,
+        K: np.ndarray | torch.Tensor,
+        size: tuple[int, int],
+        lighting: Lighting | None = None,
+    ) -> RenderTensors:
+        """:meth:`render` with torch results on the device of ``poses`` (CPU for NumPy poses).
+
+        The rasteriser works on the host: poses and K are read back and the results uploaded.
+        """
+        device = poses.device if isinstance(poses, torch.Tensor) else torch.device("cpu")
+        out = self.render(models, poses, K, size, lighting)
+        return RenderTensors(
+            **{name: torch.from_numpy(value).to(device) for name, value in vars(out).items()}
+        )
+
     def surface_normals(
         self, models: Sequence[ObjectModel], poses: np.ndarray, output: RenderOutput
     ) -> np.ndarray:
@@ -336,7 +366,7 @@ class Renderer:
                 vertices=model.vertices.astype(np.float64),
                 vertices32=model.vertices.astype(np.float32),
                 faces=model.faces.astype(np.int64),
-                normals=_vertex_normals(model.vertices.astype(np.float64), model.faces),
+                normals=vertex_normals(model.vertices.astype(np.float64), model.faces),
                 uvs=model.uvs.astype(np.float32) if model.uvs is not None else None,
                 texture=model.texture.astype(np.float32) / 255.0 if model.texture is not None else None,
                 colors=model.vertex_colors.astype(np.float32) / 255.0
@@ -454,7 +484,7 @@ def _normalise(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """(N, 3) float32 area-weighted vertex normals; copies of one position (UV seams) share one normal."""
     _, group = np.unique(vertices, axis=0, return_inverse=True)
     group = group.reshape(-1)

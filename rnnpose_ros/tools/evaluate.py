@@ -35,6 +35,7 @@ import numpy as np
 
 from rnnpose_ros.core import metrics
 from rnnpose_ros.core.backends import BACKENDS, backend_help
+from rnnpose_ros.core.renderers import RENDERER_KINDS
 from rnnpose_ros.package_files import default_objects_file
 
 if TYPE_CHECKING:  # heavy (OpenGL, torch): imported where used, so that --help stays fast
@@ -128,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--weights", nargs="*", default=[], metavar="CLASS=FILE", help="weights per class (rnnpose backend)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--renderer",
+        default="auto",
+        choices=RENDERER_KINDS,
+        help="the refiner's renderer (auto: Warp on CUDA, OpenGL on the CPU); scenes are drawn with OpenGL",
+    )
     parser.add_argument(
         "--outer-iterations",
         type=int,
@@ -347,13 +354,16 @@ def setup(args: argparse.Namespace) -> tuple:
     """(registry, renderer, refiner) of ``args``; raises EvaluationError or ObjectModelError."""
     from rnnpose_ros.core.objects import ObjectRegistry
     from rnnpose_ros.core.render import Renderer
+    from rnnpose_ros.core.renderers import default_renderer_kind, make_renderer
 
     registry = ObjectRegistry.from_yaml(args.objects)
     unknown = [c for c in args.classes or [] if c not in registry]
     if unknown:
         raise EvaluationError(f"--classes names unknown class(es) {unknown}; known: {registry.class_ids}")
     renderer = Renderer()
-    return registry, renderer, build_refiner(args, registry, renderer)
+    kind = default_renderer_kind(args.device) if args.renderer == "auto" else args.renderer
+    refiner_renderer = renderer if kind == "opengl" else make_renderer(args.device, kind)
+    return registry, renderer, build_refiner(args, registry, refiner_renderer)
 
 
 def noise_levels(args: argparse.Namespace) -> list[tuple[float, tuple[float, ...]]]:

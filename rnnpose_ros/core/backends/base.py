@@ -126,7 +126,8 @@ class CorrespondenceBackend(ABC, Generic[FrameT, ViewT]):
     Args:
         device: torch device of the batched tensors.
         config: the backend's options (an instance of ``config_class``; None = its defaults).
-        renderer: a shared :class:`~rnnpose_ros.core.render.Renderer` (created on first use if None).
+        renderer: a shared renderer (:class:`~rnnpose_ros.core.renderers.RendererLike`; if None, the
+            one :func:`~rnnpose_ros.core.renderers.make_renderer` chooses for ``device``, on first use).
     """
 
     name: ClassVar[str]
@@ -150,11 +151,11 @@ class CorrespondenceBackend(ABC, Generic[FrameT, ViewT]):
 
     @property
     def renderer(self):
-        """The renderer (created on first use: it opens an OpenGL context)."""
+        """The renderer (made on first use by :func:`~rnnpose_ros.core.renderers.make_renderer`)."""
         if self._renderer is None:
-            from rnnpose_ros.core.render import Renderer
+            from rnnpose_ros.core.renderers import make_renderer
 
-            self._renderer = Renderer()
+            self._renderer = make_renderer(self.device)
         return self._renderer
 
     @abstractmethod

@@ -337,7 +337,7 @@ def render_reference(
     ``features`` (training calls it with gradients on; the refiner under ``no_grad``).
 
     Args:
-        renderer: a :class:`~rnnpose_ros.core.render.Renderer` (rasterises on the host).
+        renderer: a :class:`~rnnpose_ros.core.renderers.RendererLike` (results on the poses' device).
         models, features: the B object models and their caches.
         poses: (B, 4, 4) render poses, model → camera, metres.
         window: the zoom crop windows (``window.K``: (B, 3, 3) crop intrinsics, ``window.side``).
@@ -346,11 +346,8 @@ def render_reference(
         interpolated_depth: interpolated z-buffer depth instead of the published nearest-vertex depth.
     """
     size = observed_rgb.shape[-1]
-    device = observed_rgb.device
-    # The rasteriser runs on the host: the one synchronisation point of a render iteration.
-    rendered = renderer.render(
-        list(models), poses.detach().cpu().numpy(), window.K.detach().cpu().numpy(), (size, size)
-    )
+    # On the device with the Warp renderer; the OpenGL renderer reads poses and K back to the host.
+    rendered = renderer.render_tensors(list(models), poses, window.K, (size, size))
     attributes = torch.cat(
         [
             interpolate_vertex_attributes(
@@ -360,7 +357,7 @@ def render_reference(
         ]
     )
     if interpolated_depth:
-        depth = torch.from_numpy(rendered.depth).to(device)
+        depth = rendered.depth
     else:
         depth = torch.cat(
             [
@@ -375,7 +372,7 @@ def render_reference(
             ]
         )
     return RenderedReference(
-        rgb=torch.from_numpy(rendered.rgb).to(device).permute(0, 3, 1, 2),
+        rgb=rendered.rgb.permute(0, 3, 1, 2),
         context=attributes[:, :CONTEXT_DIM],
         descriptors=attributes[:, CONTEXT_DIM:],
         depth=depth,
