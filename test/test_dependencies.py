@@ -67,6 +67,7 @@ DEPENDENCIES: dict[str, tuple[str, str | None, str]] = {
     "matplotlib": ("python3-matplotlib", "matplotlib", ""),
     "imageio": ("python3-imageio", "imageio", ""),
     "tqdm": ("python3-tqdm", "tqdm", ""),
+    "warp": ("python3-warp-lang-pip", "warp-lang", ""),
     "skimage": ("python3-skimage", "scikit-image", ""),
     "trimesh": ("python3-trimesh-pip", "trimesh", ""),
     "pyrender": ("python3-pyrender-pip", "pyrender", ""),
