@@ -96,7 +96,12 @@ class Diagnostics:
         self._throttle = Throttle(WARN_THROTTLE_S)
         self._publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._period_start = time.monotonic()
-        node.create_timer(settings.diagnostics_period, self.publish)
+        self._timer = node.create_timer(settings.diagnostics_period, self.publish)
+
+    def close(self) -> None:
+        """Stop publishing: destroy the timer and the publisher (lifecycle cleanup)."""
+        self._node.destroy_timer(self._timer)
+        self._node.destroy_publisher(self._publisher)
 
     def warn(self, key: str, text: str) -> None:
         """Log ``text`` as a warning unless reason ``key`` was logged in the last ``WARN_THROTTLE_S``."""
@@ -165,8 +170,7 @@ class Diagnostics:
 
     def duplicates(self) -> int:
         """Other nodes in the domain with this node's name and namespace (the ROS graph as discovered)."""
-        me = (self._node.get_name(), self._node.get_namespace())
-        return sum(1 for entry in self._node.get_node_names_and_namespaces() if tuple(entry) == me) - 1
+        return duplicate_nodes(self._node)
 
     # --- publishing ---------------------------------------------------------------------------------
 
@@ -256,3 +260,9 @@ class Diagnostics:
         array = DiagnosticArray(status=[status])
         array.header.stamp = self._node.get_clock().now().to_msg()
         self._publisher.publish(array)
+
+
+def duplicate_nodes(node: Node) -> int:
+    """Other nodes in the domain with ``node``'s name and namespace (the ROS graph as discovered)."""
+    me = (node.get_name(), node.get_namespace())
+    return sum(1 for entry in node.get_node_names_and_namespaces() if tuple(entry) == me) - 1

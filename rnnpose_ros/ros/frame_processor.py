@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,12 +94,15 @@ def process_frame(
     settings: Settings,
     registry: ObjectRegistry,
     stop: Callable[[], bool] | None = None,
+    not_ready: Mapping[str, str] | None = None,
 ) -> FrameOutcome:
     """Refine the detections of ``frame`` with ``refiner`` (``refine(observation, instances, stop=...)``,
     as :class:`~rnnpose_ros.core.refiner.Refiner`); reads ``frame_id_check``, ``expected_frame_id`` and
-    ``max_detections_per_frame`` of ``settings`` and the models' boxes from ``registry``. Never raises
-    for bad input; :class:`~rnnpose_ros.core.refiner.RefinementCancelledError` passes through when
-    ``stop`` asks the engine to stop."""
+    ``max_detections_per_frame`` of ``settings`` and the models' boxes from ``registry``. Detections of
+    a class in ``not_ready`` (class id -> why, e.g. an object being added at run time) are passed
+    through with that reason as a warning. Never raises for bad input;
+    :class:`~rnnpose_ros.core.refiner.RefinementCancelledError` passes through when ``stop`` asks the
+    engine to stop."""
     start = time.monotonic()
     detections = parse_detections(frame.detections)
     outcome = FrameOutcome(detections)
@@ -126,7 +129,9 @@ def process_frame(
     converted = time.monotonic()
     results: dict[int, RefineResult] = {}
     if outcome.observation is not None and outcome.problem is None:
-        results = _refine(refiner, outcome.observation, outcome, settings.max_detections_per_frame, stop)
+        results = _refine(
+            refiner, outcome.observation, outcome, settings.max_detections_per_frame, stop, not_ready or {}
+        )
     outcome.outputs = [_output(item, results.get(item.index), registry) for item in detections]
     if outcome.problem is not None:
         outcome.warn(
@@ -172,6 +177,7 @@ def _refine(
     outcome: FrameOutcome,
     max_detections: int,
     stop: Callable[[], bool] | None,
+    not_ready: Mapping[str, str],
 ) -> dict[int, RefineResult]:
     """One engine call for the usable detections (the first ``max_detections`` of them, in input order);
     returns the OK results by input index and records every other outcome (warnings, ``problem``,
@@ -184,7 +190,12 @@ def _refine(
 
     usable = []
     for item in outcome.detections:
-        if item.error is None:
+        if item.error is None and item.class_id in not_ready:
+            outcome.warn(
+                f"not-ready:{item.class_id}",
+                f"detection {item.instance_id} passed through: {not_ready[item.class_id]}",
+            )
+        elif item.error is None:
             usable.append(item)
         else:
             outcome.warn(

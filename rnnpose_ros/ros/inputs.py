@@ -12,7 +12,8 @@ registered depth image, say, would be ``InputTopic("depth", Image, "image_qos")`
 :class:`FrameInputs` builds frames.
 
 Threading: subscription, synchroniser and QoS-event callbacks run in the executor thread and only
-count and queue (never block); :class:`FrameQueue` is the one hand-over to the worker thread.
+count and queue (never block); :class:`FrameQueue` is the one hand-over to the worker thread, for
+frames and for the tasks that must run where the engine runs (service requests, registry changes).
 """
 
 from __future__ import annotations
@@ -62,11 +63,28 @@ class Frame:
     queued: float
 
 
+class WorkerTask(Protocol):
+    """Work for the worker thread that is not a frame (see :meth:`FrameQueue.submit`)."""
+
+    def __call__(self) -> None:
+        """Run on the worker thread; must not raise."""
+
+    def cancel(self, reason: str) -> None:
+        """The task will never run (the node stops or cleans up): answer whoever waits for it."""
+
+
 class FrameQueue:
-    """Bounded FIFO between the subscription callbacks and the worker; ``put`` drops the oldest frame."""
+    """Bounded FIFO between the subscription callbacks and the worker; ``put`` drops the oldest frame.
+
+    Besides frames it carries tasks (:meth:`submit`): callables that must run on the worker thread,
+    between two frames, because they use the engine (which is not thread-safe and owns an OpenGL
+    context) or change what the worker reads (the object registry). Tasks are never dropped and run
+    before any waiting frame, in submission order.
+    """
 
     def __init__(self, capacity: int):
         self._frames: deque[Frame] = deque()
+        self._tasks: deque[WorkerTask] = deque()
         self.capacity = capacity
         self._condition = threading.Condition()
         self._closed = False
@@ -79,17 +97,39 @@ class FrameQueue:
             self._condition.notify()
         return dropped
 
-    def get(self) -> Frame | None:
-        """The oldest frame, waiting for one; None once closed."""
+    def submit(self, task: WorkerTask) -> bool:
+        """Queue ``task`` for the worker ahead of every frame; False (not queued) once closed."""
         with self._condition:
-            while not self._frames and not self._closed:
-                self._condition.wait()
-            return None if self._closed else self._frames.popleft()
+            if self._closed:
+                return False
+            self._tasks.append(task)
+            self._condition.notify()
+        return True
 
-    def close(self) -> None:
+    def get(self) -> Frame | WorkerTask | None:
+        """The oldest task, else the oldest frame, waiting for one; None once closed."""
+        with self._condition:
+            while not self._frames and not self._tasks and not self._closed:
+                self._condition.wait()
+            if self._closed:
+                return None
+            return self._tasks.popleft() if self._tasks else self._frames.popleft()
+
+    def clear(self) -> int:
+        """Drop every waiting frame (tasks stay); returns how many were dropped."""
+        with self._condition:
+            count = len(self._frames)
+            self._frames.clear()
+        return count
+
+    def close(self) -> list[WorkerTask]:
+        """Stop handing out work; returns the tasks that will never run (the caller cancels them)."""
         with self._condition:
             self._closed = True
+            tasks = list(self._tasks)
+            self._tasks.clear()
             self._condition.notify_all()
+        return tasks
 
     @property
     def closed(self) -> bool:

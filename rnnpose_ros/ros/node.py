@@ -27,6 +27,7 @@ worker is inside native code (rendering, torch, OpenCV).
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -39,7 +40,7 @@ import numpy as np
 import rclpy
 import rclpy.executors
 from rclpy._rclpy_pybind11 import RCLError
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
@@ -57,9 +58,9 @@ from rnnpose_ros.ros.conversions import (
     overlay_image,
     rgb_to_image,
 )
-from rnnpose_ros.ros.diagnostics import Diagnostics
+from rnnpose_ros.ros.diagnostics import Diagnostics, duplicate_nodes
 from rnnpose_ros.ros.frame_processor import FrameOutcome, process_frame
-from rnnpose_ros.ros.inputs import Frame, FrameInputs, FrameQueue
+from rnnpose_ros.ros.inputs import INPUTS, Frame, FrameInputs, FrameQueue
 from rnnpose_ros.ros.parameters import (
     PARAMETERS,
     ParameterError,
@@ -69,6 +70,7 @@ from rnnpose_ros.ros.parameters import (
     resolve_backend,
     resolve_device,
 )
+from rnnpose_ros.ros.services import NodeServices
 
 NODE_NAME = "rnnpose_refiner"
 # Longest wait for the worker at shutdown: one engine stage (a render iteration of a full batch on a
@@ -82,8 +84,14 @@ class StartupError(RuntimeError):
     """The node cannot start for a reason other than a parameter value (the message says why)."""
 
 
-class RefinerNode(Node):
+class RefinerNode(LifecycleNode):
     """ROS 2 adapter around :class:`rnnpose_ros.core.refiner.Refiner` (module docstring).
+
+    A managed (lifecycle) node: *configure* loads the registry, builds the engine and its per-object
+    caches, creates the publishers and starts the worker, which warms up; *activate* subscribes;
+    *deactivate* unsubscribes and drops waiting frames (caches kept); *cleanup* stops the worker and
+    frees the engine and the publishers. With ``autostart`` (default) the constructor configures and
+    activates, raising what configure raised.
 
     Args:
         refiner_factory: builds the engine from the validated settings and the registry; defaults to
@@ -93,31 +101,150 @@ class RefinerNode(Node):
 
     def __init__(self, refiner_factory: Callable[[Settings, Any], Any] | None = None, **kwargs: Any):
         super().__init__(NODE_NAME, **kwargs)
-        s = self.settings = declare_settings(self, PARAMETERS, Settings)
-        self.registry = load_registry(s.objects_file)
-        self.refiner = (refiner_factory or create_refiner)(s, self.registry)
-
-        self.pub_detections = self.create_publisher(Detection3DArray, "~/detections", 10)
-        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", 10)
-        self.pub_debug = self.create_publisher(Image, "~/debug_image", QoSProfile(depth=2))
-        self.tf_broadcaster = compat.TransformBroadcaster(self)
-        self._markers_shown: set[str] = set()
-
-        self.queue = FrameQueue(s.max_pending_frames)
+        self.settings = declare_settings(self, PARAMETERS, Settings)
+        self._refiner_factory = refiner_factory or create_refiner
+        # What configure creates (None while unconfigured).
+        self.registry: Any = None
+        self.refiner: Any = None
+        self.queue: FrameQueue | None = None
+        self.diagnostics: Diagnostics | None = None
+        self.inputs: FrameInputs | None = None
+        self._worker: threading.Thread | None = None
         self.warmed_up = threading.Event()
         self._stopping = threading.Event()
-        self.diagnostics = Diagnostics(self, s, self.queue, self.warmed_up)
+        self._not_ready: dict[str, str] = {}  # class id -> why its detections are passed through
+        self._configure_error: Exception | None = None
+        self._starting = False
+        self.node_services = NodeServices(self)
+        if self.settings.autostart:
+            self._start_up()
+
+    def _start_up(self) -> None:
+        """configure + activate now (``autostart``); raises what configure raised. The warm-up goes on
+        in the worker meanwhile (frames wait in the queue), as ``/diagnostics`` reports."""
+        self._starting = True
+        try:
+            configured = self.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        finally:
+            self._starting = False
+        if not configured:
+            error = self._configure_error or StartupError("configure failed")
+            self._configure_error = None
+            raise error
+        if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+            raise StartupError("activate failed")
+
+    # --- lifecycle transitions (executor thread) -------------------------------------------------------
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as error:  # a configure that fails leaves the node unconfigured, never half-built
+            self._release()
+            if self._starting:
+                self._configure_error = error  # raised by the constructor (main reports it)
+            else:
+                self.get_logger().error(f"configure failed: {error}")
+            return TransitionCallbackReturn.FAILURE
+        if not self._starting:
+            self._wait_for_warm_up()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        s = self.settings
+        assert self.diagnostics is not None
         self.inputs = FrameInputs(self, s, self._on_frame, self.diagnostics)
-        self._worker = threading.Thread(target=self._work, name="rnnpose_worker", daemon=True)
-        self._worker.start()
+        by_name = dict(zip((topic.name for topic in INPUTS), self.inputs.subscribers, strict=True))
+        self.node_services.watch_inputs(by_name["image"], by_name["camera_info"])
         self.get_logger().info(
             f"ready: backend {s.backend}, device {s.device}, objects {', '.join(self.registry.class_ids)} "
             f"from {s.objects_file}; sync {'exact stamps' if s.sync_slop == 0 else f'slop {s.sync_slop} s'} "
             f"({compat.IMPLEMENTATION['synchronizer']}), TF via {compat.IMPLEMENTATION['tf_broadcaster']}"
         )
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._unsubscribe()
+        if self.queue is not None:
+            self.queue.clear()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._unsubscribe()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    @property
+    def state_label(self) -> str:
+        """The lifecycle state: unconfigured, inactive, active or finalized."""
+        return self._state_machine.current_state[1]  # rclpy has no public accessor
+
+    @property
+    def is_active(self) -> bool:
+        return self.inputs is not None
+
+    def _configure(self) -> None:
+        s = self.settings
+        self.registry = load_registry(s.objects_file)
+        self.refiner = self._refiner_factory(s, self.registry)
+        self.pub_detections = self.create_publisher(Detection3DArray, "~/detections", 10)
+        self.pub_markers = self.create_publisher(MarkerArray, "~/markers", 10)
+        self.pub_debug = self.create_publisher(Image, "~/debug_image", QoSProfile(depth=2))
+        self.tf_broadcaster = compat.TransformBroadcaster(self)
+        self._markers_shown: set[str] = set()
+        self.queue = FrameQueue(s.max_pending_frames)
+        self.warmed_up = threading.Event()
+        self._stopping = threading.Event()
+        self.diagnostics = Diagnostics(self, s, self.queue, self.warmed_up)
+        self._worker = threading.Thread(target=self._work, name="rnnpose_worker", daemon=True)
+        self._worker.start()
+
+    def _wait_for_warm_up(self) -> None:
+        """Block the transition until the worker's warm-up is over (or the node stops)."""
+        while not self.warmed_up.wait(0.1):
+            if self._stopping.is_set() or not self.context.ok() or not self._worker.is_alive():
+                return
+
+    def _unsubscribe(self) -> None:
+        """Destroy the input subscriptions (the synchroniser goes with them)."""
+        if self.inputs is not None:
+            for subscriber in self.inputs.subscribers:
+                self.destroy_subscription(subscriber.sub)
+            self.inputs = None
+
+    def _release(self) -> None:
+        """Stop the worker (at its next engine stage boundary; waiting service calls are answered) and
+        free the engine, its caches and the publishers; the node is then as after construction."""
+        self._unsubscribe()
+        self._stopping.set()
+        if self.queue is not None:
+            for task in self.queue.close():
+                task.cancel(f"not run: the node left the {self.state_label} state")
+        worker, self._worker = self._worker, None
+        if worker is not None and worker.is_alive() and threading.current_thread() is not worker:
+            worker.join(timeout=SHUTDOWN_WAIT_S)
+            if worker.is_alive():
+                self.get_logger().error(f"the worker did not stop within {SHUTDOWN_WAIT_S:g} s")
+        if self.diagnostics is not None:
+            self.diagnostics.close()
+        for name in ("pub_detections", "pub_markers", "pub_debug"):
+            publisher = self.__dict__.pop(name, None)
+            if publisher is not None:
+                self.destroy_publisher(publisher)
+        broadcaster = self.__dict__.pop("tf_broadcaster", None)
+        if broadcaster is not None:
+            self.destroy_publisher(broadcaster.pub_tf)
+        self.registry = self.refiner = self.queue = self.diagnostics = None
+        self._not_ready = {}
+        gc.collect()  # the engine's tensors and OpenGL context now, not at some later collection
 
     def _on_frame(self, frame: Frame) -> None:
         """Executor thread: queue a synchronised set for the worker (never blocks)."""
+        assert self.queue is not None and self.diagnostics is not None
         self.diagnostics.frame_queued(self.queue.put(frame))
 
     # --- worker thread ------------------------------------------------------------------------------
@@ -125,25 +252,31 @@ class RefinerNode(Node):
     def _work(self) -> None:
         from rnnpose_ros.core.refiner import RefinementCancelledError  # heavy (torch): after start-up
 
+        queue, diagnostics = self.queue, self.diagnostics
+        assert queue is not None and diagnostics is not None
         try:
             if self.settings.warmup:
-                self._warm_up()
+                self._warm_up(list(self.registry))
         except RefinementCancelledError:
             return
         self.warmed_up.set()
-        while (frame := self.queue.get()) is not None:
+        while (item := queue.get()) is not None:
             try:
-                self.process(frame)
+                if isinstance(item, Frame):
+                    self.process(item)
+                else:
+                    item()
             except RefinementCancelledError:
                 return  # shutting down: the frame is abandoned between two engine stages
             except Exception as error:  # never let one frame end the worker
-                if self.queue.closed or not self.context.ok():
+                if queue.closed or not self.context.ok():
                     return  # shutting down: the node's publishers may already be gone
-                self.diagnostics.frame_failed(f"internal error: {error}")
+                diagnostics.frame_failed(f"internal error: {error}")
                 self.get_logger().error(f"frame processing failed: {error}\n{traceback.format_exc()}")
 
-    def _warm_up(self) -> None:
-        """One engine call on a grey 320×240 image with each class 3 diameters ahead (results unused)."""
+    def _warm_up(self, models: list[Any]) -> None:
+        """One engine call on a grey 320×240 image with each of ``models`` 3 diameters ahead (results
+        unused)."""
         from rnnpose_ros.core.refiner import (  # heavy (torch): after the cheap start-up checks
             Instance,
             RefinementCancelledError,
@@ -152,7 +285,7 @@ class RefinerNode(Node):
         start = time.monotonic()
         K = np.array([[300.0, 0.0, 160.0], [0.0, 300.0, 120.0], [0.0, 0.0, 1.0]])
         instances = []
-        for model in self.registry:
+        for model in models:
             pose = np.eye(4)
             pose[:3, 3] = -model.center + (0.0, 0.0, 3.0 * model.diameter)
             instances.append(Instance(model.class_id, pose, "warmup"))
@@ -165,22 +298,36 @@ class RefinerNode(Node):
         except Exception as error:  # a failed warm-up only costs first-frame latency
             self.get_logger().warning(f"warm-up failed (the first frame will be slower): {error}")
             return
-        if not self.queue.closed:
+        if not self._stopping.is_set():
             self.get_logger().info(f"warm-up done in {time.monotonic() - start:.2f} s")
 
-    def process(self, frame: Frame) -> Detection3DArray:
-        """Refine and publish one synchronised frame; returns the published detections."""
-        start = time.monotonic()
-        outcome = process_frame(frame, self.refiner, self.settings, self.registry, stop=self._stopping.is_set)
-        processed = time.monotonic()
+    def refine_frame(self, frame: Frame) -> tuple[Detection3DArray, FrameOutcome]:
+        """Worker thread: one frame through the engine, its warnings logged; the detections message the
+        node publishes for it (header = the image's) and the outcome. Publishes nothing."""
+        assert self.diagnostics is not None
+        outcome = process_frame(
+            frame,
+            self.refiner,
+            self.settings,
+            self.registry,
+            stop=self._stopping.is_set,
+            not_ready=self._not_ready,
+        )
         if outcome.engine_failure is not None:
             self.get_logger().error(outcome.engine_failure, throttle_duration_sec=5.0)
         for key, text in outcome.warnings.items():
             self.diagnostics.warn(key, text)
-        header = frame.image.header
-        message = detection_array(header, frame.detections, outcome.detections, outcome.outputs)
+        message = detection_array(frame.image.header, frame.detections, outcome.detections, outcome.outputs)
+        return message, outcome
+
+    def process(self, frame: Frame) -> Detection3DArray:
+        """Refine and publish one synchronised frame; returns the published detections."""
+        assert self.diagnostics is not None
+        start = time.monotonic()
+        message, outcome = self.refine_frame(frame)
+        processed = time.monotonic()
         self.pub_detections.publish(message)
-        self._publish_extras(header, outcome)
+        self._publish_extras(frame.image.header, outcome)
         done = time.monotonic()
         latency_s = {
             "queue": start - frame.queued,
@@ -193,6 +340,26 @@ class RefinerNode(Node):
             latency_s, outcome.refined_count, outcome.failed_count, outcome.problem, outcome.over_limit
         )
         return message
+
+    def install_registry(self, registry: Any, changed: list[Any]) -> None:
+        """Worker thread: build the engine's caches of the ``changed`` models and warm them up, then make
+        ``registry`` the one every later frame uses. Raises (registry unchanged) when a model cannot be
+        prepared (e.g. the learned backend without its weights file)."""
+        if changed:
+            self.refiner.prepare(changed)
+            if self.settings.warmup:
+                self._warm_up(changed)
+        self.refiner.registry = self.registry = registry
+
+    def mark_not_ready(self, class_ids: list[str], reason: str) -> None:
+        """Pass detections of ``class_ids`` through (``reason`` in the warning) until :meth:`mark_ready`."""
+        text = f"{reason} (passed through until it is ready)"
+        self._not_ready = {**self._not_ready, **dict.fromkeys(class_ids, text)}  # one atomic swap
+
+    def mark_ready(self, class_ids: list[str] | None) -> None:
+        """Refine ``class_ids`` (None: every class) again."""
+        keep = {} if class_ids is None else {k: v for k, v in self._not_ready.items() if k not in class_ids}
+        self._not_ready = keep
 
     def _publish_extras(self, header: Header, outcome: FrameOutcome) -> None:
         """TF, markers and (when subscribed) the debug overlay for one frame."""
@@ -233,16 +400,11 @@ class RefinerNode(Node):
             self.pub_debug.publish(rgb_to_image(overlay, header))
 
     def destroy_node(self) -> None:
-        """Stop the worker: the engine stops at its next stage boundary (the frame in progress or the
-        warm-up is abandoned, unpublished), and the worker is joined, so that no thread is left inside
-        native code when the process exits."""
-        if hasattr(self, "_worker"):  # absent when the constructor failed
-            self._stopping.set()
-            self.queue.close()
-            if self._worker.is_alive() and threading.current_thread() is not self._worker:
-                self._worker.join(timeout=SHUTDOWN_WAIT_S)
-                if self._worker.is_alive():
-                    self.get_logger().error(f"the worker did not stop within {SHUTDOWN_WAIT_S:g} s")
+        """Stop the worker in any state: the engine stops at its next stage boundary (the frame in
+        progress or the warm-up is abandoned, unpublished), and the worker is joined, so that no thread
+        is left inside native code when the process exits."""
+        if "node_services" in self.__dict__:  # absent when the constructor failed before the services
+            self._release()
         super().destroy_node()
 
     def refuse_duplicate(self, wait_s: float = DUPLICATE_CHECK_S) -> None:
@@ -251,7 +413,7 @@ class RefinerNode(Node):
         deadline = time.monotonic() + wait_s
         while self.context.ok():
             try:
-                duplicates = self.diagnostics.duplicates()
+                duplicates = duplicate_nodes(self)
             except Exception:  # a signal shut the context down while the graph was queried
                 if self.context.ok():
                     raise
@@ -303,6 +465,15 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
     return refiner
 
 
+def make_executor(node: RefinerNode) -> rclpy.executors.MultiThreadedExecutor:
+    """The executor the node needs: one thread per ``~/refine`` call that may wait for the worker, and
+    more for the inputs, timers, lifecycle and object services (each callback group of the node keeps
+    its own ordering)."""
+    return rclpy.executors.MultiThreadedExecutor(
+        num_threads=node.settings.max_pending_requests + 3, context=node.context
+    )
+
+
 def main(args: list[str] | None = None) -> int:
     """Console entry point ``refine_node``: spin the node until shut down (exit 2, with one line saying
     why, when it cannot start; 0 after SIGINT / SIGTERM)."""
@@ -319,13 +490,18 @@ def main(args: list[str] | None = None) -> int:
     node = None
     try:
         node = RefinerNode()
+        executor = make_executor(node)
         node.refuse_duplicate()
-        rclpy.spin(node)
+        rclpy.spin(node, executor=executor)
     except (ParameterError, StartupError) as error:
         logger.fatal(str(error))
         return 2
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
+    except RCLError:
+        if rclpy.ok():
+            raise
+        # a signal shut the context down while the node was still creating entities: a normal stop
     finally:
         if node is not None:
             node.destroy_node()
