@@ -240,3 +240,15 @@ def test_warnings_are_keyed_by_reason_not_by_text(registry: ObjectRegistry) -> N
         p.x, p.y, p.z = position
         keys |= set(process_frame(f, ScriptedRefiner(), settings(), registry).warnings)
     assert keys == {"frame:ImageConversionError", "detection:invalid-pose"}
+
+
+def test_detections_of_a_class_not_ready_pass_through_with_the_reason(registry: ObjectRegistry) -> None:
+    engine = ScriptedRefiner()
+    outcome = process_frame(
+        frame(pose(-0.05), pose(0.05)), engine, settings(), registry, not_ready={"duck": "duck is loading"}
+    )
+    assert engine.calls == []
+    assert [output.score for output in outcome.outputs] == [0.0, 0.0]
+    assert outcome.problem is None and outcome.warnings == {
+        "not-ready:duck": "detection duck_0 passed through: duck is loading"
+    }

@@ -27,6 +27,8 @@ worker is inside native code (rendering, torch, OpenCV).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import sys
 import threading
@@ -240,7 +242,7 @@ class RefinerNode(LifecycleNode):
             self.destroy_publisher(broadcaster.pub_tf)
         self.registry = self.refiner = self.queue = self.diagnostics = None
         self._not_ready = {}
-        gc.collect()  # the engine's tensors and OpenGL context now, not at some later collection
+        release_freed_memory()
 
     def _on_frame(self, frame: Frame) -> None:
         """Executor thread: queue a synchronised set for the worker (never blocks)."""
@@ -430,6 +432,15 @@ class RefinerNode(LifecycleNode):
 
 
 # ---------------------------------------------------------------- engine construction
+
+
+def release_freed_memory() -> None:
+    """Free the released engine now (tensors, OpenGL context) rather than at some later collection, and
+    give the freed heap pages back to the system: glibc keeps them otherwise (measured: 700 → 440 MiB
+    after one classical engine was dropped), and a lifecycle cleanup would not show in the RSS."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load_registry(objects_file: Path) -> Any:
