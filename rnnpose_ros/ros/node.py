@@ -328,6 +328,8 @@ class RefinerNode(LifecycleNode):
         start = time.monotonic()
         message, outcome = self.refine_frame(frame)
         processed = time.monotonic()
+        if not self.is_active:
+            return message  # deactivated while the frame was refined: no output any more
         self.pub_detections.publish(message)
         self._publish_extras(frame.image.header, outcome)
         done = time.monotonic()
@@ -349,9 +351,10 @@ class RefinerNode(LifecycleNode):
         prepared (e.g. the learned backend without its weights file)."""
         if changed:
             self.refiner.prepare(changed)
-            if self.settings.warmup:
-                self._warm_up(changed)
-        self.refiner.registry = self.registry = registry
+        self.refiner.registry = registry  # the warm-up refines the new models through it
+        if changed and self.settings.warmup:
+            self._warm_up(changed)
+        self.registry = registry
 
     def mark_not_ready(self, class_ids: list[str], reason: str) -> None:
         """Pass detections of ``class_ids`` through (``reason`` in the warning) until :meth:`mark_ready`."""

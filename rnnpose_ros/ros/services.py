@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -147,25 +148,29 @@ class NodeServices:
         self._waiting_lock = threading.Lock()
         refine_group = ReentrantCallbackGroup()
         objects_group = MutuallyExclusiveCallbackGroup()
-        node.create_service(Refine, "~/refine", self._refine, callback_group=refine_group)
-        node.create_service(
-            SetObject,
-            "~/add_object",
-            lambda q, a: self._set_object(q, a, False),
-            callback_group=objects_group,
-        )
-        node.create_service(
-            SetObject,
-            "~/replace_object",
-            lambda q, a: self._set_object(q, a, True),
-            callback_group=objects_group,
-        )
-        node.create_service(
-            RemoveObject, "~/remove_object", self._remove_object, callback_group=objects_group
-        )
-        node.create_service(
-            ReloadObjects, "~/reload_objects", self._reload_objects, callback_group=objects_group
-        )
+        for srv_type, name, handler, group in (
+            (Refine, "~/refine", self._refine, refine_group),
+            (SetObject, "~/add_object", lambda q, a: self._set_object(q, a, False), objects_group),
+            (SetObject, "~/replace_object", lambda q, a: self._set_object(q, a, True), objects_group),
+            (RemoveObject, "~/remove_object", self._remove_object, objects_group),
+            (ReloadObjects, "~/reload_objects", self._reload_objects, objects_group),
+        ):
+            node.create_service(srv_type, name, self._guarded(name, handler), callback_group=group)
+
+    def _guarded(self, name: str, handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """``handler`` that answers an unexpected exception (e.g. a cleanup racing the call) with
+        ``success: false`` instead of letting it end the executor's spin."""
+
+        def answer(request: Any, response: Any) -> Any:
+            try:
+                return handler(request, response)
+            except Exception as error:
+                self._node.get_logger().error(f"{name} failed: {error}\n{traceback.format_exc()}")
+                response.success = False
+                response.message = f"internal error: {type(error).__name__}: {error}"
+                return response
+
+        return answer
 
     def watch_inputs(self, image_subscriber: Any, camera_info_subscriber: Any) -> None:
         """Follow the node's image and camera_info subscriptions (message_filters-style subscribers)."""
