@@ -9,17 +9,22 @@ Publishes:
     order), ``/tf`` (``<tf_prefix><id>`` under the image frame, image stamp), ``~/markers``
     (visualization_msgs/MarkerArray), ``~/debug_image`` (sensor_msgs/Image, only when subscribed),
     ``/diagnostics`` (diagnostic_msgs/DiagnosticArray).
+Serves:
+    ``~/refine`` and the object-registry services (:mod:`~rnnpose_ros.ros.services`), and the standard
+    lifecycle services (it is a managed node; ``autostart`` configures and activates it at start).
 
 The node is the adapter that joins the pieces: :mod:`~rnnpose_ros.ros.parameters` (the parameter
 table and typed settings), :mod:`~rnnpose_ros.ros.inputs` (subscriptions and synchroniser),
 :mod:`~rnnpose_ros.ros.frame_processor` (one frame through the engine, no ROS),
-:mod:`~rnnpose_ros.ros.diagnostics` (counters, throttled warnings, ``/diagnostics``). It owns the
-output publishers, the worker thread and the warm-up. The README's "ROS API" section documents the
+:mod:`~rnnpose_ros.ros.diagnostics` (counters, throttled warnings, ``/diagnostics``),
+:mod:`~rnnpose_ros.ros.services` (the services). It owns the output publishers, the worker thread,
+the warm-up and the lifecycle transitions. The README's "ROS API" section documents the
 whole interface.
 
 Threading: subscription callbacks only queue the synchronised set (bounded, ``max_pending_frames``,
 oldest dropped with a throttled warning); one worker thread converts, refines and publishes, so the
-executor is never blocked by refinement. Bad input never stops the node: the frame's detections are
+executor is never blocked by refinement; service calls run their engine work on the same worker,
+through the same queue. Bad input never stops the node: the frame's detections are
 passed through with score 0 and the reason is logged (throttled per reason). Shutdown asks the engine
 to stop between two of its stages and waits for the worker, so the process never exits while the
 worker is inside native code (rendering, torch, OpenCV).
@@ -176,7 +181,6 @@ class RefinerNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._unsubscribe()
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
