@@ -210,7 +210,12 @@ class NodeServices:
                 return response
             self._waiting += 1
         try:
-            frame = Frame(frame_image, frame_info, request.detections, queued=time.monotonic())
+            frame = Frame(
+                image=frame_image,
+                camera_info=frame_info,
+                detections=request.detections,
+                queued=time.monotonic(),
+            )
             call: WorkerCall[tuple[Detection3DArray, FrameOutcome]] = WorkerCall(
                 lambda: node.refine_frame(frame)
             )
