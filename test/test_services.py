@@ -18,6 +18,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("rnnpose_ros_interfaces")
 
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rnnpose_ros_interfaces.msg import ObjectEntry  # noqa: E402
@@ -65,6 +66,8 @@ class Client:
         self.replace = self.client.create_client(SetObject, f"{name}/replace_object")
         self.remove = self.client.create_client(RemoveObject, f"{name}/remove_object")
         self.reload = self.client.create_client(ReloadObjects, f"{name}/reload_objects")
+        self.diagnostics: list[DiagnosticArray] = []
+        self.client.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
         self.pub_image = self.client.create_publisher(Image, "image", 10)
         self.pub_info = self.client.create_publisher(CameraInfo, "camera_info", 10)
         self.executor = make_executor(self.node)
@@ -240,6 +243,8 @@ def test_lifecycle_transitions(client: Client) -> None:
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
         wait_until(lambda: client.pub_image.get_subscription_count() == 0)
         assert node.refiner is refiner  # caches kept
+        client.diagnostics.clear()
+        wait_until(lambda: any("inactive" in d.status[0].message for d in client.diagnostics))
         assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
         assert node.refiner is None and node.registry is None and node.queue is None
         assert node.settings.score_threshold == pytest.approx(0.1 * (cycle + 1))

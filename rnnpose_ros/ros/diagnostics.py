@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,14 +85,23 @@ class Diagnostics:
         settings: reads ``diagnostics_period`` once, ``backend`` and ``device`` at every publication.
         queue: the frame queue whose length and capacity are reported.
         warmed_up: set once the warm-up is over ("warming up" is reported until then).
+        active: whether the node is subscribed (a lifecycle node that is not active says so).
     """
 
-    def __init__(self, node: Node, settings: Settings, queue: FrameQueue, warmed_up: threading.Event):
+    def __init__(
+        self,
+        node: Node,
+        settings: Settings,
+        queue: FrameQueue,
+        warmed_up: threading.Event,
+        active: Callable[[], bool] = lambda: True,
+    ):
         self.stats = Statistics()
         self._node = node
         self._settings = settings
         self._queue = queue
         self._warmed_up = warmed_up
+        self._active = active
         self._throttle = Throttle(WARN_THROTTLE_S)
         self._publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._period_start = time.monotonic()
@@ -246,6 +255,8 @@ class Diagnostics:
                 "check the detector keeps the image header, or set sync_slop"
             )
             self.warn("no-sync", summary)
+        elif not self._active():
+            summary = "inactive (lifecycle): not subscribed, nothing is refined until it is activated"
         elif not self._warmed_up.is_set():
             summary = "warming up (frames are queued meanwhile)"
         elif synced_total == 0:

@@ -205,7 +205,7 @@ class RefinerNode(LifecycleNode):
         self.queue = FrameQueue(s.max_pending_frames)
         self.warmed_up = threading.Event()
         self._stopping = threading.Event()
-        self.diagnostics = Diagnostics(self, s, self.queue, self.warmed_up)
+        self.diagnostics = Diagnostics(self, s, self.queue, self.warmed_up, lambda: self.is_active)
         self._worker = threading.Thread(target=self._work, name="rnnpose_worker", daemon=True)
         self._worker.start()
 
