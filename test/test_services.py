@@ -320,3 +320,13 @@ def test_detections_of_an_object_not_ready_are_passed_through(client: Client) ->
     assert answer.detections.detections[0].results[0].hypothesis.score == 0.0
     client.node.mark_ready(["duck"])
     assert client.call(client.refine, refine_request(("duck", pose(), ""))).success
+
+
+def test_a_destroyed_node_leaves_the_ros_graph(context: Any) -> None:
+    """rclpy's LifecycleNode alone would keep the rcl node alive after destroy_node."""
+    Client(context).close()
+    observer = rclpy.create_node("observer", context=context)
+    try:
+        wait_until(lambda: ("rnnpose_refiner", "/") not in observer.get_node_names_and_namespaces())
+    finally:
+        observer.destroy_node()

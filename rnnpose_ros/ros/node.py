@@ -415,6 +415,9 @@ class RefinerNode(LifecycleNode):
         if "node_services" in self.__dict__:  # absent when the constructor failed before the services
             self._release()
         super().destroy_node()
+        # rclpy's LifecycleNode leaves its state machine alive, and with it the rcl node, which then
+        # stays in the ROS graph (a later node of this name would be reported as a duplicate).
+        self._state_machine.destroy_when_not_in_use()
 
     def refuse_duplicate(self, wait_s: float = DUPLICATE_CHECK_S) -> None:
         """Raise StartupError if, within ``wait_s`` of discovery, another node of this fully qualified
