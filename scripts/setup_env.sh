@@ -4,7 +4,7 @@
 #   1. headless GL (Debian packages, only if missing) and cmake
 #   2. .venv with Python 3.11 (the ROS 2 Kilted wheels are cp311 only)
 #   3. pinned requirements (requirements/*.txt, resolved with requirements/constraints.txt)
-#   4. vision_msgs and tf2_msgs generated from interfaces/ into the venv
+#   4. vision_msgs, tf2_msgs and rnnpose_ros_interfaces generated from interfaces/ into the venv
 #   5. this package installed in editable mode (console script refine_node)
 #   6. `source .venv/bin/activate` also sets the ROS and DDS-safety environment
 #
@@ -82,9 +82,10 @@ np_inc=$("$VENV/bin/python" -c 'import numpy; print(numpy.get_include())')
 
 # --- 4. generated interface packages -----------------------------------------------------------
 export AMENT_PREFIX_PATH="$VENV"
-for pkg in tf2_msgs vision_msgs; do
+# In dependency order: rnnpose_ros_interfaces uses vision_msgs.
+for pkg in tf2_msgs vision_msgs rnnpose_ros_interfaces; do
     src="$ROOT/interfaces/$pkg"
-    pkg_hash=$(hash_of "$src/package.xml" "$src/CMakeLists.txt" "$src"/msg/*.msg)
+    pkg_hash=$(shopt -s nullglob && hash_of "$src/package.xml" "$src/CMakeLists.txt" "$src"/msg/*.msg "$src"/srv/*.srv)
     if stamp_ok "iface-$pkg" "$pkg_hash" && "$VENV/bin/python" -c "import $pkg.msg" 2>/dev/null; then
         continue
     fi

@@ -186,3 +186,35 @@ def test_relight_recovers_gain_and_spherical_harmonic_shading(renderer):
     error = np.abs(relit.astype(int) - observed.astype(int))
     assert error[mask].max() <= 3  # albedo quantisation only
     assert (relit[~mask] == background[~mask]).all()
+
+
+def test_object_cache_rebuilds_replaced_models_and_drops_released_ones() -> None:
+    import gc
+
+    from rnnpose_ros.core.backends.base import ObjectCache
+    from rnnpose_ros.core.objects import ObjectModel
+
+    box = trimesh.creation.box(extents=(0.1, 0.06, 0.04))
+    built: list[str] = []
+
+    def model(class_id: str) -> ObjectModel:
+        return ObjectModel.from_arrays(class_id, np.asarray(box.vertices), np.asarray(box.faces))
+
+    def build(m: ObjectModel) -> str:
+        built.append(m.class_id)
+        return f"{m.class_id}#{len(built)}"
+
+    cache = ObjectCache(build)
+    first, other = model("box"), model("crate")
+    cache.prepare([first, other])
+    cache.prepare([first])
+    assert built == ["box", "crate"] and cache[first] == "box#1"
+    replacement = model("box")  # the same class id registered again (replaced at run time)
+    cache.prepare([replacement])
+    assert cache[replacement] == "box#3"
+    with pytest.raises(KeyError, match="not prepared"):
+        cache[first]
+    del other  # removed at run time: nothing refers to the model any more
+    gc.collect()
+    cache.prepare([replacement])
+    assert len(cache) == 1 and built == ["box", "crate", "box"]

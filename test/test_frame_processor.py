@@ -344,3 +344,15 @@ def test_depth_of_another_frame_is_used_with_frame_id_check_warn(
     outcome = process_frame(f, engine, settings(use_depth=True, frame_id_check="warn"), registry)
     assert engine.calls[0][0].depth is not None and outcome.depth_status == "used"
     assert "depth frame 'camera_depth_optical_frame' != image frame" in outcome.warnings["depth:frame-id"]
+
+
+def test_detections_of_a_class_not_ready_pass_through_with_the_reason(registry: ObjectRegistry) -> None:
+    engine = ScriptedRefiner()
+    outcome = process_frame(
+        frame(pose(-0.05), pose(0.05)), engine, settings(), registry, not_ready={"duck": "duck is loading"}
+    )
+    assert engine.calls == []
+    assert [output.score for output in outcome.outputs] == [0.0, 0.0]
+    assert outcome.problem is None and outcome.warnings == {
+        "not-ready:duck": "detection duck_0 passed through: duck is loading"
+    }

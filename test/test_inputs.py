@@ -109,3 +109,38 @@ def test_a_synchronised_set_becomes_one_frame(context: Any, sync_slop: float, of
         executor.shutdown()
         node.destroy_node()
         client.destroy_node()
+
+
+class Task:
+    """A :class:`~rnnpose_ros.ros.inputs.WorkerTask` that records whether it ran or why it was cancelled."""
+
+    def __init__(self) -> None:
+        self.ran = False
+        self.cancelled: str | None = None
+
+    def __call__(self) -> None:
+        self.ran = True
+
+    def cancel(self, reason: str) -> None:
+        self.cancelled = reason
+
+
+def test_frame_queue_tasks_run_before_frames_and_are_never_dropped() -> None:
+    queue = FrameQueue(1)
+    frames = [frame(i) for i in range(2)]
+    tasks = [Task(), Task()]
+    queue.put(frames[0])
+    assert queue.submit(tasks[0]) and queue.submit(tasks[1])
+    assert queue.put(frames[1]) is frames[0]  # frames still drop the oldest
+    assert queue.get() is tasks[0] and queue.get() is tasks[1] and queue.get() is frames[1]
+    queue.put(frame(2))
+    assert queue.clear() == 1 and len(queue) == 0
+
+
+def test_frame_queue_close_returns_the_tasks_that_never_ran() -> None:
+    queue = FrameQueue(1)
+    waiting = Task()
+    queue.submit(waiting)
+    assert queue.close() == [waiting]
+    assert not queue.submit(Task())  # closed: refused, so the caller answers at once
+    assert queue.get() is None

@@ -222,3 +222,38 @@ def test_listed_pybullet_meshes_are_textured(name):
     model = load_pybullet_object(name)
     assert model.texture is not None and model.uvs is not None
     assert MIN_DIAMETER_M <= model.diameter <= 0.6
+
+
+def test_registry_with_and_without_an_object_leave_the_original_unchanged(tmp_path):
+    write_box(tmp_path / "box.ply")
+    write_box(tmp_path / "box_mm.ply", extents=(100.0, 60.0, 40.0))
+    reg = ObjectRegistry.from_yaml(
+        write_yaml(tmp_path / "objects.yaml", "objects:\n  box:\n    mesh: box.ply\n")
+    )
+    bigger = reg.with_object("crate", {"mesh": "box_mm.ply", "scale": 0.002}, tmp_path)
+    assert bigger.class_ids == ["box", "crate"] and reg.class_ids == ["box"]
+    assert bigger["box"] is reg["box"] and bigger.source == reg.source
+    assert bigger["crate"].diameter == pytest.approx(2 * reg["box"].diameter, rel=1e-6)
+    replaced = bigger.with_object("box", {"mesh": "box_mm.ply", "scale": 0.001}, tmp_path)
+    assert replaced["box"] is not reg["box"] and replaced.class_ids == ["box", "crate"]
+    assert bigger.without("box").class_ids == ["crate"] and bigger.class_ids == ["box", "crate"]
+    with pytest.raises(UnknownObjectError, match=r"'cat'.*registered: box, crate"):
+        bigger.without("cat")
+
+
+@pytest.mark.parametrize(
+    ("class_id", "entry", "match"),
+    [
+        ("", {"mesh": "box.ply"}, "class id must be a non-empty string"),
+        ("crate", {"mesh": "box.ply", "scale": -1}, r"object 'crate'\.scale: must be a positive number"),
+        ("crate", {"mesh": "missing.ply"}, "missing.ply"),
+        ("crate", {"mesh": "box.ply", "colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+    ],
+)
+def test_an_added_object_is_checked_like_the_yaml(tmp_path, class_id, entry, match):
+    write_box(tmp_path / "box.ply")
+    reg = ObjectRegistry.from_yaml(
+        write_yaml(tmp_path / "objects.yaml", "objects:\n  box:\n    mesh: box.ply\n")
+    )
+    with pytest.raises(ObjectModelError, match=match):
+        reg.with_object(class_id, entry, tmp_path)

@@ -406,6 +406,23 @@ class ObjectRegistry:
             models[class_id] = _model_from_entry(class_id, entry, base_dir, f"{where}: objects.{class_id}")
         return cls(models=models, source=source)
 
+    def with_object(self, class_id: str, entry: Any, base_dir: Path) -> ObjectRegistry:
+        """A new registry with ``class_id`` added, or replaced, by ``entry`` (an ``objects.yaml`` entry,
+        checked and loaded exactly as :meth:`from_yaml` does; relative paths are relative to
+        ``base_dir``). This registry is never changed. Raises ObjectModelError."""
+        if not isinstance(class_id, str) or not class_id.strip():
+            raise ObjectModelError(f"class id must be a non-empty string, got {class_id!r}")
+        model = _model_from_entry(class_id, entry, base_dir, f"object {class_id!r}")
+        return ObjectRegistry(models={**self.models, class_id: model}, source=self.source)
+
+    def without(self, class_id: str) -> ObjectRegistry:
+        """A new registry without ``class_id`` (this one is never changed). Raises UnknownObjectError."""
+        model = self[class_id]  # raises for an unknown id, naming the registered ones
+        return ObjectRegistry(
+            models={key: value for key, value in self.models.items() if value is not model},
+            source=self.source,
+        )
+
     @property
     def class_ids(self) -> list[str]:
         return list(self.models)

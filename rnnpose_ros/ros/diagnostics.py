@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,9 +89,17 @@ class Diagnostics:
         settings: reads ``diagnostics_period`` once, ``backend`` and ``device`` at every publication.
         queue: the frame queue whose length and capacity are reported.
         warmed_up: set once the warm-up is over ("warming up" is reported until then).
+        active: whether the node is subscribed (a lifecycle node that is not active says so).
     """
 
-    def __init__(self, node: Node, settings: Settings, queue: FrameQueue, warmed_up: threading.Event):
+    def __init__(
+        self,
+        node: Node,
+        settings: Settings,
+        queue: FrameQueue,
+        warmed_up: threading.Event,
+        active: Callable[[], bool] = lambda: True,
+    ):
         self.stats = Statistics()
         if settings.use_depth:
             self.stats.received[DEPTH.name] = 0
@@ -99,10 +107,16 @@ class Diagnostics:
         self._settings = settings
         self._queue = queue
         self._warmed_up = warmed_up
+        self._active = active
         self._throttle = Throttle(WARN_THROTTLE_S)
         self._publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._period_start = time.monotonic()
-        node.create_timer(settings.diagnostics_period, self.publish)
+        self._timer = node.create_timer(settings.diagnostics_period, self.publish)
+
+    def close(self) -> None:
+        """Stop publishing: destroy the timer and the publisher (lifecycle cleanup)."""
+        self._node.destroy_timer(self._timer)
+        self._node.destroy_publisher(self._publisher)
 
     def warn(self, key: str, text: str) -> None:
         """Log ``text`` as a warning unless reason ``key`` was logged in the last ``WARN_THROTTLE_S``."""
@@ -178,8 +192,7 @@ class Diagnostics:
 
     def duplicates(self) -> int:
         """Other nodes in the domain with this node's name and namespace (the ROS graph as discovered)."""
-        me = (self._node.get_name(), self._node.get_namespace())
-        return sum(1 for entry in self._node.get_node_names_and_namespaces() if tuple(entry) == me) - 1
+        return duplicate_nodes(self._node)
 
     # --- publishing ---------------------------------------------------------------------------------
 
@@ -262,6 +275,8 @@ class Diagnostics:
                 "check the detector keeps the image header, or set sync_slop"
             )
             self.warn("no-sync", summary)
+        elif not self._active():
+            summary = "inactive (lifecycle): not subscribed, nothing is refined until it is activated"
         elif without_depth:
             level = DiagnosticStatus.WARN
             summary = (
@@ -282,3 +297,9 @@ class Diagnostics:
         array = DiagnosticArray(status=[status])
         array.header.stamp = self._node.get_clock().now().to_msg()
         self._publisher.publish(array)
+
+
+def duplicate_nodes(node: Node) -> int:
+    """Other nodes in the domain with ``node``'s name and namespace (the ROS graph as discovered)."""
+    me = (node.get_name(), node.get_namespace())
+    return sum(1 for entry in node.get_node_names_and_namespaces() if tuple(entry) == me) - 1

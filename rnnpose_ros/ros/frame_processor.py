@@ -111,14 +111,17 @@ def process_frame(
     registry: ObjectRegistry,
     stop: Callable[[], bool] | None = None,
     references: Mapping[str, np.ndarray] | None = None,
+    not_ready: Mapping[str, str] | None = None,
 ) -> FrameOutcome:
     """Refine the detections of ``frame`` with ``refiner`` (``refine(observation, instances, stop=...)``,
     as :class:`~rnnpose_ros.core.refiner.Refiner`); reads ``frame_id_check``, ``expected_frame_id`` and
     ``max_detections_per_frame`` of ``settings`` and the models' boxes from ``registry``; ``references``
     (instance id -> (4, 4) pose, e.g. the previous frame's output) choose among a symmetric object's
-    equivalent poses (:attr:`~rnnpose_ros.core.refiner.Instance.reference`). Never raises
-    for bad input; :class:`~rnnpose_ros.core.refiner.RefinementCancelledError` passes through when
-    ``stop`` asks the engine to stop."""
+    equivalent poses (:attr:`~rnnpose_ros.core.refiner.Instance.reference`). Detections of a class in
+    ``not_ready`` (class id -> why, e.g. an object being added at run time) are passed through with that
+    reason as a warning. Never raises for bad input;
+    :class:`~rnnpose_ros.core.refiner.RefinementCancelledError` passes through when ``stop`` asks the
+    engine to stop."""
     start = time.monotonic()
     detections = parse_detections(frame.detections)
     outcome = FrameOutcome(detections)
@@ -149,7 +152,13 @@ def process_frame(
     results: dict[int, RefineResult] = {}
     if outcome.observation is not None and outcome.problem is None:
         results = _refine(
-            refiner, outcome.observation, outcome, settings.max_detections_per_frame, stop, references or {}
+            refiner,
+            outcome.observation,
+            outcome,
+            settings.max_detections_per_frame,
+            stop,
+            references or {},
+            not_ready or {},
         )
     outcome.outputs = [_output(item, results.get(item.index), registry) for item in detections]
     if outcome.problem is not None:
@@ -237,6 +246,7 @@ def _refine(
     max_detections: int,
     stop: Callable[[], bool] | None,
     references: Mapping[str, np.ndarray],
+    not_ready: Mapping[str, str],
 ) -> dict[int, RefineResult]:
     """One engine call for the usable detections (the first ``max_detections`` of them, in input order);
     returns the OK results by input index and records every other outcome (warnings, ``problem``,
@@ -249,7 +259,12 @@ def _refine(
 
     usable = []
     for item in outcome.detections:
-        if item.error is None:
+        if item.error is None and item.class_id in not_ready:
+            outcome.warn(
+                f"not-ready:{item.class_id}",
+                f"detection {item.instance_id} passed through: {not_ready[item.class_id]}",
+            )
+        elif item.error is None:
             usable.append(item)
         else:
             outcome.warn(

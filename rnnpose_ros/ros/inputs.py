@@ -12,7 +12,8 @@ image (:data:`DEPTH`, with ``use_depth``) is such an input: it is not synchronis
 paired with each synchronised frame by stamp (:mod:`~rnnpose_ros.ros.depth_input`).
 
 Threading: subscription, synchroniser and QoS-event callbacks run in the executor thread and only
-count and queue (never block); :class:`FrameQueue` is the one hand-over to the worker thread.
+count and queue (never block); :class:`FrameQueue` is the one hand-over to the worker thread, for
+frames and for the tasks that must run where the engine runs (service requests, registry changes).
 """
 
 from __future__ import annotations
@@ -67,11 +68,28 @@ class Frame:
     depth: Image | None = None
 
 
+class WorkerTask(Protocol):
+    """Work for the worker thread that is not a frame (see :meth:`FrameQueue.submit`)."""
+
+    def __call__(self) -> None:
+        """Run on the worker thread; must not raise."""
+
+    def cancel(self, reason: str) -> None:
+        """The task will never run (the node stops or cleans up): answer whoever waits for it."""
+
+
 class FrameQueue:
-    """Bounded FIFO between the subscription callbacks and the worker; ``put`` drops the oldest frame."""
+    """Bounded FIFO between the subscription callbacks and the worker; ``put`` drops the oldest frame.
+
+    Besides frames it carries tasks (:meth:`submit`): callables that must run on the worker thread,
+    between two frames, because they use the engine (which is not thread-safe and owns an OpenGL
+    context) or change what the worker reads (the object registry). Tasks are never dropped and run
+    before any waiting frame, in submission order.
+    """
 
     def __init__(self, capacity: int):
         self._frames: deque[Frame] = deque()
+        self._tasks: deque[WorkerTask] = deque()
         self.capacity = capacity
         self._condition = threading.Condition()
         self._closed = False
@@ -84,17 +102,39 @@ class FrameQueue:
             self._condition.notify()
         return dropped
 
-    def get(self) -> Frame | None:
-        """The oldest frame, waiting for one; None once closed."""
+    def submit(self, task: WorkerTask) -> bool:
+        """Queue ``task`` for the worker ahead of every frame; False (not queued) once closed."""
         with self._condition:
-            while not self._frames and not self._closed:
-                self._condition.wait()
-            return None if self._closed else self._frames.popleft()
+            if self._closed:
+                return False
+            self._tasks.append(task)
+            self._condition.notify()
+        return True
 
-    def close(self) -> None:
+    def get(self) -> Frame | WorkerTask | None:
+        """The oldest task, else the oldest frame, waiting for one; None once closed."""
+        with self._condition:
+            while not self._frames and not self._tasks and not self._closed:
+                self._condition.wait()
+            if self._closed:
+                return None
+            return self._tasks.popleft() if self._tasks else self._frames.popleft()
+
+    def clear(self) -> int:
+        """Drop every waiting frame (tasks stay); returns how many were dropped."""
+        with self._condition:
+            count = len(self._frames)
+            self._frames.clear()
+        return count
+
+    def close(self) -> list[WorkerTask]:
+        """Stop handing out work; returns the tasks that will never run (the caller cancels them)."""
         with self._condition:
             self._closed = True
+            tasks = list(self._tasks)
+            self._tasks.clear()
             self._condition.notify_all()
+        return tasks
 
     @property
     def closed(self) -> bool:
@@ -135,13 +175,15 @@ class FrameInputs:
         self._on_frame = on_frame
         self._monitor = monitor
         self.depth: DepthPairing | None = None
+        self._depth_parts: list[Any] = []  # the depth subscriber and the pairing's release timer
         if settings.use_depth:
             self.depth = DepthPairing(
                 on_frame, settings.queue_size, settings.sync_slop, settings.depth_timeout
             )
             self._on_frame = self.depth.add_frame
-            self._subscribe(DEPTH, settings).registerCallback(self.depth.add_depth)
-            node.create_timer(RELEASE_PERIOD_S, self.depth.release)
+            depth_subscriber = self._subscribe(DEPTH, settings)
+            depth_subscriber.registerCallback(self.depth.add_depth)
+            self._depth_parts = [depth_subscriber, node.create_timer(RELEASE_PERIOD_S, self.depth.release)]
         self.subscribers = [self._subscribe(topic, settings) for topic in INPUTS]
         if settings.sync_slop > 0.0:
             self.synchronizer = compat.ApproximateTimeSynchronizer(
@@ -150,6 +192,14 @@ class FrameInputs:
         else:
             self.synchronizer = compat.TimeSynchronizer(self.subscribers, settings.queue_size)
         self.synchronizer.registerCallback(self._synchronised)
+
+    def destroy(self) -> None:
+        """Unsubscribe everything (the synchroniser and the depth pairing go with it)."""
+        for subscriber in [*self.subscribers, *self._depth_parts[:1]]:
+            self._node.destroy_subscription(subscriber.sub)
+        for timer in self._depth_parts[1:]:
+            self._node.destroy_timer(timer)
+        self._depth_parts = []
 
     def _subscribe(self, topic: InputTopic, settings: Settings) -> Any:
         qos = qos_profile(getattr(settings, topic.qos_parameter), settings.queue_size)

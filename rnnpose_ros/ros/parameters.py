@@ -354,6 +354,18 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec(
         "diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0)
     ),
+    ParameterSpec(
+        "autostart",
+        True,
+        "Configure and activate the (lifecycle) node at start; false = start unconfigured and wait for "
+        "lifecycle transitions (configure, activate).",
+    ),
+    ParameterSpec(
+        "max_pending_requests",
+        16,
+        "~/refine calls waiting for the worker at most; a call beyond them is refused with a message.",
+        int_range=(1, 1000),
+    ),
 )
 
 
@@ -388,6 +400,8 @@ class Settings:
     expected_frame_id: str
     warmup: bool
     diagnostics_period: float
+    autostart: bool
+    max_pending_requests: int
 
 
 # ---------------------------------------------------------------- the command line

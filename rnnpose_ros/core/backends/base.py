@@ -38,6 +38,7 @@ the refiner treats both as opaque.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,23 +89,27 @@ class ObjectCache(Generic[CachedT]):
     """Per-object values built once, keyed by class id.
 
     An entry belongs to the model object it was built from: when another model is registered under
-    the same class id (an object replaced at run time), the entry is built again.
+    the same class id (an object replaced at run time), the entry is built again. The cache refers to
+    models weakly, so the entry of an object that is no longer used anywhere (removed at run time) is
+    dropped at the next :meth:`prepare` instead of being kept for the life of the backend.
     """
 
     def __init__(self, build: Callable[[ObjectModel], CachedT]) -> None:
         self._build = build
-        self._entries: dict[str, tuple[ObjectModel, CachedT]] = {}
+        self._entries: dict[str, tuple[weakref.ref[ObjectModel], CachedT]] = {}
 
     def prepare(self, models: Sequence[ObjectModel]) -> None:
-        """Build the entries of ``models`` that are missing or stale."""
+        """Build the entries of ``models`` that are missing or stale; drop those of released models."""
+        for class_id in [key for key, (ref, _) in self._entries.items() if ref() is None]:
+            del self._entries[class_id]
         for model in models:
             entry = self._entries.get(model.class_id)
-            if entry is None or entry[0] is not model:
-                self._entries[model.class_id] = (model, self._build(model))
+            if entry is None or entry[0]() is not model:
+                self._entries[model.class_id] = (weakref.ref(model), self._build(model))
 
     def __getitem__(self, model: ObjectModel) -> CachedT:
         entry = self._entries.get(model.class_id)
-        if entry is None or entry[0] is not model:
+        if entry is None or entry[0]() is not model:
             raise KeyError(f"object {model.class_id!r} was not prepared (call prepare_objects first)")
         return entry[1]
 
