@@ -431,7 +431,7 @@ class Refiner:
         last: tuple[RenderState, Correspondences, Tensor] | None = None
         for outer in range(config.outer_iterations):
             call.check_stop()
-            view = self.backend.prepare_render(frame, batch.poses, outer)
+            view = self.backend.prepare_render(frame, batch.poses, config.first_iteration + outer)
 
             def correspond(relative: Tensor, inner: int, view: RenderState = view) -> Correspondences:
                 call.check_stop()
