@@ -14,8 +14,8 @@ with the standard initial-pose noise (:func:`~rnnpose_ros.core.synth.perturb_pos
 instance that is at least ``detect_min_visible`` visible, in random order and without ids (a
 detector without a tracker).
 
-An optional full occlusion hides every object behind flat-coloured patches (covering each object's
-whole silhouette) for ``occlusion = (first frame, frame count)``.
+An optional full occlusion hides every object behind a flat-coloured board (each object's bounding
+box, grown by a quarter) for ``occlusion = (first frame, frame count)``.
 
 Everything is deterministic given the models, the seed and the spec.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 from scipy.spatial.transform import Rotation
 
@@ -247,10 +246,14 @@ def _pan(K: np.ndarray, M: np.ndarray, point: np.ndarray) -> np.ndarray:
 
 
 def _covering_patch(mask: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the silhouette ``mask`` dilated by a tenth of its size (a patch that hides it)."""
+    """(H, W) bool: the bounding box of the silhouette ``mask`` grown by a quarter of its size on each
+    side (a board in front of the object, not an object-shaped patch a tracker could mistake for it)."""
+    patch = np.zeros_like(mask, dtype=bool)
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
-        return mask.copy()
-    radius = max(int(0.1 * max(xs.max() - xs.min(), ys.max() - ys.min())), 1)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
+        return patch
+    grow_x, grow_y = (xs.max() - xs.min()) // 4 + 1, (ys.max() - ys.min()) // 4 + 1
+    patch[
+        max(ys.min() - grow_y, 0) : ys.max() + grow_y + 1, max(xs.min() - grow_x, 0) : xs.max() + grow_x + 1
+    ] = True
+    return patch
