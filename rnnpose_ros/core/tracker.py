@@ -179,9 +179,7 @@ class Tracker:
             inner_steps=inner,
             restart_below_score=None,
         )
-        self.short_refiner = Refiner(
-            refiner.registry, backend=refiner.backend, device=refiner.device, config=short
-        )
+        self.short_refiner = refiner.with_config(short)
         registry = refiner.registry
         self.ids = InstanceIds(
             {m.class_id: (m.center, m.diameter) for m in registry}, gate=self.config.gate, forget_after=1

@@ -9,7 +9,8 @@ callback to the worker thread.
 An input is one row of :data:`INPUTS` and one field of :class:`Frame` with the topic's name (a
 registered depth image, say, would be ``InputTopic("depth", Image, "image_qos")`` and
 ``depth: Image | None = None``); a mode where an input is optional changes only how
-:class:`FrameInputs` builds frames.
+:class:`FrameInputs` builds frames. In ``mode: track`` the detections are not synchronised: image +
+camera_info make a frame (``detections`` None) and every detections message goes to ``on_detections``.
 
 Threading: subscription, synchroniser and QoS-event callbacks run in the executor thread and only
 count and queue (never block); :class:`FrameQueue` is the one hand-over to the worker thread.
@@ -58,7 +59,7 @@ class Frame:
 
     image: Image
     camera_info: CameraInfo
-    detections: Detection3DArray
+    detections: Detection3DArray | None
     queued: float
 
 
@@ -117,18 +118,31 @@ class FrameInputs:
     Args:
         node: the node to subscribe with.
         settings: reads ``queue_size`` (subscription depth and synchroniser queue), ``sync_slop`` (0 =
-            exact stamps, > 0 = approximate) and the QoS parameters of :data:`INPUTS`.
+            exact stamps, > 0 = approximate), ``mode`` and the QoS parameters of :data:`INPUTS`.
         on_frame: called with every synchronised :class:`Frame` (executor thread; must not block).
         monitor: told about every message and every incompatible-QoS event.
+        on_detections: ``mode: track``: called with every detections message (executor thread; must
+            not block); the detections are then not part of the synchronised set.
     """
 
     def __init__(
-        self, node: Node, settings: Settings, on_frame: Callable[[Frame], None], monitor: InputMonitor
+        self,
+        node: Node,
+        settings: Settings,
+        on_frame: Callable[[Frame], None],
+        monitor: InputMonitor,
+        on_detections: Callable[[Detection3DArray], None] | None = None,
     ):
         self._node = node
         self._on_frame = on_frame
         self._monitor = monitor
-        self.subscribers = [self._subscribe(topic, settings) for topic in INPUTS]
+        self._synchronised_inputs = tuple(
+            t for t in INPUTS if settings.mode != "track" or t.msg_type is not Detection3DArray
+        )
+        subscribers = {topic.name: self._subscribe(topic, settings) for topic in INPUTS}
+        self.subscribers = [subscribers[topic.name] for topic in self._synchronised_inputs]
+        if len(self._synchronised_inputs) < len(INPUTS) and on_detections is not None:
+            subscribers["detections"].registerCallback(on_detections)
         if settings.sync_slop > 0.0:
             self.synchronizer = compat.ApproximateTimeSynchronizer(
                 self.subscribers, settings.queue_size, settings.sync_slop
@@ -161,5 +175,5 @@ class FrameInputs:
         return SubscriptionEventCallbacks(incompatible_qos=incompatible)
 
     def _synchronised(self, *messages: Any) -> None:
-        fields = {topic.name: msg for topic, msg in zip(INPUTS, messages, strict=True)}
-        self._on_frame(Frame(**fields, queued=time.monotonic()))
+        fields = {topic.name: msg for topic, msg in zip(self._synchronised_inputs, messages, strict=True)}
+        self._on_frame(Frame(**({"detections": None} | fields), queued=time.monotonic()))

@@ -69,6 +69,7 @@ from rnnpose_ros.ros.parameters import (
     resolve_backend,
     resolve_device,
 )
+from rnnpose_ros.ros.tracking import NodeTracking
 
 NODE_NAME = "rnnpose_refiner"
 # Longest wait for the worker at shutdown: one engine stage (a render iteration of a full batch on a
@@ -107,11 +108,14 @@ class RefinerNode(Node):
         self.warmed_up = threading.Event()
         self._stopping = threading.Event()
         self.diagnostics = Diagnostics(self, s, self.queue, self.warmed_up)
-        self.inputs = FrameInputs(self, s, self._on_frame, self.diagnostics)
+        self.tracking = NodeTracking(self, s, self.refiner, self.registry, self.diagnostics.warn)
+        self.diagnostics.add_values(self.tracking.values)
+        self.inputs = FrameInputs(self, s, self._on_frame, self.diagnostics, self.tracking.on_detections)
         self._worker = threading.Thread(target=self._work, name="rnnpose_worker", daemon=True)
         self._worker.start()
         self.get_logger().info(
-            f"ready: backend {s.backend}, device {s.device}, objects {', '.join(self.registry.class_ids)} "
+            f"ready: mode {s.mode}, backend {s.backend}, device {s.device}, "
+            f"objects {', '.join(self.registry.class_ids)} "
             f"from {s.objects_file}; sync {'exact stamps' if s.sync_slop == 0 else f'slop {s.sync_slop} s'} "
             f"({compat.IMPLEMENTATION['synchronizer']}), TF via {compat.IMPLEMENTATION['tf_broadcaster']}"
         )
@@ -169,16 +173,23 @@ class RefinerNode(Node):
             self.get_logger().info(f"warm-up done in {time.monotonic() - start:.2f} s")
 
     def process(self, frame: Frame) -> Detection3DArray:
-        """Refine and publish one synchronised frame; returns the published detections."""
+        """Refine (detect mode) or track (track mode) and publish one synchronised frame; returns the
+        published detections."""
         start = time.monotonic()
-        outcome = process_frame(frame, self.refiner, self.settings, self.registry, stop=self._stopping.is_set)
+        header = frame.image.header
+        if self.tracking.tracking:
+            outcome, message = self.tracking.track(frame, stop=self._stopping.is_set)
+        else:
+            outcome = process_frame(
+                frame, self.refiner, self.settings, self.registry, stop=self._stopping.is_set
+            )
+            self.tracking.name_detections(frame, outcome)
+            message = detection_array(header, frame.detections, outcome.detections, outcome.outputs)
         processed = time.monotonic()
         if outcome.engine_failure is not None:
             self.get_logger().error(outcome.engine_failure, throttle_duration_sec=5.0)
         for key, text in outcome.warnings.items():
             self.diagnostics.warn(key, text)
-        header = frame.image.header
-        message = detection_array(header, frame.detections, outcome.detections, outcome.outputs)
         self.pub_detections.publish(message)
         self._publish_extras(header, outcome)
         done = time.monotonic()
