@@ -57,7 +57,7 @@ class TrackerConfig:
         merge_distance: two tracks of one class closer than this (diameters) are merged.
     """
 
-    outer_iterations: int = 2
+    outer_iterations: int = 1
     inner_steps: int | None = None
     constant_velocity: bool = True
     lost_below_score: float = 0.35

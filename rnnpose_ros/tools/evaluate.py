@@ -157,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--detect-every", type=int, default=10, help="detections on every Nth frame (default 10)"
     )
     sequence.add_argument(
-        "--track-iterations", type=int, default=2, help="render iterations per tracking step (default 2)"
+        "--track-iterations", type=int, default=1, help="render iterations per tracking step (default 1)"
     )
     sequence.add_argument(
         "--occlude", type=str, default=None, metavar="FIRST,COUNT", help="hide every object for COUNT frames"
