@@ -188,8 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--outer-iterations must be at least 1")
     if args.noise_rot < 0:
         parser.error("--noise-rot must be non-negative")
-    if args.plot is not None and not args.sweep:
-        parser.error("--plot draws the noise sweep: add --sweep")
+    if args.plot is not None and not (args.sweep or args.sequence):
+        parser.error("--plot draws the noise sweep (add --sweep) or the sequence (add --sequence)")
     weights = {}
     for item in args.weights:
         class_id, sep, path = item.partition("=")

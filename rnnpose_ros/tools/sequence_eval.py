@@ -197,6 +197,50 @@ def format_summary(summary: dict) -> str:
     )
 
 
+def plot_sequence(summary: dict, path, occlusion: tuple[int, int] | None) -> None:
+    """Per-frame figure: ADD(-S)/d of every object (top; threshold dashed, detection frames ticked,
+    occlusion shaded) and tracking time per frame against a full refinement's (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = summary["per_frame"]
+    index = [f["frame"] for f in frames]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.0, 4.6), sharex=True)
+    for k in range(len(frames[0]["relative_add_s"])):
+        errors = [np.nan if f["relative_add_s"][k] is None else f["relative_add_s"][k] for f in frames]
+        top.plot(index, errors, "-", label=f"object {k}")
+    top.axhline(metrics.ADD_S_FRACTION, color="k", ls="--", lw=0.8, label="0.1·d")
+    for f in frames:
+        if f["detections"]:
+            top.axvline(f["frame"], color="tab:green", alpha=0.25, lw=1)
+    for axis in (top, bottom):
+        if occlusion:
+            axis.axvspan(occlusion[0], occlusion[0] + occlusion[1] - 1, color="grey", alpha=0.2)
+    top.set_ylabel("ADD(-S) / diameter")
+    top.set_yscale("log")
+    top.legend(loc="upper right", fontsize=7)
+    top.set_title(
+        f"tracked ADD(-S)@0.1d {summary['add_s']:.2f}, {summary['track_losses']} losses "
+        "(green: detection frames, grey: occlusion)",
+        fontsize=9,
+    )
+    bottom.plot(index, [f["seconds"] for f in frames], ".-", label="tracking (all tracks)")
+    if summary["seconds_per_full_refinement"]:
+        bottom.axhline(
+            summary["seconds_per_full_refinement"], color="tab:red", ls="--", label="full refinement"
+        )
+    bottom.set_yscale("log")
+    bottom.set_xlabel("frame (30 per second of motion)")
+    bottom.set_ylabel("seconds")
+    bottom.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(args: argparse.Namespace) -> int:
     """``evaluate --sequence``: run, print, write ``--json`` as ``{"sequence": {...}, ...}``."""
     import json
@@ -226,4 +270,7 @@ def main(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2))
         print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_sequence(summary, args.plot, args.occlude)
+        print(f"wrote {args.plot}")
     return 0
