@@ -45,7 +45,7 @@ from rnnpose_ros.ros.conversions import (
     parse_detections,
     stamp_text,
 )
-from rnnpose_ros.ros.frame_processor import FrameOutcome
+from rnnpose_ros.ros.frame_processor import FrameOutcome, check_frame
 from rnnpose_ros.ros.inputs import Frame
 from rnnpose_ros.ros.parameters import Settings
 
@@ -211,6 +211,14 @@ class NodeTracking:
                 else:
                     seeds.append(Seed(item.class_id, item.pose, message.detections[item.index].id))
         outcome = FrameOutcome(detections=[])
+        check_frame(frame, self._settings, outcome)
+        if outcome.problem is not None:
+            # The tracks are kept for the next usable image; this one is answered with no detection.
+            outcome.warn(
+                f"frame:{outcome.problem_key}",
+                f"image {stamp_text(header.stamp)} not tracked: {outcome.problem}",
+            )
+            return self._finish(outcome, header, start)
         try:
             observation = Observation(
                 image_to_rgb(frame.image),
