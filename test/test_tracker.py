@@ -119,3 +119,17 @@ def test_tracker_loses_a_fully_occluded_track_and_reacquires_it(duck_registry, r
     assert len(lost_at) == 1 and occlusion[0] <= lost_at[0] < occlusion[0] + 5
     assert all(not ids for ids in live[lost_at[0] : 33])
     assert live[33] == ["duck_0"] and errors[33][0] < 0.1
+
+
+def test_unusable_seeds_start_no_track(duck_registry, renderer):
+    """An unknown class, a non-finite pose and a pose behind the camera: no track, no id, no crash."""
+    from rnnpose_ros.core.observation import Observation
+    from rnnpose_ros.core.refiner import Refiner
+
+    tracker = Tracker(Refiner(duck_registry, renderer=renderer))
+    behind = _posed(-0.5)
+    seeds = [Seed("cat", _posed(0.6)), Seed("duck", np.full((4, 4), np.nan)), Seed("duck", behind)]
+    K = np.array([[300.0, 0.0, 159.5], [0.0, 300.0, 119.5], [0.0, 0.0, 1.0]])
+    update = tracker.update(Observation(np.full((240, 320, 3), 100, np.uint8), K, stamp=0.0), seeds)
+    assert update.tracks == [] and update.lost == [] and update.seed_tracks == ["", "", ""]
+    assert tracker.tracks == [] and tracker.ids.known == {}

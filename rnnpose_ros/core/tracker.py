@@ -15,7 +15,8 @@ live tracks and reported once in :attr:`TrackUpdate.lost`.
 Detections (seeds) may come with any image. Each is associated with a live track (detector id first,
 then class + pose distance, :class:`~rnnpose_ros.core.association.InstanceIds`):
 
-- an unmatched detection creates a track, fully refined from the detection's pose;
+- an unmatched detection creates a track, fully refined from the detection's pose (unless the
+  engine cannot refine it at all: status other than OK);
 - a matched track that is weak is re-seeded: fully refined from the detection's pose (a full
   refinement has the wide basin a stale pose needs);
 - a matched healthy track is tracked as usual: the detection's noisy pose (the standard noise is
@@ -147,7 +148,8 @@ class TrackUpdate:
         tracks: copies of the live tracks after the image, oldest first.
         lost: copies of the tracks lost on this image (last state before loss).
         seed_tracks: per seed, in input order, the id of the track it created or matched ("" when the
-            seed could not be used: unknown class or unusable pose).
+            seed could not be used: unknown class, unusable pose, or a new track the engine could not
+            refine).
         seconds: wall time of the update (prediction, refinement, bookkeeping).
     """
 
@@ -246,6 +248,8 @@ class Tracker:
         for (name, seed), result in zip(full, full_results, strict=True):
             old = self._tracks.get(name)
             event = TrackEvent.RESEEDED if old is not None else TrackEvent.CREATED
+            if old is None and result.status is not RefineStatus.OK:
+                continue  # a detection the engine cannot refine (e.g. behind the camera) starts no track
             if old is None or old.class_id != seed.class_id:
                 old = Track(name, seed.class_id, seed.pose, 0.0, stamp, event, created_frame=self._updates)
                 self._tracks[name] = old
@@ -269,7 +273,10 @@ class Tracker:
         return TrackUpdate(
             tracks=[t.copy() for t in live],
             lost=[t.copy() for t in lost],
-            seed_tracks=[merged.get(name, name) if name else "" for name in seed_tracks],
+            seed_tracks=[
+                merged.get(name, name) if name in self._tracks or name in merged else ""
+                for name in seed_tracks
+            ],
             seconds=time.perf_counter() - start,
         )
 

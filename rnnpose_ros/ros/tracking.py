@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -184,7 +185,8 @@ class NodeTracking:
         """Advance the tracker to ``frame``'s image with the detections that match it; returns the
         outcome (one item per live track) and the ``~/detections`` message. Never raises for bad
         input; :class:`~rnnpose_ros.core.refiner.RefinementCancelledError` passes through."""
-        from rnnpose_ros.core.tracker import Seed  # heavy (torch): not at node start-up
+        from rnnpose_ros.core.refiner import RefinementCancelledError  # heavy (torch): not at start-up
+        from rnnpose_ros.core.tracker import Seed
 
         start = time.monotonic()
         header = frame.image.header
@@ -237,6 +239,12 @@ class NodeTracking:
         except InputError as error:
             outcome.fail("engine-input", f"engine rejected the input: {error}")
             outcome.warn("frame:engine-input", f"image {stamp_text(header.stamp)} not tracked: {error}")
+            return self._finish(outcome, header, start)
+        except RefinementCancelledError:
+            raise
+        except Exception as error:  # the tracks are unchanged (the tracker updates after the engine)
+            outcome.engine_failure = f"engine failed: {error}\n{traceback.format_exc()}"
+            outcome.fail("engine-failure", f"engine failed: {type(error).__name__}: {error}")
             return self._finish(outcome, header, start)
         outcome.observation = observation
         for track in update.lost:
