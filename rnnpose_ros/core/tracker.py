@@ -7,10 +7,12 @@ schedule: ``TrackerConfig.outer_iterations`` render iterations taken from the *f
 backend's schedule (``RefinerConfig.first_iteration``), no restarts. That costs a fraction of a full
 refinement, which a pose that moved only by one frame's motion does not need.
 
-Loss is decided from the engine's own evidence, not a timer: a refinement that fails (any status
-other than OK) or ends with a score below ``lost_below_score`` is *weak*; the track then keeps its
-predicted pose, and after ``lost_after_frames`` consecutive weak frames it is lost — dropped from the
-live tracks and reported once in :attr:`TrackUpdate.lost`.
+Loss is decided from the engine's own evidence, not a timer: a tracking refinement that fails (any
+status other than OK) or ends with a score below ``lost_below_score`` or below
+``lost_below_fraction`` of the track's reference score (that of the full refinement that started
+it: the score an object reaches depends on its colours and the scene's) is *weak*; the track then
+keeps its predicted pose, and after ``lost_after_frames`` consecutive weak frames it is lost —
+dropped from the live tracks and reported once in :attr:`TrackUpdate.lost`.
 
 Detections (seeds) may come with any image. Each is associated with a live track (detector id first,
 then class + pose distance, :class:`~rnnpose_ros.core.association.InstanceIds`):
@@ -20,7 +22,9 @@ then class + pose distance, :class:`~rnnpose_ros.core.association.InstanceIds`):
 - a matched track that is weak is re-seeded: fully refined from the detection's pose (a full
   refinement has the wide basin a stale pose needs);
 - a matched healthy track is tracked as usual: the detection's noisy pose (the standard noise is
-  15° and 5 cm of depth) would be worse than the tracked one.
+  15° and 5 cm of depth) would be worse than the tracked one; if its score is below
+  ``reseed_below_score`` it is also fully refined from the detection and the better-scoring result
+  is kept (a track that started in a wrong pose gets corrected).
 
 After refinement two tracks of one class closer than ``merge_distance`` diameters are one object
 (a detection that fell outside the gate of its own track): the older track is kept. Velocities are
@@ -52,7 +56,14 @@ class TrackerConfig:
             schedule, see the module docstring).
         inner_steps: LM steps per render iteration (None: the backend's).
         constant_velocity: predict each track's pose from its last two refined poses.
-        lost_below_score: a tracking refinement scoring below this is weak.
+        lost_below_score: a refinement scoring below this is weak (absolute floor).
+        lost_below_fraction: a tracking refinement scoring below this fraction of the track's
+            reference score (that of the full refinement that created or last re-seeded it) is weak:
+            how well the score can get depends on the object and the scene (colours, light), so a
+            drop relative to what this track achieved is the evidence of loss.
+        reseed_below_score: a detection matched to a healthy track scoring below this also refines
+            it fully from the detection, and the better-scoring of the two results is kept (a track
+            that started in a wrong pose is corrected at the next detection).
         lost_after_frames: consecutive weak frames after which a track is lost.
         gate: largest pose distance (object diameters) between a detection and the track it seeds.
         merge_distance: two tracks of one class closer than this (diameters) are merged.
@@ -61,7 +72,9 @@ class TrackerConfig:
     outer_iterations: int = 1
     inner_steps: int | None = None
     constant_velocity: bool = True
-    lost_below_score: float = 0.35
+    lost_below_score: float = 0.1
+    lost_below_fraction: float = 0.5
+    reseed_below_score: float = 0.6
     lost_after_frames: int = 3
     gate: float = 1.0
     merge_distance: float = 0.25
@@ -71,8 +84,9 @@ class TrackerConfig:
             raise ValueError("outer_iterations and lost_after_frames must be at least 1")
         if self.inner_steps is not None and self.inner_steps < 1:
             raise ValueError("inner_steps must be at least 1 (or None)")
-        if not 0.0 <= self.lost_below_score <= 1.0:
-            raise ValueError(f"lost_below_score must be in [0, 1], got {self.lost_below_score}")
+        for name in ("lost_below_score", "lost_below_fraction", "reseed_below_score"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.gate <= 0 or self.merge_distance < 0:
             raise ValueError("gate must be > 0 and merge_distance ≥ 0")
 
@@ -99,6 +113,7 @@ class Track:
         stamp: seconds of the image the pose belongs to (None when images carry no stamp).
         event: what happened on the last image.
         weak_frames: consecutive weak frames so far.
+        reference_score: score of the full refinement that created or last re-seeded the track.
         created_frame: update count at creation (older tracks win merges).
         linear_velocity: (3,) float64 velocity of the model centre, metres per second (per frame
             without stamps), camera frame.
@@ -112,6 +127,7 @@ class Track:
     stamp: float | None
     event: TrackEvent
     weak_frames: int = 0
+    reference_score: float = 0.0
     created_frame: int = 0
     linear_velocity: np.ndarray = field(default_factory=lambda: np.zeros(3))
     angular_velocity: np.ndarray = field(default_factory=lambda: np.zeros(3))
@@ -231,10 +247,11 @@ class Tracker:
         full: list[tuple[str, Seed]] = []
         for name, seed in seed_of.items():
             track = self._tracks.get(name)
-            if track is None or track.class_id != seed.class_id or track.weak_frames > 0:
+            if track is None or track.weak_frames > 0 or track.score < self.config.reseed_below_score:
                 full.append((name, seed))
-        seeded = {name for name, _ in full}
-        short = [t for t in self._ordered() if t.track_id not in seeded]
+        # Weak tracks with a detection are only re-seeded; low-scoring healthy ones are refined both ways.
+        reseeded = {name for name, _ in full if name in self._tracks and self._tracks[name].weak_frames > 0}
+        short = [t for t in self._ordered() if t.track_id not in reseeded]
 
         predicted = {t.track_id: self._predict(t, stamp) for t in short}
         full_results = self.refiner.refine(
@@ -245,16 +262,20 @@ class Tracker:
         )
 
         lost: list[Track] = []
+        tracked = {t.track_id: (t, r) for t, r in zip(short, short_results, strict=True)}
         for (name, seed), result in zip(full, full_results, strict=True):
             old = self._tracks.get(name)
-            event = TrackEvent.RESEEDED if old is not None else TrackEvent.CREATED
-            if old is None and result.status is not RefineStatus.OK:
-                continue  # a detection the engine cannot refine (e.g. behind the camera) starts no track
-            if old is None or old.class_id != seed.class_id:
-                old = Track(name, seed.class_id, seed.pose, 0.0, stamp, event, created_frame=self._updates)
+            if old is None:
+                if result.status is not RefineStatus.OK:
+                    continue  # a detection the engine cannot refine (e.g. behind the camera) starts no track
+                old = Track(name, seed.class_id, seed.pose, 0.0, stamp, TrackEvent.CREATED)
+                old.created_frame = self._updates
                 self._tracks[name] = old
-            self._apply(old, result, stamp, event, from_seed=True)
-        for track, result in zip(short, short_results, strict=True):
+                self._apply(old, result, stamp, TrackEvent.CREATED, from_seed=True)
+            elif name not in tracked or _better(result, tracked[name][1]):
+                tracked.pop(name, None)
+                self._apply(old, result, stamp, TrackEvent.RESEEDED, from_seed=True)
+        for track, result in tracked.values():
             self._apply(
                 track,
                 result,
@@ -321,7 +342,10 @@ class Tracker:
         prediction: np.ndarray | None = None,
     ) -> None:
         """Record ``result`` on ``track``: a weak result keeps the prediction and counts a weak frame."""
-        weak = result.status is not RefineStatus.OK or result.score < self.config.lost_below_score
+        threshold = self.config.lost_below_score
+        if not from_seed:
+            threshold = max(threshold, self.config.lost_below_fraction * track.reference_score)
+        weak = result.status is not RefineStatus.OK or result.score < threshold
         if weak and not from_seed:
             track.weak_frames += 1
             track.event = TrackEvent.WEAK
@@ -345,6 +369,8 @@ class Tracker:
             track.angular_velocity = np.zeros(3)
         track.pose = new_pose
         track.score = result.score if result.status is RefineStatus.OK else 0.0
+        if from_seed:
+            track.reference_score = track.score
         track.stamp = stamp
         track.event = event
         track.weak_frames = 1 if weak else 0
@@ -369,3 +395,10 @@ class Tracker:
                     dropped[younger.track_id] = older.track_id
                     self.ids.forget(younger.track_id)
         return dropped
+
+
+def _better(result: RefineResult, other: RefineResult) -> bool:
+    """``result`` is OK and scores at least ``other`` (or ``other`` failed)."""
+    return result.status is RefineStatus.OK and (
+        other.status is not RefineStatus.OK or result.score >= other.score
+    )

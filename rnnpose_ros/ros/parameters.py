@@ -269,8 +269,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ),
     ParameterSpec(
         "track_lost_below_score",
-        0.35,
-        "Track mode: a tracking refinement that fails or scores below this is weak.",
+        0.1,
+        "Track mode: a tracking refinement that fails, scores below this, or scores below half the "
+        "score of the full refinement that started the track is weak.",
         float_range=(0.0, 1.0),
     ),
     ParameterSpec(
