@@ -240,3 +240,45 @@ def test_objects_without_weights(tmp_path: Path) -> None:
     objects = tmp_path / "objects.yaml"
     objects.write_text("objects:\n  duck: {mesh: a.obj}\n  can: {mesh: b.obj, weights: can.pth}\n")
     assert demo.objects_without_weights(objects, ["duck", "can", "cat"]) == ["duck", "cat"]
+
+
+def test_track_demo_end_to_end(tmp_path: Path) -> None:
+    """``--track``: three frames of a sequence through the real node in mode track (few iterations:
+    this checks the plumbing, not accuracy); every image is answered with the one track."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("vision_msgs")
+    output = tmp_path / "demo_output"
+    env = dict(os.environ)
+    env["ROS_DOMAIN_ID"] = str(
+        random.choice([d for d in range(100, 200) if str(d) != env.get("ROS_DOMAIN_ID")])
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "rnnpose_ros.tools.demo",
+        "--track",
+        "--frames",
+        "3",
+        "--detect-every",
+        "2",
+    ]
+    command += [
+        "--output",
+        str(output),
+        "--node-param",
+        "outer_iterations:=2",
+        "--node-param",
+        "inner_iterations:=1",
+    ]
+    command += ["--node-param", "restart_below_score:=0.0"]
+    run = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S
+    )
+    assert run.returncode == 0, f"demo failed:\n{run.stdout}\n{run.stderr}"
+    assert "tracked ADD(-S)@0.1d" in run.stdout and "latency" in run.stdout
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["mode"] == "track" and summary["frames"] == 3
+    assert [f["detected"] for f in summary["per_frame"]] == [True, False, True]
+    assert all(f["tracks"] == ["duck_0"] for f in summary["per_frame"])
+    assert all(math.isfinite(f["relative_add_s"][0]) for f in summary["per_frame"])
+    assert (output / "track.gif").stat().st_size > 0

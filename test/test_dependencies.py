@@ -51,6 +51,8 @@ DEPENDENCIES: dict[str, tuple[str, str | None, str]] = {
     "ament_index_python": ("ament_index_python", "ros-ament-index-python", ""),
     "vision_msgs": ("vision_msgs", None, NOT_ON_PYPI_GENERATED),
     "tf2_msgs": ("tf2_msgs", None, NOT_ON_PYPI_GENERATED),
+    "rnnpose_ros_interfaces": ("rnnpose_ros_interfaces", None, NOT_ON_PYPI_GENERATED),
+    "lifecycle_msgs": ("lifecycle_msgs", "ros-lifecycle-msgs", ""),
     "tf2_ros": ("tf2_ros", None, NOT_ON_PYPI_OPTIONAL),
     "message_filters": ("message_filters", None, NOT_ON_PYPI_OPTIONAL),
     "launch": ("launch", None, NOT_ON_PYPI_LAUNCH),

@@ -32,6 +32,9 @@ class RefinerConfig:
 
     Attributes:
         outer_iterations: render iterations (re-renders at the current pose).
+        first_iteration: index in the backend's schedule of the first render iteration (the backend's
+            ``prepare_render`` sees ``first_iteration + r``): a short refinement from a pose that is
+            already close (tracking) starts at the schedule's fine stage instead of its coarse one.
         inner_steps: correspondence + LM steps per render iteration.
         lm: the pose-solve options.
         min_correspondences: an instance with fewer weighted correspondences in an inner step stops
@@ -50,6 +53,7 @@ class RefinerConfig:
     """
 
     outer_iterations: int = 3
+    first_iteration: int = 0
     inner_steps: int = 4
     lm: LMConfig = field(default_factory=LMConfig)
     min_correspondences: int = 30

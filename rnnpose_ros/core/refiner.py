@@ -232,6 +232,11 @@ class Refiner:
             )
         self.config = config if config is not None else self.backend.default_loop()
 
+    def with_config(self, config: RefinerConfig) -> Refiner:
+        """A refiner with the loop policy ``config`` that shares this one's backend (and so its
+        per-object caches), e.g. a short schedule for tracking beside the full one."""
+        return Refiner(self.registry, backend=self.backend, device=self.device, config=config)
+
     def prepare(self, models: Sequence[ObjectModel] | None = None) -> None:
         """Build the backend's per-object caches now (default: every registered object), so that a
         missing or broken weights file shows at start rather than in the first frame.
@@ -440,7 +445,7 @@ class Refiner:
         last: tuple[RenderState, Correspondences, Tensor] | None = None
         for outer in range(config.outer_iterations):
             call.check_stop()
-            view = self.backend.prepare_render(frame, batch.poses, outer)
+            view = self.backend.prepare_render(frame, batch.poses, config.first_iteration + outer)
 
             def correspond(relative: Tensor, inner: int, view: RenderState = view) -> Correspondences:
                 call.check_stop()

@@ -111,12 +111,17 @@ class Diagnostics:
         self._throttle = Throttle(WARN_THROTTLE_S)
         self._publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._period_start = time.monotonic()
+        self._providers: list[Callable[[], dict[str, str]]] = []
         self._timer = node.create_timer(settings.diagnostics_period, self.publish)
 
     def close(self) -> None:
         """Stop publishing: destroy the timer and the publisher (lifecycle cleanup)."""
         self._node.destroy_timer(self._timer)
         self._node.destroy_publisher(self._publisher)
+
+    def add_values(self, provider: Callable[[], dict[str, str]]) -> None:
+        """Add ``provider()``'s key/values to every status (called in the timer, executor thread)."""
+        self._providers.append(provider)
 
     def warn(self, key: str, text: str) -> None:
         """Log ``text`` as a warning unless reason ``key`` was logged in the last ``WARN_THROTTLE_S``."""
@@ -247,6 +252,8 @@ class Diagnostics:
             s.period_synchronised = s.period_processed = s.period_dropped = s.period_without_depth = 0
             if s.last_problem:
                 values["last_problem"] = s.last_problem
+        for provider in self._providers:
+            values.update(provider())
         level, summary = DiagnosticStatus.OK, "refining"
         duplicates = self.duplicates()
         if duplicates > 0:

@@ -131,7 +131,7 @@ def process_frame(
                 f"detection-warning:{item.warning.split()[0]}",
                 f"detection {item.instance_id}: {item.warning}",
             )
-    _check_frame(frame, settings, outcome)
+    check_frame(frame, settings, outcome)
     if outcome.problem is None:
         try:
             rgb = image_to_rgb(frame.image)
@@ -170,7 +170,7 @@ def process_frame(
     return outcome
 
 
-def _check_frame(frame: Frame, settings: Settings, outcome: FrameOutcome) -> None:
+def check_frame(frame: Frame, settings: Settings, outcome: FrameOutcome) -> None:
     """Fail ``outcome`` when the whole frame cannot be refined (frame-id and size checks); mismatched
     frame ids with ``frame_id_check: warn`` become a warning instead."""
     image_frame = frame.image.header.frame_id
@@ -181,7 +181,7 @@ def _check_frame(frame: Frame, settings: Settings, outcome: FrameOutcome) -> Non
         problems.append(
             f"camera_info frame {frame.camera_info.header.frame_id!r} != image frame {image_frame!r}"
         )
-    detections_frame = frame.detections.header.frame_id
+    detections_frame = frame.detections.header.frame_id if frame.detections is not None else ""
     if detections_frame and detections_frame != image_frame:
         problems.append(f"detections frame {detections_frame!r} != image frame {image_frame!r}")
     if problems and settings.frame_id_check != "off":

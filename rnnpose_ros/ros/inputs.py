@@ -9,7 +9,9 @@ callback to the worker thread.
 An input is one row of :data:`INPUTS` and one field of :class:`Frame` with the topic's name; a mode
 where an input is optional changes only how :class:`FrameInputs` builds frames. The optional depth
 image (:data:`DEPTH`, with ``use_depth``) is such an input: it is not synchronised with the others but
-paired with each synchronised frame by stamp (:mod:`~rnnpose_ros.ros.depth_input`).
+paired with each synchronised frame by stamp (:mod:`~rnnpose_ros.ros.depth_input`). In ``mode: track``
+the detections are not synchronised: image + camera_info make a frame (``detections`` None) and every
+detections message goes to ``on_detections``.
 
 Threading: subscription, synchroniser and QoS-event callbacks run in the executor thread and only
 count and queue (never block); :class:`FrameQueue` is the one hand-over to the worker thread, for
@@ -63,7 +65,7 @@ class Frame:
 
     image: Image
     camera_info: CameraInfo
-    detections: Detection3DArray
+    detections: Detection3DArray | None
     queued: float
     depth: Image | None = None
 
@@ -162,14 +164,21 @@ class FrameInputs:
     Args:
         node: the node to subscribe with.
         settings: reads ``queue_size`` (subscription depth and synchroniser queue), ``sync_slop`` (0 =
-            exact stamps, > 0 = approximate), the QoS parameters of :data:`INPUTS`, and ``use_depth``
-            and ``depth_timeout`` (:data:`DEPTH` subscribed and paired with every frame).
+            exact stamps, > 0 = approximate), ``mode``, the QoS parameters of :data:`INPUTS`, and
+            ``use_depth`` and ``depth_timeout`` (:data:`DEPTH` subscribed and paired with every frame).
         on_frame: called with every synchronised :class:`Frame` (executor thread; must not block).
         monitor: told about every message and every incompatible-QoS event.
+        on_detections: ``mode: track``: called with every detections message (executor thread; must
+            not block); the detections are then not part of the synchronised set.
     """
 
     def __init__(
-        self, node: Node, settings: Settings, on_frame: Callable[[Frame], None], monitor: InputMonitor
+        self,
+        node: Node,
+        settings: Settings,
+        on_frame: Callable[[Frame], None],
+        monitor: InputMonitor,
+        on_detections: Callable[[Detection3DArray], None] | None = None,
     ):
         self._node = node
         self._on_frame = on_frame
@@ -184,7 +193,13 @@ class FrameInputs:
             depth_subscriber = self._subscribe(DEPTH, settings)
             depth_subscriber.registerCallback(self.depth.add_depth)
             self._depth_parts = [depth_subscriber, node.create_timer(RELEASE_PERIOD_S, self.depth.release)]
-        self.subscribers = [self._subscribe(topic, settings) for topic in INPUTS]
+        self._synchronised_inputs = tuple(
+            t for t in INPUTS if settings.mode != "track" or t.msg_type is not Detection3DArray
+        )
+        self.by_name = {topic.name: self._subscribe(topic, settings) for topic in INPUTS}
+        self.subscribers = [self.by_name[topic.name] for topic in self._synchronised_inputs]
+        if len(self._synchronised_inputs) < len(INPUTS) and on_detections is not None:
+            self.by_name["detections"].registerCallback(on_detections)
         if settings.sync_slop > 0.0:
             self.synchronizer = compat.ApproximateTimeSynchronizer(
                 self.subscribers, settings.queue_size, settings.sync_slop
@@ -195,7 +210,7 @@ class FrameInputs:
 
     def destroy(self) -> None:
         """Unsubscribe everything (the synchroniser and the depth pairing go with it)."""
-        for subscriber in [*self.subscribers, *self._depth_parts[:1]]:
+        for subscriber in [*self.by_name.values(), *self._depth_parts[:1]]:
             self._node.destroy_subscription(subscriber.sub)
         for timer in self._depth_parts[1:]:
             self._node.destroy_timer(timer)
@@ -225,5 +240,5 @@ class FrameInputs:
         return SubscriptionEventCallbacks(incompatible_qos=incompatible)
 
     def _synchronised(self, *messages: Any) -> None:
-        fields = {topic.name: msg for topic, msg in zip(INPUTS, messages, strict=True)}
-        self._on_frame(Frame(**fields, queued=time.monotonic()))
+        fields = {topic.name: msg for topic, msg in zip(self._synchronised_inputs, messages, strict=True)}
+        self._on_frame(Frame(**({"detections": None} | fields), queued=time.monotonic()))

@@ -69,7 +69,7 @@ from rnnpose_ros.ros.conversions import (
 )
 from rnnpose_ros.ros.diagnostics import Diagnostics, duplicate_nodes
 from rnnpose_ros.ros.frame_processor import FrameOutcome, process_frame
-from rnnpose_ros.ros.inputs import INPUTS, Frame, FrameInputs, FrameQueue
+from rnnpose_ros.ros.inputs import Frame, FrameInputs, FrameQueue
 from rnnpose_ros.ros.output_frame import OutputFrame, express
 from rnnpose_ros.ros.parameters import (
     PARAMETERS,
@@ -82,6 +82,7 @@ from rnnpose_ros.ros.parameters import (
 )
 from rnnpose_ros.ros.pose_memory import PoseMemory
 from rnnpose_ros.ros.services import NodeServices
+from rnnpose_ros.ros.tracking import NodeTracking
 
 NODE_NAME = "rnnpose_refiner"
 # Longest wait for the worker at shutdown: one engine stage (a render iteration of a full batch on a
@@ -133,6 +134,7 @@ class RefinerNode(LifecycleNode):
         self._not_ready: dict[str, str] = {}  # class id -> why its detections are passed through
         self._configure_error: Exception | None = None
         self._starting = False
+        self.tracking: NodeTracking | None = None
         self.node_services = NodeServices(self)
         if self.settings.autostart:
             self._start_up()
@@ -171,11 +173,13 @@ class RefinerNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         s = self.settings
         assert self.diagnostics is not None
-        self.inputs = FrameInputs(self, s, self._on_frame, self.diagnostics)
-        by_name = dict(zip((topic.name for topic in INPUTS), self.inputs.subscribers, strict=True))
+        assert self.tracking is not None
+        self.inputs = FrameInputs(self, s, self._on_frame, self.diagnostics, self.tracking.on_detections)
+        by_name = self.inputs.by_name
         self.node_services.watch_inputs(by_name["image"], by_name["camera_info"])
         self.get_logger().info(
-            f"ready: backend {s.backend}, device {s.device}, objects {', '.join(self.registry.class_ids)} "
+            f"ready: mode {s.mode}, backend {s.backend}, device {s.device}, "
+            f"objects {', '.join(self.registry.class_ids)} "
             f"from {s.objects_file}; sync {'exact stamps' if s.sync_slop == 0 else f'slop {s.sync_slop} s'} "
             f"({compat.IMPLEMENTATION['synchronizer']}), TF via {compat.IMPLEMENTATION['tf_broadcaster']}"
         )
@@ -217,6 +221,8 @@ class RefinerNode(LifecycleNode):
         self.warmed_up = threading.Event()
         self._stopping = threading.Event()
         self.diagnostics = Diagnostics(self, s, self.queue, self.warmed_up, lambda: self.is_active)
+        self.tracking = NodeTracking(self, s, self.refiner, self.registry, self.diagnostics.warn)
+        self.diagnostics.add_values(self.tracking.values)
         self._worker = threading.Thread(target=self._work, name="rnnpose_worker", daemon=True)
         self._worker.start()
 
@@ -254,7 +260,7 @@ class RefinerNode(LifecycleNode):
         broadcaster = self.__dict__.pop("tf_broadcaster", None)
         if broadcaster is not None:
             self.destroy_publisher(broadcaster.pub_tf)
-        self.registry = self.refiner = self.queue = self.diagnostics = None
+        self.registry = self.refiner = self.queue = self.diagnostics = self.tracking = None
         self._not_ready = {}
         release_freed_memory()
 
@@ -321,33 +327,46 @@ class RefinerNode(LifecycleNode):
         if not self._stopping.is_set():
             self.get_logger().info(f"warm-up done in {time.monotonic() - start:.2f} s")
 
-    def refine_frame(self, frame: Frame) -> tuple[Detection3DArray, FrameOutcome, Header, np.ndarray | None]:
+    def refine_frame(
+        self, frame: Frame, stream: bool = True
+    ) -> tuple[Detection3DArray, FrameOutcome, Header, np.ndarray | None]:
         """Worker thread: one frame through the engine, its warnings logged; the detections message the
         node publishes for it (in ``output_frame`` when set), the outcome, the output header and the
-        (4, 4) camera → output transform (None: outputs stay in the image frame). Publishes nothing."""
-        assert self.diagnostics is not None
-        stamp_ns = stamp_nanoseconds(frame.image.header.stamp)
-        outcome = process_frame(
-            frame,
-            self.refiner,
-            self.settings,
-            self.registry,
-            stop=self._stopping.is_set,
-            references=self.pose_memory.references(stamp_ns),
-            not_ready=self._not_ready,
-        )
-        self.pose_memory.update(stamp_ns, outcome.refined_poses())
+        (4, 4) camera → output transform (None: outputs stay in the image frame). Publishes nothing.
+
+        ``stream``: a frame of the input topics, which advances the node's state across frames (tracks
+        in track mode, stable ids, the symmetric objects' previous poses); a ``~/refine`` call is not
+        (``stream=False``): refined from its own poses, named as the detector named them."""
+        assert self.diagnostics is not None and self.tracking is not None
+        header = frame.image.header
+        stamp_ns = stamp_nanoseconds(header.stamp)
+        if stream and self.tracking.tracking:
+            outcome, message = self.tracking.track(frame, stop=self._stopping.is_set)
+        else:
+            outcome = process_frame(
+                frame,
+                self.refiner,
+                self.settings,
+                self.registry,
+                stop=self._stopping.is_set,
+                references=self.pose_memory.references(stamp_ns),
+                not_ready=self._not_ready,
+            )
+            if stream:
+                self.tracking.name_detections(frame, outcome)
+            message = detection_array(header, frame.detections, outcome.detections, outcome.outputs)
+        if stream:
+            self.pose_memory.update(stamp_ns, outcome.refined_poses())
         if outcome.engine_failure is not None:
             self.get_logger().error(outcome.engine_failure, throttle_duration_sec=5.0)
         for key, text in outcome.warnings.items():
             self.diagnostics.warn(key, text)
-        header = frame.image.header
         output_header, to_output = self.output_frame.resolve(header)
-        message = detection_array(header, frame.detections, outcome.detections, outcome.outputs)
         return express(message, output_header, to_output), outcome, output_header, to_output
 
     def process(self, frame: Frame) -> Detection3DArray:
-        """Refine and publish one synchronised frame; returns the published detections."""
+        """Refine (detect mode) or track (track mode) and publish one synchronised frame; returns the
+        published detections."""
         assert self.diagnostics is not None
         start = time.monotonic()
         message, outcome, output_header, to_output = self.refine_frame(frame)
@@ -384,6 +403,7 @@ class RefinerNode(LifecycleNode):
         if changed and self.settings.warmup:
             self._warm_up(changed)
         self.registry = registry
+        self.tracking.use_registry(registry)
 
     def mark_not_ready(self, class_ids: list[str], reason: str) -> None:
         """Pass detections of ``class_ids`` through (``reason`` in the warning) until :meth:`mark_ready`."""

@@ -254,6 +254,39 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         float_range=(-1.0, 1.0),
     ),
     ParameterSpec(
+        "mode",
+        "detect",
+        "detect = refine every synchronised image + camera_info + detections set (output per detections "
+        "message); track = image + camera_info drive the output, every live track is refined from its "
+        "previous pose with a short schedule, and detections (at their own rate) seed tracks.",
+        ("detect", "track"),
+    ),
+    ParameterSpec(
+        "track_iterations",
+        1,
+        "Track mode: render iterations per image and track (the last ones of the backend's schedule).",
+        int_range=(1, 20),
+    ),
+    ParameterSpec(
+        "track_lost_below_score",
+        0.1,
+        "Track mode: a tracking refinement that fails, scores below this, or scores below half the "
+        "score of the full refinement that started the track is weak.",
+        float_range=(0.0, 1.0),
+    ),
+    ParameterSpec(
+        "track_lost_after_frames",
+        3,
+        "Track mode: consecutive weak images after which a track is lost (dropped from TF, reported).",
+        int_range=(1, 100),
+    ),
+    ParameterSpec(
+        "detection_tolerance",
+        0.1,
+        "Track mode: largest stamp difference (s) between a detections message and the image it seeds.",
+        float_range=(0.0, 10.0),
+    ),
+    ParameterSpec(
         "score_threshold",
         0.0,
         "Refined detections scoring below this keep their refined pose and score in ~/detections but get "
@@ -383,6 +416,11 @@ class Settings:
     outer_iterations: int
     inner_iterations: int
     restart_below_score: float
+    mode: str
+    track_iterations: int
+    track_lost_below_score: float
+    track_lost_after_frames: int
+    detection_tolerance: float
     score_threshold: float
     tf_prefix: str
     publish_tf: bool

@@ -217,7 +217,7 @@ class NodeServices:
                 queued=time.monotonic(),
             )
             call: WorkerCall[tuple[Detection3DArray, FrameOutcome, Any, Any]] = WorkerCall(
-                lambda: node.refine_frame(frame)
+                lambda: node.refine_frame(frame, stream=False)
             )
             if not self._run_on_worker(call):
                 response.success, response.message = False, call.error or "the node stopped"

@@ -2,6 +2,7 @@
 
     python -m rnnpose_ros.tools.demo [--frames N] [--seed S] [--backend classical|rnnpose]
                                      [--output demo_output] [--rate HZ] [--free-run] [--depth [16UC1|32FC1]]
+    python -m rnnpose_ros.tools.demo --track [--frames 60] [--detect-every 10]   (see demo_track.py)
 
 What runs:
   * ``refine_node --ros-args --params-file config/refine.yaml -p backend:=...`` as a child process
@@ -199,7 +200,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m rnnpose_ros.tools.demo", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--frames", type=int, default=12, help="frames to play (default 12)")
+    parser.add_argument("--frames", type=int, default=None, help="frames to play (default 12; --track 60)")
     parser.add_argument("--seed", type=int, default=0, help="scene and detector-noise seed (default 0)")
     parser.add_argument("--backend", choices=tuple(BACKENDS), default="classical", help=backend_help())
     parser.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for images/summary")
@@ -229,7 +230,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=RESULT_TIMEOUT_S,
         help="seconds a frame may wait for its answer",
     )
+    parser.add_argument(
+        "--track",
+        action="store_true",
+        help="run the node in mode track on a synthetic sequence (rnnpose_ros.tools.demo_track)",
+    )
+    parser.add_argument("--detect-every", type=int, default=10, help="--track: detections every Nth frame")
     args = parser.parse_args(argv)
+    if args.frames is None:
+        args.frames = 60 if args.track else 12
+    if args.detect_every < 1:
+        parser.error("--detect-every must be >= 1")
+    if args.track and args.depth is not None:
+        parser.error("--track plays one RGB sequence; --depth compares RGB with RGB-D in detect mode")
     if args.frames < 1:
         parser.error("--frames must be >= 1")
     if args.rate <= 0:
@@ -282,14 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _play(args: argparse.Namespace, params_file: Path) -> tuple[int, RunResults | None]:
     """Start the node, play the frames, report: (exit status, the run's figures or None)."""
     args.output.mkdir(parents=True, exist_ok=True)
-    for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif"]:
+    for stale in [*args.output.glob("frame_*.png"), args.output / "demo.gif", args.output / "track.gif"]:
         stale.unlink(missing_ok=True)
-    command = node_command(params_file, args.objects_file, args.backend, args.node_param)
+    node_params = [*args.node_param, "mode:=track"] if args.track else args.node_param
+    command = node_command(params_file, args.objects_file, args.backend, node_params)
     print(f"[demo] starting: {' '.join(command)}  (log: {args.output / 'refine_node.log'})")
     # Ctrl-C, SIGTERM and a closed terminal all stop the demo through the same clean-up.
     with signals_as_keyboard_interrupt():
         node = NodeProcess(command, dict(os.environ), args.output / "refine_node.log")
         try:
+            if args.track:
+                from rnnpose_ros.tools.demo_track import run as run_track
+
+                return run_track(args, node), None
             return _run(args, node)
         except KeyboardInterrupt:
             print("\n[demo] interrupted")

@@ -16,6 +16,10 @@ instances passing each test:
 
 (:data:`rnnpose_ros.core.metrics.PASS_TESTS`).
 
+``--sequence`` evaluates tracking on a synthetic sequence instead (:mod:`.sequence_eval`):
+
+    python -m rnnpose_ros.tools.evaluate --sequence --frames 90 --detect-every 10 --seed 0 --json out.json
+
 ``--sweep`` repeats the evaluation at several noise levels (the given one scaled by
 0.25, 0.5, 1, 1.5, 2 in rotation and translation) and ``--plot`` draws recall vs noise.
 """
@@ -151,7 +155,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="animated GIF of the iterations of the first scene's first instance (contour + weight map)",
     )
+    sequence = parser.add_argument_group("tracking (--sequence, see rnnpose_ros.tools.sequence_eval)")
+    sequence.add_argument(
+        "--sequence", action="store_true", help="evaluate tracking on one synthetic sequence"
+    )
+    sequence.add_argument("--frames", type=int, default=90, help="frames of the sequence (default 90)")
+    sequence.add_argument(
+        "--detect-every", type=int, default=10, help="detections on every Nth frame (default 10)"
+    )
+    sequence.add_argument(
+        "--track-iterations", type=int, default=1, help="render iterations per tracking step (default 1)"
+    )
+    sequence.add_argument(
+        "--occlude", type=str, default=None, metavar="FIRST,COUNT", help="hide every object for COUNT frames"
+    )
     args = parser.parse_args(argv)
+    if args.frames < 1 or args.detect_every < 1 or args.track_iterations < 1:
+        parser.error("--frames, --detect-every and --track-iterations must be at least 1")
+    if args.occlude is not None:
+        try:
+            first, count = (int(x) for x in args.occlude.split(","))
+        except ValueError:
+            parser.error(f"--occlude must be two integers FIRST,COUNT, got {args.occlude!r}")
+        if first < 0 or count < 1:
+            parser.error(f"--occlude needs FIRST ≥ 0 and COUNT ≥ 1, got {args.occlude!r}")
+        args.occlude = (first, count)
     try:
         trans = tuple(float(x) for x in args.noise_trans.split(","))
     except ValueError:
@@ -167,8 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--outer-iterations must be at least 1")
     if args.noise_rot < 0:
         parser.error("--noise-rot must be non-negative")
-    if args.plot is not None and not args.sweep:
-        parser.error("--plot draws the noise sweep: add --sweep")
+    if args.plot is not None and not (args.sweep or args.sequence):
+        parser.error("--plot draws the noise sweep (add --sweep) or the sequence (add --sequence)")
     weights = {}
     for item in args.weights:
         class_id, sep, path = item.partition("=")
@@ -324,6 +352,10 @@ def plot_sweep(levels: list[dict], path: Path, backend: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    if args.sequence:
+        from rnnpose_ros.tools.sequence_eval import main as sequence_main
+
+        return sequence_main(args)
     from rnnpose_ros.core.objects import ObjectModelError
 
     try:
