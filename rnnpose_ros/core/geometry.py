@@ -9,6 +9,7 @@ Every function accepts any leading batch dimensions ``...`` and never synchronis
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import IntEnum
@@ -220,11 +221,24 @@ def project_points(points: Tensor, K: Tensor, min_depth: float = PROJECTION_MIN_
 def pixel_grid(
     height: int, width: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> Tensor:
-    """(H, W, 2) integer pixel coordinates, channel 0 = x (column), channel 1 = y (row)."""
-    ys = torch.arange(height, dtype=dtype, device=device)
-    xs = torch.arange(width, dtype=dtype, device=device)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack((gx, gy), -1)
+    """(H, W, 2) integer pixel coordinates, channel 0 = x (column), channel 1 = y (row).
+
+    The grid is cached per size, dtype and device (it is a constant of every inner step): the returned
+    tensor is shared and must not be modified in place.
+    """
+    return _pixel_grid(
+        height, width, dtype, torch.device(device) if device is not None else torch.device("cpu")
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _pixel_grid(height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A normal tensor even when first asked for under inference mode, so that autograd may save it.
+    with torch.inference_mode(False), torch.no_grad():
+        ys = torch.arange(height, dtype=dtype, device=device)
+        xs = torch.arange(width, dtype=dtype, device=device)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack((gx, gy), -1)
 
 
 def backproject_depth(depth: Tensor, K: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ with misalignment, occlusion, or low confidence; 0 for instances that could not 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ from torch import Tensor
 from rnnpose_ros.core.backends import create_backend
 from rnnpose_ros.core.backends.base import CorrespondenceBackend, RenderState
 from rnnpose_ros.core.geometry import backproject_depth, pixel_grid, project_points
-from rnnpose_ros.core.loop import Correspondences, InnerStep, RefinerConfig, run_render_iteration
+from rnnpose_ros.core.loop import Convergence, Correspondences, InnerStep, RefinerConfig, run_render_iteration
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
 from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.pinhole import project_to_pixels
@@ -453,7 +454,16 @@ class Refiner:
                 if call.observer is not None:
                     call.observer(recorder.snapshot(outer, step, view, instance_index))
                 last = (view, step.correspondences, relative)
+            moving = batch.moving()
             batch.advance(relative, config.max_translation_change)
+            if last is not None:
+                # An instance that stopped earlier is scored with the pose it kept.
+                identity = torch.eye(4, dtype=relative.dtype, device=relative.device)
+                last = (view, last[1], torch.where(moving[:, None, None], relative, identity))
+            if config.convergence is not None and batch.converge(
+                config.convergence, outer, relative, recorder.flows[-config.inner_steps]
+            ):
+                break
         scores = self._score(*last) if last is not None else torch.zeros(len(models))
         return batch.outcomes(scores, recorder.traces(config.inner_steps), config)
 
@@ -495,6 +505,7 @@ class _BatchState:
     initial: Tensor
     diameters: Tensor
     failure: Tensor
+    converged: Tensor
 
     @classmethod
     def start(
@@ -506,11 +517,35 @@ class _BatchState:
             initial=poses.clone(),
             diameters=torch.tensor([m.diameter for m in models], dtype=torch.float64, device=device),
             failure=torch.zeros(len(models), dtype=torch.int64, device=device),
+            converged=torch.zeros(len(models), dtype=torch.bool, device=device),
         )
 
     def active(self, dtype: torch.dtype) -> Tensor:
-        """(B,) 1 for instances still being refined, 0 for failed ones."""
+        """(B,) 1 for instances not failed, 0 for failed ones."""
         return (self.failure == 0).to(dtype)
+
+    def moving(self) -> Tensor:
+        """(B,) bool: instances whose pose still changes (neither failed nor converged)."""
+        return (self.failure == 0) & ~self.converged
+
+    def converge(self, rule: Convergence, outer: int, relative: Tensor, first_flow: Tensor) -> bool:
+        """Mark the instances that converged in render iteration ``outer`` (relative pose (B, 4, 4) of
+        the iteration, (B,) mean flow of its first inner step, crop pixels); returns whether every
+        instance has now converged or failed (one host synchronisation)."""
+        if outer + 1 < rule.min_iterations:
+            return False
+        relative = relative.to(torch.float64)
+        moved = torch.linalg.vector_norm(relative[:, :3, 3], dim=-1) / self.diameters
+        cos_angle = ((torch.diagonal(relative[:, :3, :3], dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(
+            -1.0, 1.0
+        )
+        still = (
+            (first_flow.to(torch.float64) < rule.flow_px)
+            & (moved < rule.translation)
+            & (cos_angle > math.cos(rule.rotation_rad))
+        )
+        self.converged = self.converged | (still & (self.failure == 0))
+        return bool((self.converged | (self.failure != 0)).all())
 
     def fail_where(self, condition: Tensor, status: RefineStatus) -> None:
         """Mark the still-active instances where ``condition`` (B,) holds as failed with ``status``."""
@@ -518,11 +553,11 @@ class _BatchState:
         self.failure = torch.where((self.failure == 0) & condition, code, self.failure)
 
     def advance(self, relative: Tensor, max_translation_change: float) -> None:
-        """Apply the render iteration's relative poses to the active instances, then mark DIVERGED those
+        """Apply the render iteration's relative poses to the moving instances, then mark DIVERGED those
         that left the camera's front, became non-finite or moved more than ``max_translation_change``
         diameters from their start."""
         moved_poses = relative.to(torch.float64) @ self.poses
-        self.poses = torch.where((self.failure == 0)[:, None, None], moved_poses, self.poses)
+        self.poses = torch.where(self.moving()[:, None, None], moved_poses, self.poses)
         moved = torch.linalg.vector_norm(self.poses[:, :3, 3] - self.initial[:, :3, 3], dim=-1)
         diverged = (
             ~torch.isfinite(self.poses).all(-1).all(-1)

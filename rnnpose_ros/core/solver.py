@@ -181,6 +181,7 @@ def solve_lm_step(
     max_step: float = MAX_STEP,
     robust: str | None = None,
     robust_scale: float = 2.0,
+    reference_points: Tensor | None = None,
 ) -> LMStep:
     """Run ``num_iters`` damped Gauss–Newton steps on T (docs/method.md §2.10), batched over instances.
 
@@ -200,6 +201,8 @@ def solve_lm_step(
         max_step: per-component clamp of δ (metres / radians).
         robust: None (published), "huber" or "cauchy": multiply w by robust weights of ‖r‖.
         robust_scale: robust kernel scale, pixels.
+        reference_points: (B, H, W, 3) ``backproject_depth(depth, K)`` in the dtype of T, when the
+            caller has it (it is constant over the inner steps of a render iteration).
 
     Returns:
         :class:`LMStep`.
@@ -222,7 +225,9 @@ def solve_lm_step(
 
     dtype = T.dtype
     K = K.to(dtype)
-    X0 = backproject_depth(depth.to(dtype), K).reshape(batch, -1, 3)  # (B, P, 3)
+    if reference_points is None:
+        reference_points = backproject_depth(depth.to(dtype), K)
+    X0 = reference_points.reshape(batch, -1, 3)  # (B, P, 3)
     target64 = target.reshape(batch, -1, 2).to(torch.float64)
     w = weight.reshape(batch, -1).to(dtype)
     damping_scale, damping_shift = _damping(ep_lambda, lm_lambda, T.device)

@@ -21,6 +21,7 @@ flag has no effect: autocast is never entered on CPU, where results are plain fl
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import NamedTuple
 
@@ -200,6 +201,14 @@ def bilinear_sample_pixels(images: torch.Tensor, xy: torch.Tensor) -> torch.Tens
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
 
 
+@functools.lru_cache(maxsize=8)
+def _window_offsets(radius: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        steps = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+        offset_x, offset_y = torch.meshgrid(steps, steps, indexing="ij")
+        return torch.stack([offset_x, offset_y], dim=-1)
+
+
 class CorrPyramid:
     """All-pairs correlation pyramid between two feature maps and its windowed lookup.
 
@@ -248,11 +257,11 @@ class CorrPyramid:
         """(2r+1, 2r+1, 2) offsets (dx, dy); ``offsets[a, b] = (a − r, b − r)``.
 
         The first window index moves x: this reproduces RAFT's channel order, on which the
-        published update block's first conv was trained.
+        published update block's first conv was trained. Shared per radius and device (read-only).
         """
-        steps = torch.arange(-self.radius, self.radius + 1, device=device, dtype=torch.float32)
-        offset_x, offset_y = torch.meshgrid(steps, steps, indexing="ij")
-        return torch.stack([offset_x, offset_y], dim=-1)
+        return _window_offsets(
+            self.radius, torch.device(device) if device is not None else torch.device("cpu")
+        )
 
     def lookup(self, coords: torch.Tensor) -> torch.Tensor:
         """Sample every level in a (2r+1)² window around ``coords / 2^l``.
