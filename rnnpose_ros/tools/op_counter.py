@@ -18,7 +18,7 @@ device queue. Both are counted here without a GPU::
   ``_local_scalar_dense`` reached from C++. By name in ``sync_calls``.
 
 ``paused()`` excludes a region (e.g. a host-side rasteriser whose readback is its documented
-synchronisation point) from both counts.
+synchronisation point) from both counts; :class:`UncountedRenderer` wraps a renderer that way.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class _DispatchLevel(TorchDispatchMode):
         if owner.counting:
             name = func.overloadpacket.__name__
             owner.ops[name] += 1
+            if func.is_view:
+                owner.view_ops[name] += 1
             if name in _DATA_DEPENDENT_OPS or (name == _SCALAR_OP and not owner._in_python_sync):
                 owner.sync_calls[name] += 1
         return func(*args, **(kwargs or {}))
@@ -83,12 +85,15 @@ class OpCounter:
     """Context manager counting ATen ops (``ops``) and host synchronisations (``sync_calls``).
 
     Attributes:
-        ops: op name → number of calls.
+        ops: op name → number of calls (all ATen ops).
+        view_ops: the part of ``ops`` that only makes views (new shape or strides of the same storage:
+            no kernel runs on a device).
         sync_calls: kind (``item``, ``cpu``, ``nonzero`` ...) → number of calls.
     """
 
     def __init__(self) -> None:
         self.ops: Counter[str] = Counter()
+        self.view_ops: Counter[str] = Counter()
         self.sync_calls: Counter[str] = Counter()
         self.counting = True
         self._in_python_sync = False
@@ -99,11 +104,17 @@ class OpCounter:
         return sum(self.ops.values())
 
     @property
+    def kernel_ops(self) -> int:
+        """ATen ops that are not views: what launches work on a device."""
+        return self.total_ops - sum(self.view_ops.values())
+
+    @property
     def syncs(self) -> int:
         return sum(self.sync_calls.values())
 
     def reset(self) -> None:
         self.ops.clear()
+        self.view_ops.clear()
         self.sync_calls.clear()
 
     @contextlib.contextmanager
@@ -135,4 +146,30 @@ class OpCounter:
         """One line: totals and the most frequent ops."""
         common = ", ".join(f"{name} {count}" for name, count in self.ops.most_common(top))
         syncs = ", ".join(f"{name} {count}" for name, count in self.sync_calls.most_common())
-        return f"{self.total_ops} ops ({common}); {self.syncs} host syncs ({syncs or 'none'})"
+        return (
+            f"{self.total_ops} ops, {self.kernel_ops} not views ({common}); "
+            f"{self.syncs} host syncs ({syncs or 'none'})"
+        )
+
+
+class UncountedRenderer:
+    """A renderer whose ``render`` calls an :class:`OpCounter` does not count (the host rasteriser's
+    own transfers), so that the rest of a render iteration can be measured alone.
+
+    Args:
+        renderer: the wrapped renderer; every other attribute is forwarded to it.
+        counter: the counter to pause (may be set later through the attribute).
+    """
+
+    def __init__(self, renderer: Any, counter: OpCounter | None = None) -> None:
+        self.renderer = renderer
+        self.counter = counter
+
+    def render(self, *args: Any, **kwargs: Any) -> Any:
+        if self.counter is None:
+            return self.renderer.render(*args, **kwargs)
+        with self.counter.paused():
+            return self.renderer.render(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.renderer, name)
