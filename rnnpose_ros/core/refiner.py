@@ -465,7 +465,7 @@ class Refiner:
             ):
                 break
         scores = self._score(*last) if last is not None else torch.zeros(len(models))
-        return batch.outcomes(scores, recorder.traces(config.inner_steps), config)
+        return batch.outcomes(scores, recorder, config)
 
     def _score(self, view: RenderState, corr: Correspondences, relative: Tensor) -> Tensor:
         """(B,) weighted inlier fraction of the last render iteration (module docstring)."""
@@ -506,6 +506,7 @@ class _BatchState:
     diameters: Tensor
     failure: Tensor
     converged: Tensor
+    converged_at: Tensor
 
     @classmethod
     def start(
@@ -518,6 +519,7 @@ class _BatchState:
             diameters=torch.tensor([m.diameter for m in models], dtype=torch.float64, device=device),
             failure=torch.zeros(len(models), dtype=torch.int64, device=device),
             converged=torch.zeros(len(models), dtype=torch.bool, device=device),
+            converged_at=torch.full((len(models),), -1, dtype=torch.int64, device=device),
         )
 
     def active(self, dtype: torch.dtype) -> Tensor:
@@ -544,7 +546,9 @@ class _BatchState:
             & (moved < rule.translation)
             & (cos_angle > math.cos(rule.rotation_rad))
         )
-        self.converged = self.converged | (still & (self.failure == 0))
+        newly = still & (self.failure == 0) & ~self.converged
+        self.converged_at = torch.where(newly, outer, self.converged_at)
+        self.converged = self.converged | newly
         return bool((self.converged | (self.failure != 0)).all())
 
     def fail_where(self, condition: Tensor, status: RefineStatus) -> None:
@@ -566,11 +570,33 @@ class _BatchState:
         )
         self.fail_where(diverged, RefineStatus.DIVERGED)
 
-    def outcomes(
-        self, scores: Tensor, traces: list[list[IterationTrace]], config: RefinerConfig
-    ) -> list[_Outcome]:
-        """Per-instance outcomes, with one host transfer for the whole batch."""
-        poses, failure, scores_np = self.poses.cpu().numpy(), self.failure.cpu().numpy(), scores.cpu().numpy()
+    def outcomes(self, scores: Tensor, recorder: _TraceRecorder, config: RefinerConfig) -> list[_Outcome]:
+        """Per-instance outcomes, with one host transfer for the whole batch (poses, statuses, scores
+        and every trace figure packed into one float64 tensor; counts are exact in it)."""
+        batch = self.poses.shape[0]
+        head = torch.cat(
+            (
+                self.poses.reshape(batch, 16),
+                self.failure[:, None].to(torch.float64),
+                scores[:, None].to(device=self.poses.device, dtype=torch.float64),
+                self.converged_at[:, None].to(torch.float64),
+            ),
+            1,
+        )
+        figures = recorder.stacked()
+        packed = head if figures is None else torch.cat((head, figures.flatten(1)), 1)
+        host = packed.cpu().numpy()
+        poses, failure, scores_np, converged_at = (
+            host[:, :16].reshape(-1, 4, 4),
+            host[:, 16],
+            host[:, 17],
+            host[:, 18],
+        )
+        traces = (
+            []
+            if figures is None
+            else recorder.traces(host[:, 19:].reshape(batch, -1, _TraceRecorder.WIDTH), config.inner_steps)
+        )
         messages = {
             RefineStatus.OK: "",
             RefineStatus.TOO_FEW_CORRESPONDENCES: (
@@ -583,16 +609,21 @@ class _BatchState:
             ),
         }
         outcomes = []
-        for b in range(len(poses)):
+        for b in range(batch):
             status = _LOOP_FAILURES[int(failure[b])]
             trace = traces[b] if traces else []
+            if converged_at[b] >= 0:  # the steps after convergence did not move it
+                trace = trace[: (int(converged_at[b]) + 1) * config.inner_steps]
             outcomes.append(_Outcome(poses[b], float(scores_np[b]), status, messages[status], trace))
         return outcomes
 
 
 class _TraceRecorder:
     """Per-step batched figures of a run, turned into per-instance :class:`IterationTrace` lists at the
-    end (one host transfer per figure)."""
+    end (transferred to the host with the outcomes, :meth:`_BatchState.outcomes`)."""
+
+    #: Figures per step in :meth:`stacked`: pose (16), mean weight, residual, count, flow.
+    WIDTH = 20
 
     def __init__(self, min_depth: float) -> None:
         self.min_depth = min_depth
@@ -619,28 +650,34 @@ class _TraceRecorder:
             outer, step.index, instance_index, self.poses[-1], view.K, view.depth, corr.target, corr.weight
         )
 
-    def traces(self, inner_steps: int) -> list[list[IterationTrace]]:
+    def stacked(self) -> Tensor | None:
+        """(B, S, WIDTH) float64 figures of the S steps recorded, or None before the first."""
         if not self.poses:
-            return []
-        poses = torch.stack(self.poses, 1).cpu().numpy()  # (B, S, 4, 4)
-        weights, residuals, counts, flows = (
-            torch.stack(values, 1).cpu().numpy()
+            return None
+        scalars = [
+            torch.stack(values, 1).to(torch.float64)[..., None]
             for values in (self.weights, self.residuals, self.counts, self.flows)
-        )
+        ]
+        poses = torch.stack(self.poses, 1)
+        return torch.cat((poses.flatten(2), *scalars), -1)
+
+    @staticmethod
+    def traces(figures: np.ndarray, inner_steps: int) -> list[list[IterationTrace]]:
+        """Per-instance traces from :meth:`stacked`'s figures on the host, (B, S, WIDTH)."""
         return [
             [
                 IterationTrace(
                     outer=s // inner_steps,
                     inner=s % inner_steps,
-                    pose=poses[b, s],
-                    mean_weight=float(weights[b, s]),
-                    residual_px=float(residuals[b, s]),
-                    num_correspondences=int(counts[b, s]),
-                    flow_px=float(flows[b, s]),
+                    pose=row[:16].reshape(4, 4),
+                    mean_weight=float(row[16]),
+                    residual_px=float(row[17]),
+                    num_correspondences=int(row[18]),
+                    flow_px=float(row[19]),
                 )
-                for s in range(poses.shape[1])
+                for s, row in enumerate(steps)
             ]
-            for b in range(poses.shape[0])
+            for steps in figures
         ]
 
 
