@@ -38,7 +38,7 @@ def rendered(renderer):
     attributes = [torch.randn(len(m.vertices), CONTEXT + 4, generator=generator) for m in models]
     faces = [torch.as_tensor(np.asarray(m.faces), dtype=torch.int64) for m in models]
     vertices = [torch.as_tensor(np.asarray(m.vertices), dtype=torch.float32) for m in models]
-    table = SurfaceTable.build(faces, vertices, attributes, CONTEXT)
+    table = SurfaceTable.build(faces, vertices, attributes, [0, 1], CONTEXT)
     return output, torch.as_tensor(poses), faces, vertices, attributes, table
 
 

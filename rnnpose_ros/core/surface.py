@@ -41,15 +41,27 @@ class SurfaceTable:
 
     @classmethod
     def build(
-        cls, faces: Sequence[Tensor], vertices: Sequence[Tensor], attributes: Sequence[Tensor], split: int
+        cls,
+        faces: Sequence[Tensor],
+        vertices: Sequence[Tensor],
+        attributes: Sequence[Tensor],
+        instance_object: Sequence[int],
+        split: int,
     ) -> SurfaceTable:
-        """Concatenate B instances' (F_b, 3) int64 faces, (N_b, 3) vertices and (N_b, C) attributes;
-        attribute channels [0, split) are the context, [split, C) the descriptors."""
-        offsets = torch.tensor([0, *(len(v) for v in vertices[:-1])], device=faces[0].device).cumsum(0)
-        longest = max(len(f) for f in faces)
-        padded = faces[0].new_zeros(len(faces), longest, 3)
-        for b, face in enumerate(faces):
-            padded[b, : len(face)] = face + offsets[b]
+        """Concatenate the tables of the distinct objects of a batch once each.
+
+        Args:
+            faces, vertices, attributes: per distinct object, (F_o, 3) int64 faces, (N_o, 3) vertices
+                and (N_o, C) attributes.
+            instance_object: for each of the B instances, the index of its object.
+            split: attribute channels [0, split) are the context, [split, C) the descriptors.
+        """
+        sizes = [len(v) for v in vertices]
+        offsets = [sum(sizes[:o]) for o in range(len(sizes))]
+        longest = max(len(faces[o]) for o in instance_object)
+        padded = faces[0].new_zeros(len(instance_object), longest, 3)
+        for b, o in enumerate(instance_object):
+            padded[b, : len(faces[o])] = faces[o] + offsets[o]
         table = torch.cat(list(attributes))
         return cls(
             faces=padded,

@@ -48,7 +48,7 @@ from rnnpose_ros.core.backends.base import (
 )
 from rnnpose_ros.core.checkpoint import CheckpointError, load_checkpoint, mesh_fingerprint
 from rnnpose_ros.core.geometry import CropWindow, first_crop_window, sample_crop, zoom_crop_window
-from rnnpose_ros.core.loop import Correspondences, RefinerConfig
+from rnnpose_ros.core.loop import Convergence, Correspondences, RefinerConfig
 from rnnpose_ros.core.model import CONTEXT_DIM, DESCRIPTOR_DIM, RNNPoseNet
 from rnnpose_ros.core.nets.kpconv_pyramid import build_point_pyramid
 from rnnpose_ros.core.nets.raft import FLOW_DOWNSAMPLING
@@ -176,8 +176,11 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
     @staticmethod
     def default_loop() -> RefinerConfig:
         """As published: 3 render iterations × 4 recurrent steps, the published LM constants, no
-        restarts."""
-        return RefinerConfig(outer_iterations=3, inner_steps=4, lm=LMConfig())
+        restarts; an instance whose second render already agrees with the image (sub-pixel flow, a
+        negligible update) skips the third."""
+        return RefinerConfig(
+            outer_iterations=3, inner_steps=4, lm=LMConfig(), convergence=Convergence(min_iterations=2)
+        )
 
     @property
     def mixed_precision(self) -> bool:
@@ -416,11 +419,19 @@ def _flow_grid_side(size: int) -> int:
 
 
 def surface_table(features: Sequence[ObjectFeatures]) -> SurfaceTable:
-    """The per-pixel lookup tables of B instances (attribute channels: context, then descriptor)."""
+    """The per-pixel lookup tables of B instances (attribute channels: context, then descriptor); each
+    distinct object's tables appear once, however many of its instances the batch holds."""
+    distinct: dict[int, int] = {}
+    objects: list[ObjectFeatures] = []
+    for f in features:
+        if id(f) not in distinct:
+            distinct[id(f)] = len(objects)
+            objects.append(f)
     return SurfaceTable.build(
-        [f.faces for f in features],
-        [f.vertices for f in features],
-        [f.attributes for f in features],
+        [f.faces for f in objects],
+        [f.vertices for f in objects],
+        [f.attributes for f in objects],
+        [distinct[id(f)] for f in features],
         CONTEXT_DIM,
     )
 
