@@ -142,15 +142,17 @@ def coarse_context(
 def _resampling(size: int, coarse: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Source rows read by a bilinear ``align_corners=True`` resampling from ``size`` to ``coarse``
     samples, and its (coarse, rows) float32 weight matrix (torch's index and weight arithmetic)."""
-    scale = torch.tensor((size - 1) / (coarse - 1) if coarse > 1 else 0.0, dtype=torch.float32)
-    source = scale * torch.arange(coarse, dtype=torch.float32)
-    lower = source.to(torch.int64).clamp_max(size - 1)
-    upper = (lower + 1).clamp_max(size - 1)
-    upper_weight = source - lower.to(torch.float32)
-    rows = torch.unique(torch.cat((lower, upper)))
-    weights = torch.zeros(coarse, len(rows), dtype=torch.float32)
-    position = {int(r): i for i, r in enumerate(rows)}
-    for i in range(coarse):
-        weights[i, position[int(lower[i])]] += 1.0 - upper_weight[i]
-        weights[i, position[int(upper[i])]] += upper_weight[i]
-    return rows.to(device), weights.to(device)
+    # Normal tensors even when first asked for under inference mode, so that autograd may save them.
+    with torch.inference_mode(False), torch.no_grad():
+        scale = torch.tensor((size - 1) / (coarse - 1) if coarse > 1 else 0.0, dtype=torch.float32)
+        source = scale * torch.arange(coarse, dtype=torch.float32)
+        lower = source.to(torch.int64).clamp_max(size - 1)
+        upper = (lower + 1).clamp_max(size - 1)
+        upper_weight = source - lower.to(torch.float32)
+        rows = torch.unique(torch.cat((lower, upper)))
+        weights = torch.zeros(coarse, len(rows), dtype=torch.float32)
+        position = {int(r): i for i, r in enumerate(rows)}
+        for i in range(coarse):
+            weights[i, position[int(lower[i])]] += 1.0 - upper_weight[i]
+            weights[i, position[int(upper[i])]] += upper_weight[i]
+        return rows.to(device), weights.to(device)
