@@ -233,6 +233,7 @@ class CorrPyramid:
             )
         self.num_levels = num_levels
         self.radius = radius
+        self._layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]] | None = None
         batch, channels, height1, width1 = fmap1.shape
         self.batch, self.height1, self.width1 = batch, height1, width1
         f1 = fmap1.float().flatten(2)  # (B, C, H1·W1)
@@ -247,6 +248,27 @@ class CorrPyramid:
                 )
             level = F.avg_pool2d(level, kernel_size=2, stride=2)
             self.levels.append(level)
+
+    def _grid_layout(
+        self, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
+        """Per-level constants of :meth:`lookup`'s grids (built once per pyramid): scale 2^l, shift s and
+        denominator d as (L, 1, 1, 1, 2) float32 tensors, and each level's ``align_corners``."""
+        if self._layout is None:
+            scale, shift, denominator, align = [], [], [], []
+            for index, level in enumerate(self.levels):
+                height, width = level.shape[-2:]
+                exact = height > 1 and width > 1  # as bilinear_sample_pixels decides
+                scale.append([2.0**index] * 2)
+                shift.append([0.0, 0.0] if exact else [1.0, 1.0])
+                denominator.append([width - 1.0, height - 1.0] if exact else [float(width), float(height)])
+                align.append(exact)
+            as_tensor = [
+                torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1, 2)
+                for values in (scale, shift, denominator)
+            ]
+            self._layout = (*as_tensor, align)
+        return self._layout
 
     @property
     def out_channels(self) -> int:
@@ -276,12 +298,18 @@ class CorrPyramid:
         expected = (self.batch, 2, self.height1, self.width1)
         if tuple(coords.shape) != expected:
             raise CorrelationInputError(f"coords must have shape {expected}, got {tuple(coords.shape)}")
-        centres = coords.float().permute(0, 2, 3, 1).reshape(-1, 1, 1, 2)
-        offsets = self.window_offsets(coords.device).unsqueeze(0)  # (1, 2r+1, 2r+1, 2)
+        centres = coords.float().permute(0, 2, 3, 1).reshape(1, -1, 1, 1, 2)
+        offsets = self.window_offsets(coords.device)  # (2r+1, 2r+1, 2)
         window = (2 * self.radius + 1) ** 2
+        # All levels' sampling grids at once, with the arithmetic of bilinear_sample_pixels per level:
+        # (2·(x/2^l + dx) + s)/d − 1, s = 0 and d = size − 1 (or s = 1, d = size for a size-1 axis).
+        scale, shift, denominator, align = self._grid_layout(coords.device)
+        grids = (2 * (centres / scale + offsets) + shift) / denominator - 1  # (L, N, 2r+1, 2r+1, 2)
         sampled = []
         for index, level in enumerate(self.levels):
-            samples = bilinear_sample_pixels(level, centres / 2**index + offsets)  # (N, 1, 2r+1, 2r+1)
+            samples = F.grid_sample(
+                level, grids[index], mode="bilinear", padding_mode="zeros", align_corners=align[index]
+            )  # (N, 1, 2r+1, 2r+1)
             sampled.append(samples.reshape(self.batch, self.height1, self.width1, window))
         return torch.cat(sampled, dim=-1).permute(0, 3, 1, 2).contiguous()
 
