@@ -26,7 +26,7 @@ def test_batch_of_two_equals_two_singles(golden) -> None:
     ref = reference_from_fixture(fixture["inputs"])
     start = torch.eye(4).repeat(2, 1, 1)
     start[1, :3, 3] = torch.tensor([0.004, -0.003, 0.01])
-    batched = type(ref)(**{k: torch.cat([v, v]) for k, v in vars(ref).items()})
+    batched = type(ref)(**{k: None if v is None else torch.cat([v, v]) for k, v in vars(ref).items()})
 
     def final_pose(reference, relative):
         state = start_render_iteration(net, reference)

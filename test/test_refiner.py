@@ -9,6 +9,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from rnnpose_ros.core.backends.classical import ClassicalBackend, ClassicalConfig, CropStage
+from rnnpose_ros.core.loop import Convergence
 from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
 from rnnpose_ros.core.observation import InputError, Observation
 from rnnpose_ros.core.refiner import (
@@ -272,3 +273,33 @@ def test_restarts_keep_the_best_scoring_hypothesis(registry, renderer, scene):
     expected = plain.refine(scene.observation, instances)
     for a, b in zip(never.refine(scene.observation, instances), expected, strict=True):
         np.testing.assert_allclose(a.pose, b.pose, atol=1e-9)
+
+
+def test_converged_instances_stop_early_and_keep_their_pose(registry, renderer):
+    """Started at the truth, an instance converges in its first render iteration: its pose is kept, its
+    trace ends there, and a batch whose instances all converged ends early; a noisy neighbour in the
+    same batch is refined as it is alone."""
+    scene = make_scene([registry["duck"], registry["duck"]], 7, renderer, MILD)
+    at_truth = Instance("duck", scene.instances[0].pose_gt, "truth")
+    noisy = Instance("duck", scene.instances[1].pose_init, "noisy")
+    rule = Convergence(min_iterations=1, flow_px=1.0, translation=0.01, rotation_rad=0.01)
+    loop = replace(SHORT, outer_iterations=4, convergence=rule)
+    # The default stages: the first (wide crop, translation only) settles at once on a true start.
+    refiner = Refiner(registry, config=loop, renderer=renderer)
+    alone = refiner.refine(scene.observation, [at_truth])[0]
+    assert alone.status is RefineStatus.OK
+    assert len(alone.trace) < loop.outer_iterations * loop.inner_steps
+    np.testing.assert_allclose(alone.trace[-1].pose, alone.pose, atol=1e-12)
+    full = Refiner(
+        registry, config=replace(loop, convergence=None), backend_config=ONE_STAGE, renderer=renderer
+    )
+    assert (
+        len(full.refine(scene.observation, [at_truth])[0].trace) == loop.outer_iterations * loop.inner_steps
+    )
+
+    together = refiner.refine(scene.observation, [at_truth, noisy])
+    np.testing.assert_allclose(together[0].pose, alone.pose, atol=1e-7)
+    assert len(together[0].trace) == len(alone.trace)
+    noisy_alone = refiner.refine(scene.observation, [noisy])[0]
+    np.testing.assert_allclose(together[1].pose, noisy_alone.pose, atol=1e-7)
+    np.testing.assert_allclose(together[1].trace[-1].pose, together[1].pose, atol=1e-12)

@@ -23,7 +23,32 @@ from typing import Generic, TypeVar
 
 from torch import Tensor
 
+from rnnpose_ros.core.geometry import backproject_depth
 from rnnpose_ros.core.solver import LMConfig, LMStep, solve_lm_step
+
+
+@dataclass
+class Convergence:
+    """When an instance stops before the end of the schedule (checked after every render iteration).
+
+    An instance has converged when, in one render iteration at index ≥ ``min_iterations`` − 1, the
+    rendering already agreed with the image (mean correspondence displacement of the first inner step
+    below ``flow_px`` crop pixels) and the whole iteration moved it by less than ``translation``
+    object diameters and ``rotation_rad``. A converged instance keeps its pose; when every instance
+    of a batch has converged or failed, the batch ends early. Each check costs one host
+    synchronisation (the decision to stop), between render iterations.
+
+    Attributes:
+        min_iterations: render iterations always run (e.g. the coarse stages of a schedule).
+        flow_px: mean flow threshold, pixels of the crop.
+        translation: translation threshold, object diameters.
+        rotation_rad: rotation threshold, radians.
+    """
+
+    min_iterations: int = 1
+    flow_px: float = 0.5
+    translation: float = 0.002
+    rotation_rad: float = 0.002
 
 
 @dataclass
@@ -50,6 +75,7 @@ class RefinerConfig:
             model centre (out-of-plane errors are the ones a silhouette aligns worst).
         max_batch: instances refined together at most; more (many detections, or restart
             hypotheses) run in consecutive batches of this size, so memory is bounded by one batch.
+        convergence: early termination per instance (None: always the whole schedule).
     """
 
     outer_iterations: int = 3
@@ -63,6 +89,7 @@ class RefinerConfig:
     restart_angle_deg: float = 25.0
     restart_hypotheses: int = 4
     max_batch: int = 8
+    convergence: Convergence | None = None
 
 
 @dataclass
@@ -123,11 +150,18 @@ def run_render_iteration(
         published gradient truncation). A caller may change what ``correspond`` returns between
         steps (the refiner zeroes the weights of instances that failed).
     """
+    points = backproject_depth(depth.to(relative.dtype), K.to(relative.dtype))
     for k in range(steps):
         relative = relative.detach()
         correspondences = correspond(relative, k)
         solve = solve_lm_step(
-            relative, depth, K, correspondences.target, correspondences.weight, **lm.solver_options()
+            relative,
+            depth,
+            K,
+            correspondences.target,
+            correspondences.weight,
+            reference_points=points,
+            **lm.solver_options(),
         )
         yield InnerStep(k, relative, correspondences, solve)
         relative = solve.pose

@@ -38,21 +38,25 @@ class RenderedReference:
 
     Attributes:
         rgb: (B, 3, H, W) float32 rendered colour in [0, 1], 0 on background.
-        context: (B, 256, H, W) float32 rendered context features (raw, before the 0.1 scale).
+        context: (B, 256, H, W) float32 rendered context features (raw, before the 0.1 scale), or
+            None when ``coarse_context`` is given instead.
         descriptors: (B, 32, H, W) float32 rendered 3D descriptors, 0 on background.
         depth: (B, H, W) float32 reference depth (nearest-vertex published), metres, 0 = background.
         observed_rgb: (B, 3, H, W) float32 observed crop in [0, 1].
         observed_descriptors: (B, 32, H, W) float32 observed 2D descriptors on the same crop.
         K: (B, 3, 3) float32 intrinsics of the crop.
+        coarse_context: (B, 256, H/8, W/8) float32 ``context`` already scaled by 0.1 and resampled to
+            the flow grid (what initialises the GRU), when the renderer evaluated it only there.
     """
 
     rgb: Tensor
-    context: Tensor
+    context: Tensor | None
     descriptors: Tensor
     depth: Tensor
     observed_rgb: Tensor
     observed_descriptors: Tensor
     K: Tensor
+    coarse_context: Tensor | None = None
 
 
 @dataclass
@@ -119,10 +123,11 @@ def start_render_iteration(
     f_rendered, f_observed = encode_image_pair(
         net.fnet, reference.rgb, reference.observed_rgb, published_conventions, mixed_precision
     )
-    coarse_size = f_rendered.shape[-2:]
-    context = F.interpolate(
-        CONTEXT_SCALE * reference.context, size=coarse_size, mode="bilinear", align_corners=True
-    )
+    context = reference.coarse_context
+    if context is None:
+        context = F.interpolate(
+            CONTEXT_SCALE * reference.context, size=f_rendered.shape[-2:], mode="bilinear", align_corners=True
+        )
     hidden, gru_input = context.split(CONTEXT_DIM // 2, dim=1)
     return RecurrentState(
         reference=reference,

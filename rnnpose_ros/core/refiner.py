@@ -34,6 +34,7 @@ with misalignment, occlusion, or low confidence; 0 for instances that could not 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ from torch import Tensor
 from rnnpose_ros.core.backends import create_backend
 from rnnpose_ros.core.backends.base import CorrespondenceBackend, RenderState
 from rnnpose_ros.core.geometry import backproject_depth, pixel_grid, project_points
-from rnnpose_ros.core.loop import Correspondences, InnerStep, RefinerConfig, run_render_iteration
+from rnnpose_ros.core.loop import Convergence, Correspondences, InnerStep, RefinerConfig, run_render_iteration
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
 from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.pinhole import project_to_pixels
@@ -467,9 +468,18 @@ class Refiner:
                 if call.observer is not None:
                     call.observer(recorder.snapshot(outer, step, view, instance_index))
                 last = (view, step.correspondences, relative)
+            moving = batch.moving()
             batch.advance(relative, config.max_translation_change)
+            if last is not None:
+                # An instance that stopped earlier is scored with the pose it kept.
+                identity = torch.eye(4, dtype=relative.dtype, device=relative.device)
+                last = (view, last[1], torch.where(moving[:, None, None], relative, identity))
+            if config.convergence is not None and batch.converge(
+                config.convergence, outer, relative, recorder.flows[-config.inner_steps]
+            ):
+                break
         scores = self._score(*last) if last is not None else torch.zeros(len(models))
-        return batch.outcomes(scores, recorder.traces(config.inner_steps), config)
+        return batch.outcomes(scores, recorder, config)
 
     def _score(self, view: RenderState, corr: Correspondences, relative: Tensor) -> Tensor:
         """(B,) weighted inlier fraction of the last render iteration (module docstring)."""
@@ -509,6 +519,8 @@ class _BatchState:
     initial: Tensor
     diameters: Tensor
     failure: Tensor
+    converged: Tensor
+    converged_at: Tensor
 
     @classmethod
     def start(
@@ -520,11 +532,38 @@ class _BatchState:
             initial=poses.clone(),
             diameters=torch.tensor([m.diameter for m in models], dtype=torch.float64, device=device),
             failure=torch.zeros(len(models), dtype=torch.int64, device=device),
+            converged=torch.zeros(len(models), dtype=torch.bool, device=device),
+            converged_at=torch.full((len(models),), -1, dtype=torch.int64, device=device),
         )
 
     def active(self, dtype: torch.dtype) -> Tensor:
-        """(B,) 1 for instances still being refined, 0 for failed ones."""
+        """(B,) 1 for instances not failed, 0 for failed ones."""
         return (self.failure == 0).to(dtype)
+
+    def moving(self) -> Tensor:
+        """(B,) bool: instances whose pose still changes (neither failed nor converged)."""
+        return (self.failure == 0) & ~self.converged
+
+    def converge(self, rule: Convergence, outer: int, relative: Tensor, first_flow: Tensor) -> bool:
+        """Mark the instances that converged in render iteration ``outer`` (relative pose (B, 4, 4) of
+        the iteration, (B,) mean flow of its first inner step, crop pixels); returns whether every
+        instance has now converged or failed (one host synchronisation)."""
+        if outer + 1 < rule.min_iterations:
+            return False
+        relative = relative.to(torch.float64)
+        moved = torch.linalg.vector_norm(relative[:, :3, 3], dim=-1) / self.diameters
+        cos_angle = ((torch.diagonal(relative[:, :3, :3], dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(
+            -1.0, 1.0
+        )
+        still = (
+            (first_flow.to(torch.float64) < rule.flow_px)
+            & (moved < rule.translation)
+            & (cos_angle > math.cos(rule.rotation_rad))
+        )
+        newly = still & (self.failure == 0) & ~self.converged
+        self.converged_at = torch.where(newly, outer, self.converged_at)
+        self.converged = self.converged | newly
+        return bool((self.converged | (self.failure != 0)).all())
 
     def fail_where(self, condition: Tensor, status: RefineStatus) -> None:
         """Mark the still-active instances where ``condition`` (B,) holds as failed with ``status``."""
@@ -532,11 +571,11 @@ class _BatchState:
         self.failure = torch.where((self.failure == 0) & condition, code, self.failure)
 
     def advance(self, relative: Tensor, max_translation_change: float) -> None:
-        """Apply the render iteration's relative poses to the active instances, then mark DIVERGED those
+        """Apply the render iteration's relative poses to the moving instances, then mark DIVERGED those
         that left the camera's front, became non-finite or moved more than ``max_translation_change``
         diameters from their start."""
         moved_poses = relative.to(torch.float64) @ self.poses
-        self.poses = torch.where((self.failure == 0)[:, None, None], moved_poses, self.poses)
+        self.poses = torch.where(self.moving()[:, None, None], moved_poses, self.poses)
         moved = torch.linalg.vector_norm(self.poses[:, :3, 3] - self.initial[:, :3, 3], dim=-1)
         diverged = (
             ~torch.isfinite(self.poses).all(-1).all(-1)
@@ -545,11 +584,33 @@ class _BatchState:
         )
         self.fail_where(diverged, RefineStatus.DIVERGED)
 
-    def outcomes(
-        self, scores: Tensor, traces: list[list[IterationTrace]], config: RefinerConfig
-    ) -> list[_Outcome]:
-        """Per-instance outcomes, with one host transfer for the whole batch."""
-        poses, failure, scores_np = self.poses.cpu().numpy(), self.failure.cpu().numpy(), scores.cpu().numpy()
+    def outcomes(self, scores: Tensor, recorder: _TraceRecorder, config: RefinerConfig) -> list[_Outcome]:
+        """Per-instance outcomes, with one host transfer for the whole batch (poses, statuses, scores
+        and every trace figure packed into one float64 tensor; counts are exact in it)."""
+        batch = self.poses.shape[0]
+        head = torch.cat(
+            (
+                self.poses.reshape(batch, 16),
+                self.failure[:, None].to(torch.float64),
+                scores[:, None].to(device=self.poses.device, dtype=torch.float64),
+                self.converged_at[:, None].to(torch.float64),
+            ),
+            1,
+        )
+        figures = recorder.stacked()
+        packed = head if figures is None else torch.cat((head, figures.flatten(1)), 1)
+        host = packed.cpu().numpy()
+        poses, failure, scores_np, converged_at = (
+            host[:, :16].reshape(-1, 4, 4),
+            host[:, 16],
+            host[:, 17],
+            host[:, 18],
+        )
+        traces = (
+            []
+            if figures is None
+            else recorder.traces(host[:, 19:].reshape(batch, -1, _TraceRecorder.WIDTH), config.inner_steps)
+        )
         messages = {
             RefineStatus.OK: "",
             RefineStatus.TOO_FEW_CORRESPONDENCES: (
@@ -562,16 +623,21 @@ class _BatchState:
             ),
         }
         outcomes = []
-        for b in range(len(poses)):
+        for b in range(batch):
             status = _LOOP_FAILURES[int(failure[b])]
             trace = traces[b] if traces else []
+            if converged_at[b] >= 0:  # the steps after convergence did not move it
+                trace = trace[: (int(converged_at[b]) + 1) * config.inner_steps]
             outcomes.append(_Outcome(poses[b], float(scores_np[b]), status, messages[status], trace))
         return outcomes
 
 
 class _TraceRecorder:
     """Per-step batched figures of a run, turned into per-instance :class:`IterationTrace` lists at the
-    end (one host transfer per figure)."""
+    end (transferred to the host with the outcomes, :meth:`_BatchState.outcomes`)."""
+
+    #: Figures per step in :meth:`stacked`: pose (16), mean weight, residual, count, flow.
+    WIDTH = 20
 
     def __init__(self, min_depth: float) -> None:
         self.min_depth = min_depth
@@ -598,28 +664,34 @@ class _TraceRecorder:
             outer, step.index, instance_index, self.poses[-1], view.K, view.depth, corr.target, corr.weight
         )
 
-    def traces(self, inner_steps: int) -> list[list[IterationTrace]]:
+    def stacked(self) -> Tensor | None:
+        """(B, S, WIDTH) float64 figures of the S steps recorded, or None before the first."""
         if not self.poses:
-            return []
-        poses = torch.stack(self.poses, 1).cpu().numpy()  # (B, S, 4, 4)
-        weights, residuals, counts, flows = (
-            torch.stack(values, 1).cpu().numpy()
+            return None
+        scalars = [
+            torch.stack(values, 1).to(torch.float64)[..., None]
             for values in (self.weights, self.residuals, self.counts, self.flows)
-        )
+        ]
+        poses = torch.stack(self.poses, 1)
+        return torch.cat((poses.flatten(2), *scalars), -1)
+
+    @staticmethod
+    def traces(figures: np.ndarray, inner_steps: int) -> list[list[IterationTrace]]:
+        """Per-instance traces from :meth:`stacked`'s figures on the host, (B, S, WIDTH)."""
         return [
             [
                 IterationTrace(
                     outer=s // inner_steps,
                     inner=s % inner_steps,
-                    pose=poses[b, s],
-                    mean_weight=float(weights[b, s]),
-                    residual_px=float(residuals[b, s]),
-                    num_correspondences=int(counts[b, s]),
-                    flow_px=float(flows[b, s]),
+                    pose=row[:16].reshape(4, 4),
+                    mean_weight=float(row[16]),
+                    residual_px=float(row[17]),
+                    num_correspondences=int(row[18]),
+                    flow_px=float(row[19]),
                 )
-                for s in range(poses.shape[1])
+                for s, row in enumerate(steps)
             ]
-            for b in range(poses.shape[0])
+            for steps in figures
         ]
 
 

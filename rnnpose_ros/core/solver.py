@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from rnnpose_ros.core.geometry import backproject_depth, se3_exp, skew
+from rnnpose_ros.core.geometry import backproject_depth, se3_exp
 
 # Published constants (docs/method.md §2.10, §1.7).
 EP_LAMBDA = 100.0
@@ -110,28 +110,59 @@ def robust_weights(residual: Tensor, kind: str, scale: float) -> Tensor:
     return 1.0 / (1.0 + (norm / scale) ** 2)
 
 
-def _projection_and_jacobian(
-    X1: Tensor, K: Tensor, proj_min_depth: float, jacobian_min_depth: float
-) -> tuple[Tensor, Tensor]:
-    """Pixels (B, P, 2) and float64 Jacobians (B, P, 2, 6) of π(K, exp(δ^)·X1) at δ = 0.
+def _normal_equations(
+    X1: Tensor,
+    K: Tensor,
+    target: Tensor,
+    omega: Tensor,
+    proj_min_depth: float,
+    jacobian_min_depth: float,
+    robust: str | None,
+    robust_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """All weighted sums of one Gauss–Newton iteration from a single batched reduction.
 
-    Both factors are formed in the input dtype and promoted before their product, as published.
+    Each pixel contributes two rows (x and y) of an augmented matrix A = [J | r | e] with
+    J = [Jπ | X1 × Jπ] (the closed form of J_proj·[I | −[X1]×], Jπ the 2×3 projection Jacobian),
+    r the residual and e = (1, 0); one weighted Gram product Aᵀ·ω·A (B, 8, 8) then holds
+    H = Σ ω·JᵀJ, b = Σ ω·Jᵀr, Σ ω‖r‖² and Σ ω. The projection and Jπ are evaluated in the input
+    dtype as published (their rounding shows in r and H); everything after them in float64.
+
+    Args:
+        X1: (B, P, 3) moved reference points, metres, dtype of the pose.
+        K: (B, 3, 3) intrinsics, dtype of the pose.
+        target: (B, P, 2) float64 target pixels.
+        omega: (B, P) float64 pixel weights (validity × confidence), before robust weighting.
+
+    Returns:
+        H (B, 6, 6) undamped, b (B, 6), Σ ω‖r‖² (B,), Σ ω (B,) and the robustly weighted ω (B, P);
+        all float64.
     """
-    x, y, z = X1.unbind(-1)
-    fx, fy = K[:, 0, 0, None], K[:, 1, 1, None]
-    cx, cy = K[:, 0, 2, None], K[:, 1, 2, None]
-    z_clamped = z.clamp_min(proj_min_depth)
-    pixels = torch.stack((fx * (x / z_clamped) + cx, fy * (y / z_clamped) + cy), -1)
+    z = X1[..., 2:]
+    focal = torch.diagonal(K[:, :2, :2], dim1=-2, dim2=-1)[:, None]  # (B, 1, 2) fx, fy
+    centre = K[:, None, :2, 2]  # (B, 1, 2) cx, cy
+    pixels = focal * (X1[..., :2] / z.clamp_min(proj_min_depth)) + centre
+    residual = target - pixels.to(torch.float64)  # (B, P, 2)
+    if robust is not None:
+        omega = omega * robust_weights(residual, robust, robust_scale)
 
     near = z <= jacobian_min_depth
-    inv_z = torch.where(near, torch.zeros_like(z), 1.0 / torch.where(near, torch.ones_like(z), z))
-    zero = torch.zeros_like(z)
-    row_x = torch.stack((fx * inv_z, zero, -fx * x * inv_z * inv_z), -1)
-    row_y = torch.stack((zero, fy * inv_z, -fy * y * inv_z * inv_z), -1)
-    J_proj = torch.stack((row_x, row_y), -2)  # (B, P, 2, 3)
-    eye = torch.eye(3, dtype=X1.dtype, device=X1.device).expand((*X1.shape[:-1], 3, 3))
-    J_pose = torch.cat((eye, -skew(X1)), -1)  # (B, P, 3, 6), left perturbation
-    return pixels, J_proj.to(torch.float64) @ J_pose.to(torch.float64)
+    # The inner where keeps 1/z finite where it is discarded, so that gradients stay finite.
+    inv_z = torch.where(near, 0.0, 1.0 / torch.where(near, 1.0, z))  # (B, P, 1)
+    diagonal = focal * inv_z  # (B, P, 2): fx/z, fy/z
+    depth_column = -focal * X1[..., :2] * inv_z * inv_z  # (B, P, 2): −fx·x/z², −fy·y/z²
+    # Jπ in the input dtype, then float64 (the published rounding, which H inherits).
+    J_proj = torch.cat((torch.diag_embed(diagonal), depth_column[..., None]), -1).to(torch.float64)
+    p = X1.to(torch.float64)
+    J_rot = torch.linalg.cross(p[..., None, :].expand_as(J_proj), J_proj)  # (B, P, 2, 3)
+    unit = _UNIT_ROW.to(residual.device).expand(*residual.shape, 1)
+    A = torch.cat((J_proj, J_rot, residual[..., None], unit), -1)  # (B, P, 2, 8)
+    gram = (A * omega[..., None, None]).flatten(1, 2).transpose(1, 2) @ A.flatten(1, 2)  # (B, 8, 8)
+    return gram[:, :6, :6], gram[:, :6, 6], gram[:, 6, 6], gram[:, 7, 7], omega
+
+
+#: e = (1, 0) per pixel (x row, y row): its Gram entry is Σ ω.
+_UNIT_ROW = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
 
 
 def solve_lm_step(
@@ -150,6 +181,7 @@ def solve_lm_step(
     max_step: float = MAX_STEP,
     robust: str | None = None,
     robust_scale: float = 2.0,
+    reference_points: Tensor | None = None,
 ) -> LMStep:
     """Run ``num_iters`` damped Gauss–Newton steps on T (docs/method.md §2.10), batched over instances.
 
@@ -169,6 +201,8 @@ def solve_lm_step(
         max_step: per-component clamp of δ (metres / radians).
         robust: None (published), "huber" or "cauchy": multiply w by robust weights of ‖r‖.
         robust_scale: robust kernel scale, pixels.
+        reference_points: (B, H, W, 3) ``backproject_depth(depth, K)`` in the dtype of T, when the
+            caller has it (it is constant over the inner steps of a render iteration).
 
     Returns:
         :class:`LMStep`.
@@ -191,36 +225,31 @@ def solve_lm_step(
 
     dtype = T.dtype
     K = K.to(dtype)
-    X0 = backproject_depth(depth.to(dtype), K).reshape(batch, -1, 3)  # (B, P, 3)
+    if reference_points is None:
+        reference_points = backproject_depth(depth.to(dtype), K)
+    X0 = reference_points.reshape(batch, -1, 3)  # (B, P, 3)
     target64 = target.reshape(batch, -1, 2).to(torch.float64)
     w = weight.reshape(batch, -1).to(dtype)
-    eye6 = torch.eye(6, dtype=torch.float64, device=T.device)
+    damping_scale, damping_shift = _damping(ep_lambda, lm_lambda, T.device)
+    reference_valid = X0[..., 2] > min_depth
 
     deltas = []
     for _ in range(num_iters):
-        R, t = T[:, :3, :3], T[:, :3, 3]
-        X1 = X0 @ R.transpose(-1, -2) + t[:, None, :]
-        pixels, J = _projection_and_jacobian(X1, K, proj_min_depth, jacobian_min_depth)
-        valid = (X0[..., 2] > min_depth) & (X1[..., 2] > min_depth)
-        omega = torch.where(valid, w, torch.zeros_like(w)).to(torch.float64)
-        residual = target64 - pixels.to(torch.float64)  # (B, P, 2)
-        if robust is not None:
-            omega = omega * robust_weights(residual, robust, robust_scale)
-
-        wJ = omega[..., None, None] * J
-        H = torch.einsum("bpki,bpkj->bij", wJ, J)
-        b = torch.einsum("bpki,bpk->bi", wJ, residual)
-        H = H + ep_lambda * eye6 + lm_lambda * torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1))
+        X1 = X0 @ T[:, :3, :3].transpose(-1, -2) + T[:, None, :3, 3]
+        valid = reference_valid & (X1[..., 2] > min_depth)
+        omega = torch.where(valid, w, 0.0).to(torch.float64)
+        H, b, sq_sum, weight_sum, omega = _normal_equations(
+            X1, K, target64, omega, proj_min_depth, jacobian_min_depth, robust, robust_scale
+        )
+        # Extra terms of the normal equations (e.g. a depth residual) are added to H and b here.
+        H = H * damping_scale + damping_shift  # H + λ_lm·diag(H) + λ_ep·I
 
         delta = solve_clamped(H, b, max_step).to(dtype)
         T = se3_exp(delta) @ T
         deltas.append(delta)
 
-    weight_sum = omega.sum(-1)
-    sq_sum = (omega * (residual * residual).sum(-1)).sum(-1)
-    has_weight = weight_sum > 0
-    rms = torch.sqrt(sq_sum / torch.where(has_weight, weight_sum, torch.ones_like(weight_sum)))
-    rms = torch.where(has_weight, rms, torch.zeros_like(rms)).to(dtype)
+    # Σ ω = 0 implies Σ ω‖r‖² = 0: the clamp only avoids 0/0 and leaves an RMS of 0.
+    rms = torch.sqrt(sq_sum / weight_sum.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
     return LMStep(
         pose=T,
         delta=deltas[-1],
@@ -230,6 +259,12 @@ def solve_lm_step(
         num_valid=(omega > 0).sum(-1),
         residual_rms=rms,
     )
+
+
+def _damping(ep_lambda: float, lm_lambda: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(6, 6) float64 factors with H·scale + shift = H + λ_lm·diag(H) + λ_ep·I."""
+    eye = torch.eye(6, dtype=torch.float64, device=device)
+    return 1.0 + lm_lambda * eye, ep_lambda * eye
 
 
 def solve_clamped(H: Tensor, b: Tensor, max_step: float = MAX_STEP) -> Tensor:

@@ -55,6 +55,7 @@ from vision_msgs.msg import Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from rnnpose_ros.core.observation import Observation
+from rnnpose_ros.core.threads import prefer_passive_waiting
 from rnnpose_ros.core.uris import display_uri
 from rnnpose_ros.ros import compat
 from rnnpose_ros.ros.conversions import (
@@ -518,9 +519,11 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
     """The engine for ``settings``; resolves ``device``/``backend`` in place and applies iteration counts."""
     from rnnpose_ros.core.backends import BackendError
     from rnnpose_ros.core.refiner import Refiner
+    from rnnpose_ros.core.threads import configure_threads
 
     settings.device = resolve_device(settings.device)
     settings.backend = resolve_backend(settings.backend, registry)
+    configure_threads(settings.num_threads)
     try:
         refiner = Refiner(registry, backend=settings.backend, device=settings.device)
         # Per-object caches (learned: weights + 3D features) are built now, so a missing or broken
@@ -549,6 +552,7 @@ def make_executor(node: RefinerNode) -> rclpy.executors.MultiThreadedExecutor:
 def main(args: list[str] | None = None) -> int:
     """Console entry point ``refine_node``: spin the node until shut down (exit 2, with one line saying
     why, when it cannot start; 0 after SIGINT / SIGTERM)."""
+    prefer_passive_waiting()  # before anything imports torch
     logger = rclpy.logging.get_logger(NODE_NAME)
     try:
         check_command_line(sys.argv if args is None else args, PARAMETERS, NODE_NAME)

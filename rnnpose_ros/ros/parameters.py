@@ -238,6 +238,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         ("auto", *BACKENDS),
     ),
     ParameterSpec(
+        "num_threads",
+        0,
+        "CPU threads of the engine's tensor operations (applied at start); 0 = the cores this process may "
+        "use. OpenMP threads wait passively unless OMP_WAIT_POLICY is set.",
+        int_range=(0, 256),
+    ),
+    ParameterSpec(
         "outer_iterations", 0, "Render iterations per frame; 0 = the backend's default.", int_range=(0, 100)
     ),
     ParameterSpec(
@@ -413,6 +420,7 @@ class Settings:
     objects_file: Path
     device: str
     backend: str
+    num_threads: int
     outer_iterations: int
     inner_iterations: int
     restart_below_score: float

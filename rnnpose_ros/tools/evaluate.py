@@ -145,6 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="render iterations (default: the backend's schedule)",
     )
+    parser.add_argument(
+        "--no-early-stop", action="store_true", help="run the whole schedule (no convergence-based stop)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--sweep", action="store_true", help="also evaluate scaled noise levels")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of recall vs noise (needs --sweep)")
@@ -222,6 +225,8 @@ def build_refiner(args: argparse.Namespace, registry, renderer):
         loop = info.default_loop()
         if args.outer_iterations is not None:
             loop.outer_iterations = args.outer_iterations
+        if args.no_early_stop:
+            loop.convergence = None
         if info.needs_weights:
             backend_config = info.config_class()(weights=dict(args.weights))
         else:

@@ -65,7 +65,7 @@ from rnnpose_ros.core.backends.base import (
     ObjectCache,
     RenderState,
 )
-from rnnpose_ros.core.loop import Correspondences, RefinerConfig
+from rnnpose_ros.core.loop import Convergence, Correspondences, RefinerConfig
 from rnnpose_ros.core.objects import ObjectModel
 from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.pinhole import project_to_pixels
@@ -245,6 +245,8 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
                 num_iters=1, robust="huber", robust_scale=1.0, min_depth=0.02, pose_dtype=torch.float64
             ),
             restart_below_score=0.6,
+            # Not before two iterations of the tight-crop stage (the first five are coarse stages).
+            convergence=Convergence(min_iterations=7),
         )
 
     def prepare_objects(self, models: Sequence[ObjectModel]) -> None:

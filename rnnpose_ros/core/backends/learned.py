@@ -48,20 +48,28 @@ from rnnpose_ros.core.backends.base import (
 )
 from rnnpose_ros.core.checkpoint import CheckpointError, load_checkpoint, mesh_fingerprint
 from rnnpose_ros.core.geometry import CropWindow, first_crop_window, sample_crop, zoom_crop_window
-from rnnpose_ros.core.loop import Correspondences, RefinerConfig
+from rnnpose_ros.core.loop import Convergence, Correspondences, RefinerConfig
 from rnnpose_ros.core.model import CONTEXT_DIM, DESCRIPTOR_DIM, RNNPoseNet
 from rnnpose_ros.core.nets.kpconv_pyramid import build_point_pyramid
+from rnnpose_ros.core.nets.raft import FLOW_DOWNSAMPLING
 from rnnpose_ros.core.objects import ObjectModel
 from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.recurrent import (
+    CONTEXT_SCALE,
     RecurrentState,
     RenderedReference,
     predict_correspondences,
     solver_depth,
     start_render_iteration,
 )
-from rnnpose_ros.core.render import interpolate_vertex_attributes, nearest_vertex_depth
 from rnnpose_ros.core.solver import LMConfig
+from rnnpose_ros.core.surface import (
+    SurfaceTable,
+    coarse_context,
+    nearest_vertex_depth,
+    pixel_corners,
+    pixel_descriptors,
+)
 
 #: Largest vertex cloud fed to the KPConv nets (the published data loader's ``max_points``).
 MAX_CLOUD_POINTS = 20000
@@ -124,6 +132,7 @@ class LearnedFrame(FrameState):
         crop_descriptors: (B, 32, S, S) float32 2D descriptors of the first crop.
         groups: (net, (G,) int64 instance indices) per weights group, in first-appearance order.
         vertices: (B, Nmax, 3) float32 render vertices, zero-padded; vertex_mask: (B, Nmax) bool.
+        surface: the B instances' faces and per-vertex tables, for the per-pixel lookups of a render.
     """
 
     features: list[ObjectFeatures]
@@ -133,6 +142,12 @@ class LearnedFrame(FrameState):
     groups: list[tuple[RNNPoseNet, Tensor]]
     vertices: Tensor
     vertex_mask: Tensor
+    surface: SurfaceTable
+
+    @property
+    def single_group(self) -> bool:
+        """One network serves every instance: stages run on the whole batch without index copies."""
+        return len(self.groups) == 1
 
 
 @dataclass
@@ -161,8 +176,11 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
     @staticmethod
     def default_loop() -> RefinerConfig:
         """As published: 3 render iterations × 4 recurrent steps, the published LM constants, no
-        restarts."""
-        return RefinerConfig(outer_iterations=3, inner_steps=4, lm=LMConfig())
+        restarts; an instance whose second render already agrees with the image (sub-pixel flow, a
+        negligible update) skips the third."""
+        return RefinerConfig(
+            outer_iterations=3, inner_steps=4, lm=LMConfig(), convergence=Convergence(min_iterations=2)
+        )
 
     @property
     def mixed_precision(self) -> bool:
@@ -251,9 +269,12 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
         )
         crop_rgb = sample_crop(image_t, window)
         groups = _weights_groups([f.net for f in features], self.device)
-        crop_descriptors = crop_rgb.new_zeros(batch, DESCRIPTOR_DIM, *crop_rgb.shape[-2:])
-        for net, index in groups:
-            crop_descriptors[index] = net.desc2d(crop_rgb[index]).descriptors
+        if len(groups) == 1:
+            crop_descriptors = groups[0][0].desc2d(crop_rgb).descriptors
+        else:
+            crop_descriptors = crop_rgb.new_zeros(batch, DESCRIPTOR_DIM, *crop_rgb.shape[-2:])
+            for net, index in groups:
+                crop_descriptors[index] = net.desc2d(crop_rgb[index]).descriptors
         return LearnedFrame(
             observation=observation,
             models=list(models),
@@ -264,6 +285,7 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
             groups=groups,
             vertices=vertices,
             vertex_mask=vertex_mask,
+            surface=surface_table(features),
         )
 
     # --- once per render iteration -----------------------------------------------------------------
@@ -289,10 +311,14 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
             sample_crop(frame.crop_rgb, window),
             sample_crop(frame.crop_descriptors, window),
             interpolated_depth=config.interpolated_depth,
+            surface=frame.surface,
         )
         states = [
             start_render_iteration(
-                net, _select(reference, index), config.published_conventions, self.mixed_precision
+                net,
+                reference if frame.single_group else _select(reference, index),
+                config.published_conventions,
+                self.mixed_precision,
             )
             for net, index in frame.groups
         ]
@@ -306,6 +332,15 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
     def correspondences(
         self, frame: LearnedFrame, view: LearnedView, relative_pose: Tensor, step: int
     ) -> Correspondences:
+        if frame.single_group:
+            predicted = predict_correspondences(
+                frame.groups[0][0],
+                view.states[0],
+                relative_pose.float(),
+                self.config.published_conventions,
+                self.mixed_precision,
+            )
+            return Correspondences(target=predicted.target, weight=predicted.weight)
         batch, height, width = view.depth.shape
         target = view.depth.new_zeros(batch, height, width, 2)
         weight = view.depth.new_zeros(batch, height, width)
@@ -331,10 +366,14 @@ def render_reference(
     observed_rgb: Tensor,
     observed_descriptors: Tensor,
     interpolated_depth: bool = False,
+    surface: SurfaceTable | None = None,
 ) -> RenderedReference:
     """Render the B instances at ``poses`` in the zoom crop ``window`` and pair them with the observed
     crop (docs/method.md §1.4). Differentiable with respect to the per-vertex attributes in
     ``features`` (training calls it with gradients on; the refiner under ``no_grad``).
+
+    The context map is evaluated only on the flow grid, where it initialises the GRU
+    (``RenderedReference.coarse_context``; :mod:`rnnpose_ros.core.surface`).
 
     Args:
         renderer: a :class:`~rnnpose_ros.core.renderers.RendererLike` (results on the poses' device).
@@ -344,41 +383,54 @@ def render_reference(
         observed_rgb: (B, 3, S, S) float32 observed zoom crop in [0, 1].
         observed_descriptors: (B, 32, S, S) float32 observed 2D descriptors on the same crop.
         interpolated_depth: interpolated z-buffer depth instead of the published nearest-vertex depth.
+        surface: ``surface_table(features)`` if already built (once per frame).
     """
     size = observed_rgb.shape[-1]
-    # On the device with the Warp renderer; the OpenGL renderer reads poses and K back to the host.
-    rendered = renderer.render_tensors(list(models), poses, window.K, (size, size))
-    attributes = torch.cat(
-        [
-            interpolate_vertex_attributes(
-                rendered.face_index[b : b + 1], rendered.barycentric[b : b + 1], f.faces, f.attributes
-            )
-            for b, f in enumerate(features)
-        ]
-    )
+    surface = surface if surface is not None else surface_table(features)
+    # On the device with the Warp renderer; the OpenGL renderer reads poses and K back to the host
+    # (its one synchronisation point).
+    rendered = renderer.render_tensors(list(models), poses.detach(), window.K.detach(), (size, size))
+    corners = pixel_corners(rendered.face_index, rendered.barycentric, surface)
     if interpolated_depth:
         depth = rendered.depth
     else:
-        depth = torch.cat(
-            [
-                nearest_vertex_depth(
-                    rendered.face_index[b : b + 1],
-                    rendered.barycentric[b : b + 1],
-                    f.faces,
-                    f.vertices,
-                    poses[b : b + 1],
-                )
-                for b, f in enumerate(features)
-            ]
-        )
+        depth = nearest_vertex_depth(corners, surface, poses, size, size)
+    coarse = _flow_grid_side(size)
     return RenderedReference(
         rgb=rendered.rgb.permute(0, 3, 1, 2),
-        context=attributes[:, :CONTEXT_DIM],
-        descriptors=attributes[:, CONTEXT_DIM:],
+        context=None,
+        descriptors=pixel_descriptors(corners, surface, size, size),
         depth=depth,
         observed_rgb=observed_rgb,
         observed_descriptors=observed_descriptors,
         K=window.K,
+        coarse_context=coarse_context(corners, surface, size, size, (coarse, coarse), CONTEXT_SCALE),
+    )
+
+
+def _flow_grid_side(size: int) -> int:
+    """Side of the RAFT encoder's output for a ``size`` crop: each stride-2 convolution rounds up."""
+    side = size
+    for _ in range(FLOW_DOWNSAMPLING.bit_length() - 1):
+        side = (side + 1) // 2
+    return side
+
+
+def surface_table(features: Sequence[ObjectFeatures]) -> SurfaceTable:
+    """The per-pixel lookup tables of B instances (attribute channels: context, then descriptor); each
+    distinct object's tables appear once, however many of its instances the batch holds."""
+    distinct: dict[int, int] = {}
+    objects: list[ObjectFeatures] = []
+    for f in features:
+        if id(f) not in distinct:
+            distinct[id(f)] = len(objects)
+            objects.append(f)
+    return SurfaceTable.build(
+        [f.faces for f in objects],
+        [f.vertices for f in objects],
+        [f.attributes for f in objects],
+        [distinct[id(f)] for f in features],
+        CONTEXT_DIM,
     )
 
 
@@ -403,7 +455,9 @@ def _weights_groups(nets: Sequence[RNNPoseNet], device: torch.device) -> list[tu
 
 def _select(reference: RenderedReference, index: Tensor) -> RenderedReference:
     """The instances ``index`` of a batched reference."""
-    return RenderedReference(**{name: value[index] for name, value in vars(reference).items()})
+    return RenderedReference(
+        **{name: None if value is None else value[index] for name, value in vars(reference).items()}
+    )
 
 
 def _interpolate_cloud_features(cloud: np.ndarray, vertices: np.ndarray, features: Tensor) -> Tensor:

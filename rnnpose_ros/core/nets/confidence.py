@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from rnnpose_ros.core.geometry import pixel_grid
+
 
 class ConfidenceInputError(ValueError):
     """Descriptor maps, flow and depth with inconsistent shapes."""
@@ -34,13 +36,7 @@ class Confidence(NamedTuple):
 
 def correspondence_target(flow: torch.Tensor) -> torch.Tensor:
     """Targets x* = (x + F_x, y + F_y) of a (B, 2, H, W) flow, as (B, H, W, 2) pixels."""
-    height, width = flow.shape[-2:]
-    ys, xs = torch.meshgrid(
-        torch.arange(height, device=flow.device, dtype=flow.dtype),
-        torch.arange(width, device=flow.device, dtype=flow.dtype),
-        indexing="ij",
-    )
-    return torch.stack([xs + flow[:, 0], ys + flow[:, 1]], dim=-1)
+    return pixel_grid(*flow.shape[-2:], flow.dtype, flow.device) + flow.permute(0, 2, 3, 1)
 
 
 def sample_at_pixels(

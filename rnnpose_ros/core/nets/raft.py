@@ -21,6 +21,7 @@ flag has no effect: autocast is never entered on CPU, where results are plain fl
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import NamedTuple
 
@@ -200,6 +201,14 @@ def bilinear_sample_pixels(images: torch.Tensor, xy: torch.Tensor) -> torch.Tens
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=align_corners)
 
 
+@functools.lru_cache(maxsize=8)
+def _window_offsets(radius: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        steps = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+        offset_x, offset_y = torch.meshgrid(steps, steps, indexing="ij")
+        return torch.stack([offset_x, offset_y], dim=-1)
+
+
 class CorrPyramid:
     """All-pairs correlation pyramid between two feature maps and its windowed lookup.
 
@@ -224,6 +233,7 @@ class CorrPyramid:
             )
         self.num_levels = num_levels
         self.radius = radius
+        self._layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]] | None = None
         batch, channels, height1, width1 = fmap1.shape
         self.batch, self.height1, self.width1 = batch, height1, width1
         f1 = fmap1.float().flatten(2)  # (B, C, H1·W1)
@@ -239,6 +249,27 @@ class CorrPyramid:
             level = F.avg_pool2d(level, kernel_size=2, stride=2)
             self.levels.append(level)
 
+    def _grid_layout(
+        self, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
+        """Per-level constants of :meth:`lookup`'s grids (built once per pyramid): scale 2^l, shift s and
+        denominator d as (L, 1, 1, 1, 2) float32 tensors, and each level's ``align_corners``."""
+        if self._layout is None:
+            scale, shift, denominator, align = [], [], [], []
+            for index, level in enumerate(self.levels):
+                height, width = level.shape[-2:]
+                exact = height > 1 and width > 1  # as bilinear_sample_pixels decides
+                scale.append([2.0**index] * 2)
+                shift.append([0.0, 0.0] if exact else [1.0, 1.0])
+                denominator.append([width - 1.0, height - 1.0] if exact else [float(width), float(height)])
+                align.append(exact)
+            as_tensor = [
+                torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1, 2)
+                for values in (scale, shift, denominator)
+            ]
+            self._layout = (*as_tensor, align)
+        return self._layout
+
     @property
     def out_channels(self) -> int:
         """Channels of :meth:`lookup`: levels · (2r+1)²."""
@@ -248,11 +279,11 @@ class CorrPyramid:
         """(2r+1, 2r+1, 2) offsets (dx, dy); ``offsets[a, b] = (a − r, b − r)``.
 
         The first window index moves x: this reproduces RAFT's channel order, on which the
-        published update block's first conv was trained.
+        published update block's first conv was trained. Shared per radius and device (read-only).
         """
-        steps = torch.arange(-self.radius, self.radius + 1, device=device, dtype=torch.float32)
-        offset_x, offset_y = torch.meshgrid(steps, steps, indexing="ij")
-        return torch.stack([offset_x, offset_y], dim=-1)
+        return _window_offsets(
+            self.radius, torch.device(device) if device is not None else torch.device("cpu")
+        )
 
     def lookup(self, coords: torch.Tensor) -> torch.Tensor:
         """Sample every level in a (2r+1)² window around ``coords / 2^l``.
@@ -267,12 +298,18 @@ class CorrPyramid:
         expected = (self.batch, 2, self.height1, self.width1)
         if tuple(coords.shape) != expected:
             raise CorrelationInputError(f"coords must have shape {expected}, got {tuple(coords.shape)}")
-        centres = coords.float().permute(0, 2, 3, 1).reshape(-1, 1, 1, 2)
-        offsets = self.window_offsets(coords.device).unsqueeze(0)  # (1, 2r+1, 2r+1, 2)
+        centres = coords.float().permute(0, 2, 3, 1).reshape(1, -1, 1, 1, 2)
+        offsets = self.window_offsets(coords.device)  # (2r+1, 2r+1, 2)
         window = (2 * self.radius + 1) ** 2
+        # All levels' sampling grids at once, with the arithmetic of bilinear_sample_pixels per level:
+        # (2·(x/2^l + dx) + s)/d − 1, s = 0 and d = size − 1 (or s = 1, d = size for a size-1 axis).
+        scale, shift, denominator, align = self._grid_layout(coords.device)
+        grids = (2 * (centres / scale + offsets) + shift) / denominator - 1  # (L, N, 2r+1, 2r+1, 2)
         sampled = []
         for index, level in enumerate(self.levels):
-            samples = bilinear_sample_pixels(level, centres / 2**index + offsets)  # (N, 1, 2r+1, 2r+1)
+            samples = F.grid_sample(
+                level, grids[index], mode="bilinear", padding_mode="zeros", align_corners=align[index]
+            )  # (N, 1, 2r+1, 2r+1)
             sampled.append(samples.reshape(self.batch, self.height1, self.width1, window))
         return torch.cat(sampled, dim=-1).permute(0, 3, 1, 2).contiguous()
 
