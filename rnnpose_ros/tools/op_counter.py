@@ -153,8 +153,9 @@ class OpCounter:
 
 
 class UncountedRenderer:
-    """A renderer whose ``render`` and ``render_tensors`` calls an :class:`OpCounter` does not count (the host rasteriser's
-    own transfers), so that the rest of a render iteration can be measured alone.
+    """A renderer whose ``render`` and ``render_tensors`` calls an :class:`OpCounter` does not count
+    (the host rasteriser's own transfers), so that the rest of a render iteration can be measured
+    alone.
 
     Args:
         renderer: the wrapped renderer; every other attribute is forwarded to it.
