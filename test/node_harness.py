@@ -114,6 +114,14 @@ def run_node(*ros_args: str, timeout: float = 60.0) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
+def assert_stable_ids(message: Detection3DArray, class_id: str, count: int) -> None:
+    """``message`` answers ``count`` detections of ``class_id`` without detector ids: ids of the form
+    ``<class_id>_<k>``, distinct (k follows the physical instance across frames, not the input order)."""
+    ids = [d.id for d in message.detections]
+    assert len(ids) == count and len(set(ids)) == count, ids
+    assert all(i.startswith(f"{class_id}_") and i.removeprefix(f"{class_id}_").isdigit() for i in ids), ids
+
+
 def detection(class_id: str, T: np.ndarray, detection_id: str = "") -> Detection3D:
     hypothesis = ObjectHypothesisWithPose()
     hypothesis.hypothesis.class_id = class_id

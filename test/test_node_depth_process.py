@@ -18,7 +18,15 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("vision_msgs")
 
-from node_harness import SIZE, Camera, K, NodeProcess, detection, free_domain_id  # noqa: E402
+from node_harness import (  # noqa: E402
+    SIZE,
+    Camera,
+    K,
+    NodeProcess,
+    assert_stable_ids,
+    detection,
+    free_domain_id,
+)
 
 from rnnpose_ros.ros.conversions import depth_to_image  # noqa: E402
 
@@ -80,7 +88,7 @@ def test_frames_with_and_without_depth_are_all_refined(
             key = camera.publish(scene.image, found, 200 + index, depth=message)
             camera.spin_until(lambda key=key: key in camera.outputs, FRAME_TIMEOUT_S, refine_node)
             out, _ = camera.outputs[key]
-            assert [d.id for d in out.detections] == [f"duck_{i}" for i in range(len(scene.instances))]
+            assert_stable_ids(out, "duck", len(scene.instances))
             assert all(d.results[0].hypothesis.score > 0.0 for d in out.detections)  # refined, none lost
         # the last frame is counted once published: wait for a status that includes it
         camera.spin_until(
