@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 
 from torch import Tensor
 
+from rnnpose_ros.core.depth_term import DepthTermConfig
 from rnnpose_ros.core.solver import LMConfig, LMStep, solve_lm_step
 
 
@@ -47,6 +48,7 @@ class RefinerConfig:
             model centre (out-of-plane errors are the ones a silhouette aligns worst).
         max_batch: instances refined together at most; more (many detections, or restart
             hypotheses) run in consecutive batches of this size, so memory is bounded by one batch.
+        depth: the depth term's options (used when the observation has a depth image).
     """
 
     outer_iterations: int = 3
@@ -59,6 +61,7 @@ class RefinerConfig:
     restart_angle_deg: float = 25.0
     restart_hypotheses: int = 4
     max_batch: int = 8
+    depth: DepthTermConfig = field(default_factory=DepthTermConfig)
 
 
 @dataclass
@@ -101,6 +104,7 @@ def run_render_iteration(
     relative: Tensor,
     steps: int,
     lm: LMConfig,
+    extra_terms: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> Iterator[InnerStep[CorrespondencesT]]:
     """The inner steps of one render iteration, one :class:`InnerStep` at a time.
 
@@ -112,6 +116,8 @@ def run_render_iteration(
             ``lm.pose_dtype``.
         steps: number of inner steps.
         lm: the solve options.
+        extra_terms: a further term of every LM iteration (the depth term), see
+            :func:`~rnnpose_ros.core.solver.solve_lm_step`.
 
     Yields:
         One :class:`InnerStep` per inner step. The pose is detached before every step, so gradients
@@ -123,7 +129,13 @@ def run_render_iteration(
         relative = relative.detach()
         correspondences = correspond(relative, k)
         solve = solve_lm_step(
-            relative, depth, K, correspondences.target, correspondences.weight, **lm.solver_options()
+            relative,
+            depth,
+            K,
+            correspondences.target,
+            correspondences.weight,
+            extra_terms=extra_terms,
+            **lm.solver_options(),
         )
         yield InnerStep(k, relative, correspondences, solve)
         relative = solve.pose

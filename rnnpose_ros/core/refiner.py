@@ -45,6 +45,7 @@ from torch import Tensor
 
 from rnnpose_ros.core.backends import create_backend
 from rnnpose_ros.core.backends.base import CorrespondenceBackend, RenderState
+from rnnpose_ros.core.depth_term import DepthTerm
 from rnnpose_ros.core.geometry import backproject_depth, pixel_grid, project_points
 from rnnpose_ros.core.loop import Correspondences, InnerStep, RefinerConfig, run_render_iteration
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
@@ -428,10 +429,15 @@ class Refiner:
         call.check_stop()
         frame = self.backend.prepare_frame(call.observation, models, batch.poses)
         recorder = _TraceRecorder(config.lm.min_depth)
-        last: tuple[RenderState, Correspondences, Tensor] | None = None
+        last: tuple[RenderState, Correspondences, Tensor, DepthTerm | None] | None = None
         for outer in range(config.outer_iterations):
             call.check_stop()
             view = self.backend.prepare_render(frame, batch.poses, outer)
+            depth_term = None
+            if view.observed_depth is not None:
+                depth_term = DepthTerm(
+                    view.depth, view.K, view.observed_depth, batch.active(torch.float64), config.depth
+                )
 
             def correspond(relative: Tensor, inner: int, view: RenderState = view) -> Correspondences:
                 call.check_stop()
@@ -443,7 +449,13 @@ class Refiner:
 
             relative = torch.eye(4, dtype=config.lm.pose_dtype, device=self.device).expand(len(models), 4, 4)
             for step in run_render_iteration(
-                correspond, view.depth, view.K, relative, config.inner_steps, config.lm
+                correspond,
+                view.depth,
+                view.K,
+                relative,
+                config.inner_steps,
+                config.lm,
+                extra_terms=None if depth_term is None else depth_term.solver_terms,
             ):
                 relative = step.solve.pose
                 batch.fail_where(
@@ -452,12 +464,14 @@ class Refiner:
                 recorder.record(step, view, batch.poses)
                 if call.observer is not None:
                     call.observer(recorder.snapshot(outer, step, view, instance_index))
-                last = (view, step.correspondences, relative)
+                last = (view, step.correspondences, relative, depth_term)
             batch.advance(relative, config.max_translation_change)
         scores = self._score(*last) if last is not None else torch.zeros(len(models))
         return batch.outcomes(scores, recorder.traces(config.inner_steps), config)
 
-    def _score(self, view: RenderState, corr: Correspondences, relative: Tensor) -> Tensor:
+    def _score(
+        self, view: RenderState, corr: Correspondences, relative: Tensor, depth_term: DepthTerm | None
+    ) -> Tensor:
         """(B,) weighted inlier fraction of the last render iteration (module docstring)."""
         config = self.config
         batch = view.depth.shape[0]
@@ -472,6 +486,9 @@ class Refiner:
         inlier = (residual < config.score_inlier_px) & foreground
         weight = corr.weight.reshape(batch, -1).to(torch.float64).clamp(0.0, 1.0)
         score = (weight * inlier).sum(-1) / foreground.sum(-1).clamp_min(1)
+        if depth_term is not None:
+            agreement, _ = depth_term.agreement(relative)
+            score = 0.5 * (score + agreement)
         return score.clamp(0.0, 1.0)
 
 

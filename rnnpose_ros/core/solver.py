@@ -11,10 +11,17 @@ golden ``lm_step.pt``), batched over B instances and differentiable through ``to
 
 A robust variant (classical backend) multiplies w by Huber or Cauchy weights of the residual norm,
 re-evaluated at every iteration (iteratively reweighted least squares).
+
+An optional further term (``extra_terms``, e.g. the depth term of :mod:`rnnpose_ros.core.depth_term`)
+contributes its own float64 (H_x, b_x) at the current pose, added before damping:
+H = Σ ω·JᵀJ + H_x, b = Σ ω·Jᵀr + b_x. It must be whitened to the 2D term's unit (squared pixels,
+one correspondence = σ of 1 px); the depth term weights a pixel by (σ_px / σ_z(z))² with the sensor's
+axial noise σ_z(z) = σ₀ + σ₂·(z − z₀)² in metres (px²/m² · m² residuals = px²).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -150,6 +157,7 @@ def solve_lm_step(
     max_step: float = MAX_STEP,
     robust: str | None = None,
     robust_scale: float = 2.0,
+    extra_terms: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> LMStep:
     """Run ``num_iters`` damped Gauss–Newton steps on T (docs/method.md §2.10), batched over instances.
 
@@ -169,6 +177,8 @@ def solve_lm_step(
         max_step: per-component clamp of δ (metres / radians).
         robust: None (published), "huber" or "cauchy": multiply w by robust weights of ‖r‖.
         robust_scale: robust kernel scale, pixels.
+        extra_terms: pose (B, 4, 4) -> (H_x (B, 6, 6), b_x (B, 6)) float64, evaluated at the pose of
+            every iteration and added to the normal equations before damping (module docstring).
 
     Returns:
         :class:`LMStep`.
@@ -210,6 +220,9 @@ def solve_lm_step(
         wJ = omega[..., None, None] * J
         H = torch.einsum("bpki,bpkj->bij", wJ, J)
         b = torch.einsum("bpki,bpk->bi", wJ, residual)
+        if extra_terms is not None:
+            H_x, b_x = extra_terms(T)
+            H, b = H + H_x, b + b_x
         H = H + ep_lambda * eye6 + lm_lambda * torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1))
 
         delta = solve_clamped(H, b, max_step).to(dtype)

@@ -124,6 +124,8 @@ class LearnedFrame(FrameState):
         crop_descriptors: (B, 32, S, S) float32 2D descriptors of the first crop.
         groups: (net, (G,) int64 instance indices) per weights group, in first-appearance order.
         vertices: (B, Nmax, 3) float32 render vertices, zero-padded; vertex_mask: (B, Nmax) bool.
+        crop_depth: (B, 1, S, S) float32 observed depth of the first crop (nearest neighbour),
+            metres, 0 = unknown; None for an RGB-only frame.
     """
 
     features: list[ObjectFeatures]
@@ -133,6 +135,7 @@ class LearnedFrame(FrameState):
     groups: list[tuple[RNNPoseNet, Tensor]]
     vertices: Tensor
     vertex_mask: Tensor
+    crop_depth: Tensor | None = None
 
 
 @dataclass
@@ -250,6 +253,10 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
             published_conventions=config.published_conventions,
         )
         crop_rgb = sample_crop(image_t, window)
+        crop_depth = None
+        if observation.depth is not None:
+            depth_t = torch.from_numpy(observation.depth).to(self.device)[None, None]
+            crop_depth = sample_crop(depth_t, window, mode="nearest")  # never blend across depth edges
         groups = _weights_groups([f.net for f in features], self.device)
         crop_descriptors = crop_rgb.new_zeros(batch, DESCRIPTOR_DIM, *crop_rgb.shape[-2:])
         for net, index in groups:
@@ -264,6 +271,7 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
             groups=groups,
             vertices=vertices,
             vertex_mask=vertex_mask,
+            crop_depth=crop_depth,
         )
 
     # --- once per render iteration -----------------------------------------------------------------
@@ -296,8 +304,16 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
             )
             for net, index in frame.groups
         ]
+        observed_depth = None
+        if frame.crop_depth is not None:
+            observed_depth = sample_crop(frame.crop_depth, window, mode="nearest")[:, 0]
         return LearnedView(
-            K=window.K, depth=solver_depth(reference.depth), reference=reference, window=window, states=states
+            K=window.K,
+            depth=solver_depth(reference.depth),
+            reference=reference,
+            window=window,
+            states=states,
+            observed_depth=observed_depth,
         )
 
     # --- per inner step ----------------------------------------------------------------------------
