@@ -33,11 +33,13 @@ Gating (what real depth does and must not pull the pose):
 - silhouette and grazing surface: reference pixels whose 4 neighbours are not all on the object, or
   whose surface is seen at more than ``max_grazing_deg`` from its normal, are not used;
 - occluders and background: with e = D(q) − Z₁ the axial difference, a pixel is used only if
-  |e − m| < band, m the median of e over the instance's candidate pixels and band =
-  max(3·1.4826·MAD(e) clipped to [``min_band_m``, ``max_band_m``], ``gate_sigmas``·σ_z). An
-  occluder is nearer than the object's bulk (e ≪ m) and the support surface seen past a misaligned
-  silhouette farther (e ≫ m); neither pulls the object. Centring on the median keeps the term
-  active while the pose is still centimetres off in depth (then every e is far from 0).
+  |e − m| < max(``band_m``, ``gate_sigmas``·σ_z), where m is the densest offset: the middle of the
+  ``mode_window_m`` wide interval holding the most of the instance's candidate values of e. The
+  object's own surface is the largest consistent layer of what the rendering covers; an occluder
+  (nearer, e ≪ m) or the support surface seen past a misaligned silhouette (farther, e ≫ m) does
+  not pull the object, even when it covers a large share of the rendering (a median would follow
+  any layer holding half the pixels). Centring on m keeps the term active while the pose is still
+  centimetres off in depth (then every e is far from 0).
 
 The term also measures, at a given pose, how well the observed depth agrees with the rendering
 (:meth:`DepthTerm.agreement`, used by the refiner's score).
@@ -63,8 +65,8 @@ class DepthTermConfig:
             camera (defaults: RealSense D435 fit, see :mod:`rnnpose_ros.core.depth_sensor`).
         pixel_sigma: standard deviation of one 2D correspondence, crop pixels (the 2D term's unit).
         robust_scale: Huber scale of the point-to-plane residual, multiples of σ_z.
-        gate_sigmas: smallest gating band, multiples of σ_z.
-        min_band_m, max_band_m: limits of the spread-based gating band.
+        gate_sigmas, band_m: gating band max(band_m, gate_sigmas·σ_z) around the densest offset.
+        mode_window_m: width of the interval that finds the densest offset.
         flying_jump_m: an observed pixel whose 3×3 neighbourhood spans more than this is not used.
         max_grazing_deg: reference pixels seen more obliquely than this are not used, degrees.
         min_depth: reference pixels at or below this depth are background.
@@ -80,8 +82,8 @@ class DepthTermConfig:
     pixel_sigma: float = 1.0
     robust_scale: float = 2.0
     gate_sigmas: float = 4.0
-    min_band_m: float = 0.01
-    max_band_m: float = 0.05
+    band_m: float = 0.015
+    mode_window_m: float = 0.02
     flying_jump_m: float = 0.02
     max_grazing_deg: float = 80.0
     min_depth: float = 0.02
@@ -175,10 +177,9 @@ class DepthTerm:
         T64 = T.to(torch.float64)
         P, e, candidate = self._associate(T64)
         sigma = config.sigma(P[..., 2])
-        median, spread = _masked_median_spread(e, candidate)
-        band = (3.0 * 1.4826 * spread).clamp(config.min_band_m, config.max_band_m)[:, None]
-        band = torch.maximum(band, config.gate_sigmas * sigma)
-        used = candidate & ((e - median[:, None]).abs() < band)
+        offset = _densest_offset(e, candidate, config.mode_window_m)
+        band = (config.gate_sigmas * sigma).clamp_min(config.band_m)
+        used = candidate & ((e - offset[:, None]).abs() < band)
         r, J = point_to_plane(T64, self.X0, self.n0, P)
         scale = config.robust_scale * sigma
         huber = scale / torch.maximum(r.abs(), scale)
@@ -253,10 +254,16 @@ def _without_flying_pixels(observed: Tensor, jump_m: float) -> Tensor:
     return torch.where(valid & (high - low <= jump_m), observed, torch.zeros_like(observed))
 
 
-def _masked_median_spread(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(B,) median and median absolute deviation of ``values`` (B, N) over ``mask`` (0 where empty)."""
-    nan = torch.full_like(values, float("nan"))
-    masked = torch.where(mask, values, nan)
-    median = torch.nanmedian(masked, dim=-1).values
-    spread = torch.nanmedian((masked - median[:, None]).abs(), dim=-1).values
-    return torch.nan_to_num(median), torch.nan_to_num(spread)
+def _densest_offset(values: Tensor, mask: Tensor, width: float) -> Tensor:
+    """(B,) the median of the values (B, N) over ``mask`` that lie in the ``width`` wide interval
+    holding the most of them (0 where the mask is empty)."""
+    count = values.shape[-1]
+    ordered = torch.sort(torch.where(mask, values, torch.full_like(values, float("inf"))), dim=-1).values
+    num_valid = mask.sum(-1, keepdim=True)
+    start = torch.arange(count, device=values.device).expand_as(ordered)
+    end = torch.minimum(torch.searchsorted(ordered, ordered + width, right=True), num_valid)
+    inside = torch.where(start < num_valid, end - start, torch.full_like(end, -1))
+    best = inside.argmax(-1, keepdim=True)
+    middle = (best + inside.gather(-1, best) // 2).clamp(0, count - 1)
+    offset = ordered.gather(-1, middle)[:, 0]
+    return torch.where(num_valid[:, 0] > 0, offset, torch.zeros_like(offset))

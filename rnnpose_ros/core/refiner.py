@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -164,6 +164,7 @@ class RefineResult:
     Attributes:
         pose: (4, 4) float64 refined pose; initial_pose: (4, 4) float64 as given (NaN-filled if the
         input was not a 4×4 array). score: see the module docstring. trace: one entry per inner step.
+        restarted: the first refinement was weak and the rotation hypotheses were refined too.
     """
 
     class_id: str
@@ -174,6 +175,7 @@ class RefineResult:
     status: RefineStatus
     message: str = ""
     trace: list[IterationTrace] = field(default_factory=list)
+    restarted: bool = False
 
 
 @dataclass
@@ -185,6 +187,7 @@ class _Outcome:
     status: RefineStatus
     message: str
     trace: list[IterationTrace]
+    restarted: bool = False
 
     def better_than(self, other: _Outcome) -> bool:
         """OK beats a failure; among OK outcomes the higher score wins."""
@@ -292,6 +295,7 @@ class Refiner:
                     status=outcome.status,
                     message=outcome.message,
                     trace=outcome.trace,
+                    restarted=outcome.restarted,
                 )
         return [r for r in results if r is not None]
 
@@ -377,8 +381,9 @@ class Refiner:
         retried = self._refine_chunked(
             call, [models[b] for b in owners], hypotheses, [instance_index[b] for b in owners]
         )
-        best = list(outcomes)
+        best = [replace(outcome, restarted=b in weak) for b, outcome in enumerate(outcomes)]
         for b, outcome in zip(owners, retried, strict=True):
+            outcome = replace(outcome, restarted=True)
             if outcome.better_than(best[b]):
                 best[b] = outcome
         return best
