@@ -47,13 +47,12 @@ The term also measures, at a given pose, how well the observed depth agrees with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from rnnpose_ros.core.geometry import backproject_depth
 
 
 @dataclass
@@ -74,6 +73,9 @@ class DepthTermConfig:
         min_evidence_share: the agreement's denominator is at least this share of the rendered
             pixels with observed depth, so that a pose hidden behind the observed surface cannot
             score by declaring everything occluded.
+        max_points: usable reference pixels per instance at most; beyond, an evenly spaced subset
+            is used, each sample weighted by the number of pixels it stands for (neighbouring depth
+            pixels carry nearly the same information, and the cost of a step is linear in them).
     """
 
     sigma_0: float = 0.0
@@ -90,6 +92,7 @@ class DepthTermConfig:
     agree_sigmas: float = 3.0
     min_agree_m: float = 0.005
     min_evidence_share: float = 0.5
+    max_points: int = 2048
 
     def sigma(self, z: Tensor) -> Tensor:
         """σ_z(z), metres, of depths ``z`` (metres), same shape and dtype."""
@@ -149,9 +152,9 @@ class DepthTerm:
         depth = reference_depth.to(torch.float64)
         self.K = K.to(torch.float64)
         self.height, self.width = depth.shape[1:]
-        self.X0, self.n0, usable = _reference_surface(depth, self.K, config)
-        self.usable = usable & (active.to(torch.bool)[:, None])
-        self.observed = _without_flying_pixels(observed.to(torch.float64), config.flying_jump_m)
+        self.X0, self.n0, usable, self.multiplicity = _reference_surface(depth, self.K, config)
+        self.usable = usable & active.to(torch.bool)[:, None]
+        self.observed = _without_flying_pixels(observed.float(), config.flying_jump_m).to(torch.float64)
 
     def _associate(self, T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(observed points P (B, N, 3), axial differences e = D(q) − Z₁ (B, N), candidate mask (B, N))
@@ -183,7 +186,8 @@ class DepthTerm:
         r, J = point_to_plane(T64, self.X0, self.n0, P)
         scale = config.robust_scale * sigma
         huber = scale / torch.maximum(r.abs(), scale)
-        weight = torch.where(used, (config.pixel_sigma / sigma) ** 2 * huber, torch.zeros_like(r))
+        whitened = (config.pixel_sigma / sigma) ** 2 * huber * self.multiplicity[:, None]
+        weight = torch.where(used, whitened, torch.zeros_like(r))
         r = torch.where(used, r, torch.zeros_like(r))
         wJ = weight[..., None] * J
         return DepthEquations(
@@ -218,29 +222,74 @@ class DepthTerm:
         return fraction.clamp(0.0, 1.0), evidence
 
 
-def _reference_surface(depth: Tensor, K: Tensor, config: DepthTermConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(X0 (B, N, 3), unit normals n0 (B, N, 3) facing the camera, usable (B, N) bool) of a rendered
-    depth (B, h, w): object pixels whose 4 neighbours are on the object and whose surface is seen
-    within ``max_grazing_deg`` of its normal."""
-    batch = depth.shape[0]
-    X = backproject_depth(depth, K)  # (B, h, w, 3)
+def _reference_surface(
+    depth: Tensor, K: Tensor, config: DepthTermConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Evenly spaced samples of the usable reference surface of a rendered depth (B, h, w), metres.
+
+    Usable: object pixels whose 4 neighbours are on the object (their normal, from central
+    differences of the back-projected neighbours, is defined) and whose surface is seen within
+    ``max_grazing_deg`` of its normal. At most ``config.max_points`` samples per instance.
+
+    Returns:
+        X0 (B, M, 3) points and n0 (B, M, 3) unit normals facing the camera (float64, metres);
+        valid (B, M) bool (False on padding and grazing samples); multiplicity (B,) float64 pixels per
+        sample.
+    """
+    batch, _, width = depth.shape
     fg = depth > config.min_depth
     inner = torch.zeros_like(fg)
     inner[:, 1:-1, 1:-1] = fg[:, 1:-1, 1:-1] & fg[:, :-2, 1:-1] & fg[:, 2:, 1:-1] & fg[:, 1:-1, :-2]
     inner[:, 1:-1, 1:-1] &= fg[:, 1:-1, 2:]
-    du = torch.zeros_like(X)
-    dv = torch.zeros_like(X)
-    du[:, :, 1:-1] = X[:, :, 2:] - X[:, :, :-2]
-    dv[:, 1:-1] = X[:, 2:] - X[:, :-2]
-    normal = torch.linalg.cross(du, dv)
-    norm = torch.linalg.vector_norm(normal, dim=-1, keepdim=True)
-    normal = normal / norm.clamp_min(1e-12)
-    ray = X / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(1e-12)
+    inner = inner.reshape(batch, -1)
+    index, valid, multiplicity = _samples(inner, config.max_points)
+    flat = depth.reshape(batch, -1)
+    fx, fy = K[:, 0, 0, None], K[:, 1, 1, None]
+    cx, cy = K[:, 0, 2, None], K[:, 1, 2, None]
+
+    def lift(offset: int, du: int, dv: int) -> Tensor:
+        """(B, M, 3) back-projection of the pixels ``offset`` away from the samples."""
+        at = (index + offset).clamp(0, flat.shape[1] - 1)
+        z = torch.gather(flat, 1, at)
+        u = (index % width + du).to(depth.dtype)
+        v = (index // width + dv).to(depth.dtype)
+        return torch.stack((z * (u - cx) / fx, z * (v - cy) / fy, z), -1)
+
+    X0 = lift(0, 0, 0)
+    normal = torch.linalg.cross(lift(1, 1, 0) - lift(-1, -1, 0), lift(width, 0, 1) - lift(-width, 0, -1))
+    normal = normal / torch.linalg.vector_norm(normal, dim=-1, keepdim=True).clamp_min(1e-12)
+    ray = X0 / torch.linalg.vector_norm(X0, dim=-1, keepdim=True).clamp_min(1e-12)
     cosine = (normal * ray).sum(-1)
     normal = torch.where(cosine[..., None] > 0, -normal, normal)  # face the camera
-    grazing_ok = cosine.abs() >= torch.cos(torch.deg2rad(torch.tensor(config.max_grazing_deg)))
-    usable = inner & grazing_ok & (norm[..., 0] > 0)
-    return X.reshape(batch, -1, 3), normal.reshape(batch, -1, 3), usable.reshape(batch, -1)
+    valid = valid & (cosine.abs() >= math.cos(math.radians(config.max_grazing_deg)))
+    return X0, normal, valid, multiplicity
+
+
+def _samples(usable: Tensor, max_points: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Evenly spaced usable pixels of every instance.
+
+    Args:
+        usable: (B, N) bool.
+        max_points: samples per instance at most.
+
+    Returns:
+        index (B, M) int64 into N, valid (B, M) bool (padding is False), and multiplicity (B,)
+        float64: usable pixels per sample (≥ 1).
+    """
+    counts = usable.sum(-1)
+    size = max(1, min(int(counts.max()), max_points))
+    # Usable pixels first, in raster order (a stable sort of the negated mask).
+    order = torch.sort((~usable).to(torch.uint8), dim=-1, stable=True).indices
+    picks = []
+    for count in counts.tolist():
+        taken = min(count, size)
+        positions = torch.linspace(0, max(count - 1, 0), taken, dtype=torch.float64).round().long()
+        picks.append(torch.cat((positions, positions.new_zeros(size - taken))))
+    positions = torch.stack(picks).to(usable.device)
+    index = torch.gather(order, 1, positions)
+    valid = torch.arange(size, device=usable.device)[None] < counts.clamp(max=size)[:, None]
+    multiplicity = counts.to(torch.float64) / counts.clamp(max=size).clamp_min(1).to(torch.float64)
+    return index, valid, multiplicity.clamp_min(1.0)
 
 
 def _without_flying_pixels(observed: Tensor, jump_m: float) -> Tensor:
