@@ -1,5 +1,5 @@
-"""The refiner's score: agreement of the evidence with the pose, normalised by the evidence, and the
-depth agreement when there is depth (documented in rnnpose_ros/core/refiner.py)."""
+"""The refiner's score (documented in rnnpose_ros/core/refiner.py): RGB, the agreeing share of the
+silhouette; with depth, the depth agreement times the image agreement over the evidence."""
 
 from __future__ import annotations
 
@@ -39,33 +39,46 @@ def correspondences(view: RenderState, shift_px: float, weight_share: float) -> 
     return Correspondences(target=target, weight=weight * (view.depth > 0))
 
 
-def test_score_counts_only_the_evidence(refiner):
+def test_rgb_score_is_the_agreeing_share_of_the_silhouette(refiner):
     view = disc_view()
     identity = torch.eye(4, dtype=torch.float64)[None]
-    full = refiner._score(view, correspondences(view, 0.0, 1.0), identity, None)
-    half_hidden = refiner._score(view, correspondences(view, 0.0, 0.5), identity, None)
+    assert float(refiner._score(view, correspondences(view, 0.0, 1.0), identity, None)) == pytest.approx(1.0)
+    half = float(refiner._score(view, correspondences(view, 0.0, 0.5), identity, None))
+    assert half == pytest.approx(float((view.depth[:, : SIZE // 2] > 0).sum() / (view.depth > 0).sum()))
+    assert float(refiner._score(view, correspondences(view, 5.0, 1.0), identity, None)) == 0.0
+
+
+def exact_depth(view: RenderState, observed: torch.Tensor | None = None) -> DepthTerm:
+    observed = view.depth.clone() if observed is None else observed
+    return DepthTerm(view.depth, K, observed, torch.ones(1), DepthTermConfig())
+
+
+def test_depth_score_counts_only_the_evidence(refiner):
+    view = disc_view()
+    identity = torch.eye(4, dtype=torch.float64)[None]
+    term = exact_depth(view)
+    full = refiner._score(view, correspondences(view, 0.0, 1.0), identity, term)
+    half_hidden = refiner._score(view, correspondences(view, 0.0, 0.5), identity, term)
     assert float(full) == pytest.approx(1.0) and float(half_hidden) == pytest.approx(1.0)
-    # Consistent evidence against the pose: 0, however much of it there is.
-    assert float(refiner._score(view, correspondences(view, 5.0, 0.5), identity, None)) == 0.0
+    # The image evidence against the pose lowers the score by its share.
+    against = refiner._score(view, correspondences(view, 5.0, 0.5), identity, term)
+    assert float(against) == pytest.approx(0.75)
     # A sliver of confident pixels (one row, ≈ 2 % of the silhouette) is not a confirmed pose.
     sliver = correspondences(view, 0.0, 1.0)
     sliver.weight[:, :31] = 0.0
     sliver.weight[:, 32:] = 0.0
-    assert float(refiner._score(view, sliver, identity, None)) < 0.5
+    assert float(refiner._score(view, sliver, identity, term)) < 0.75 + 0.25 * 0.5
 
 
-def test_score_with_depth_is_the_depth_agreement_times_the_image_agreement(refiner):
+def test_depth_score_follows_the_depth_agreement(refiner):
     view = disc_view()
     identity = torch.eye(4, dtype=torch.float64)[None]
     corr = correspondences(view, 0.0, 1.0)
-    observed = view.depth.clone()
-    term = DepthTerm(view.depth, K, observed, torch.ones(1), DepthTermConfig())
-    assert float(refiner._score(view, corr, identity, term)) == pytest.approx(1.0)
     # The observed surface 3 cm behind the rendering: the image agrees, the depth does not.
-    behind = DepthTerm(view.depth, K, observed + 0.03, torch.ones(1), DepthTermConfig())
+    behind = exact_depth(view, view.depth + 0.03)
     assert float(refiner._score(view, corr, identity, behind)) < 0.1
     # An occluder in front of half the object is not evidence against the pose.
-    occluded = observed.clone()
+    occluded = view.depth.clone()
     occluded[:, SIZE // 2 :] = 0.3
-    term = DepthTerm(view.depth, K, occluded, torch.ones(1), DepthTermConfig())
-    assert float(refiner._score(view, correspondences(view, 0.0, 0.5), identity, term)) > 0.95
+    score = refiner._score(view, correspondences(view, 0.0, 0.5), identity, exact_depth(view, occluded))
+    assert float(score) > 0.95

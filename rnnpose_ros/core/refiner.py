@@ -19,24 +19,26 @@ one further batch, and the result with the best score is kept. A render-and-comp
 accurate near the truth but has a limited basin for out-of-plane rotation; the score tells a
 converged result from a stuck one.
 
-Score (documented meaning, in [0, 1]): the share of the usable evidence that confirms the returned
-pose. In the last render iteration, with the final relative pose,
+Score (documented meaning, in [0, 1]). In the last render iteration, with the final relative pose,
+let A = Σ_p w_p · [‖x*_p − π(K, T_rel·X0_p)‖ < τ] over the N rendered object pixels p (reference
+depth > solver ``min_depth``), where x*_p is the backend's correspondence target, w_p ∈ [0, 1] its
+confidence weight (classical: forward–backward flow consistency; learned: descriptor similarity
+weight) and τ = ``config.score_inlier_px`` pixels of the final crop.
 
-    image = Σ_p w_p · [‖x*_p − π(K, T_rel·X0_p)‖ < τ] / max(Σ_p w_p, 0.05·N)
+RGB only: score = A / N, the weighted fraction of the rendered silhouette that agrees with the image
+under the returned pose: 1 when every rendered pixel is matched confidently and consistently, lower
+with misalignment, occlusion, or low confidence (it does not transfer between objects: a plain
+object scores low even when converged; the restarts are tuned on it).
 
-over the N rendered object pixels p (reference depth > solver ``min_depth``), where x*_p is the
-backend's correspondence target, w_p ∈ [0, 1] its confidence weight (classical: forward–backward
-flow consistency; learned: descriptor similarity weight) and τ = ``config.score_inlier_px`` pixels of
-the final crop. It is normalised by the evidence the rendering offers (Σ w), not by the silhouette's
-area: pixels hidden by an occluder or without texture get low weights and count neither for nor
-against the pose, so a converged pose of a plain or partly hidden object scores like one of a
-richly textured, fully visible one; a low score means that the confident correspondences disagree
-with the pose. With a depth image (:mod:`rnnpose_ros.core.depth_term`),
+With a depth image (:mod:`rnnpose_ros.core.depth_term`), a confidence that means the same for every
+object:
 
-    score = agreement · (0.75 + 0.25 · image),
+    score = agreement · (0.75 + 0.25 · A / max(Σ_p w_p, 0.05·N)),
 
-agreement being the share of the rendered surface that the observed depth confirms within its noise
-(pixels hidden behind a nearer occluder excluded). 0 for instances that could not be refined.
+agreement being the share of the rendered surface that the observed depth confirms within its noise,
+pixels hidden behind a nearer occluder excluded; the image part is normalised by the evidence the
+correspondences offer (Σ w), so pixels hidden or without texture count neither for nor against the
+pose. 0 for instances that could not be refined.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ from rnnpose_ros.core.pinhole import project_to_pixels
 ROTATION_TOLERANCE = 1e-3
 # Closest depth (m) a model vertex may have for the instance to count as in front of the camera.
 NEAR_PLANE_M = 1e-3
-# Score: the confident correspondences must weigh at least this share of the rendered silhouette
-# for their agreement to count fully (a handful of consistent pixels is not a confirmed pose).
+# Score with depth: the confident correspondences must weigh at least this share of the rendered
+# silhouette for their agreement to count fully (a handful of consistent pixels is not a confirmed pose).
 MIN_SCORE_EVIDENCE = 0.05
 # Score with depth: the share of the image agreement beside the depth agreement (the depth is the
 # stronger, object-independent evidence; the image term separates poses depth cannot, e.g. turns of
@@ -505,11 +507,13 @@ class Refiner:
         foreground = view.depth.reshape(batch, -1) > config.lm.min_depth
         inlier = residual < config.score_inlier_px
         weight = corr.weight.reshape(batch, -1).to(torch.float64).clamp(0.0, 1.0) * foreground
+        agreeing = (weight * inlier).sum(-1)
+        if depth_term is None:
+            return (agreeing / foreground.sum(-1).clamp_min(1)).clamp(0.0, 1.0)
         evidence = torch.maximum(weight.sum(-1), MIN_SCORE_EVIDENCE * foreground.sum(-1))
-        score = (weight * inlier).sum(-1) / evidence.clamp_min(1e-12)
-        if depth_term is not None:
-            agreement, _ = depth_term.agreement(relative)
-            score = agreement * (1.0 - IMAGE_SHARE_WITH_DEPTH + IMAGE_SHARE_WITH_DEPTH * score)
+        image = agreeing / evidence.clamp_min(1e-12)
+        agreement, _ = depth_term.agreement(relative)
+        score = agreement * (1.0 - IMAGE_SHARE_WITH_DEPTH + IMAGE_SHARE_WITH_DEPTH * image)
         return score.clamp(0.0, 1.0)
 
 
