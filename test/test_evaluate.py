@@ -48,8 +48,30 @@ def test_cli_writes_the_documented_json(tmp_path, capsys):
     assert entry["n"] == 2
     _check_recalls(entry["initial"])
     _check_recalls(entry["refined"])
+    for key in ("mean_score_add_s_pass", "mean_score_add_s_fail", "score_auroc"):
+        assert key in result
+    for key in ("add_s_002", "add_s_005", "restart_rate"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["add_s_002"] <= result["add_s_005"] <= result["refined"]["add_s"]
+    assert result["depth"] is False
     printed = capsys.readouterr().out
     assert "ADD(-S) < 0.1d" in printed and "refined" in printed
+
+
+def test_depth_run_refines_the_same_scenes_with_depth(tmp_path):
+    out = tmp_path / "eval.json"
+    argv = ["--num-scenes", "1", "--seed", "3", "--depth", "--occluders", "1", "--json", str(out)]
+    assert evaluate.main([*argv, "--no-progress", "--outer-iterations", "3"]) == 0
+    result = json.loads(out.read_text())
+    assert result["depth"] is True and result["occluders"] == 1
+    assert result["num_instances"] == 1 and result["status_counts"] == {"ok": 1}
+
+
+def test_score_auroc():
+    assert evaluate.score_auroc([0.9, 0.7, 0.2, 0.1], [True, True, False, False]) == 1.0
+    assert evaluate.score_auroc([0.1, 0.9], [True, False]) == 0.0
+    assert evaluate.score_auroc([0.5, 0.5, 0.4], [True, False, False]) == pytest.approx(0.75)
+    assert evaluate.score_auroc([0.5, 0.6], [True, True]) is None
 
 
 def test_sweep_plot(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 
 from torch import Tensor
 
+from rnnpose_ros.core.depth_term import DepthTermConfig
 from rnnpose_ros.core.geometry import backproject_depth
 from rnnpose_ros.core.solver import LMConfig, LMStep, solve_lm_step
 
@@ -76,6 +77,7 @@ class RefinerConfig:
         max_batch: instances refined together at most; more (many detections, or restart
             hypotheses) run in consecutive batches of this size, so memory is bounded by one batch.
         convergence: early termination per instance (None: always the whole schedule).
+        depth: the depth term's options (used when the observation has a depth image).
     """
 
     outer_iterations: int = 3
@@ -90,6 +92,7 @@ class RefinerConfig:
     restart_hypotheses: int = 4
     max_batch: int = 8
     convergence: Convergence | None = None
+    depth: DepthTermConfig = field(default_factory=DepthTermConfig)
 
 
 @dataclass
@@ -132,6 +135,7 @@ def run_render_iteration(
     relative: Tensor,
     steps: int,
     lm: LMConfig,
+    extra_terms: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> Iterator[InnerStep[CorrespondencesT]]:
     """The inner steps of one render iteration, one :class:`InnerStep` at a time.
 
@@ -143,6 +147,8 @@ def run_render_iteration(
             ``lm.pose_dtype``.
         steps: number of inner steps.
         lm: the solve options.
+        extra_terms: a further term of every LM iteration (the depth term), see
+            :func:`~rnnpose_ros.core.solver.solve_lm_step`.
 
     Yields:
         One :class:`InnerStep` per inner step. The pose is detached before every step, so gradients
@@ -161,6 +167,7 @@ def run_render_iteration(
             correspondences.target,
             correspondences.weight,
             reference_points=points,
+            extra_terms=extra_terms,
             **lm.solver_options(),
         )
         yield InnerStep(k, relative, correspondences, solve)

@@ -29,7 +29,8 @@ class Observation:
             :meth:`validated`).
         K: (3, 3) pinhole intrinsics of ``image`` in pixels (no skew, no distortion: rectified images).
         depth: (H, W) float32 metric depth registered to ``image`` (same size and intrinsics), metres,
-            0 or NaN where unknown; None for an RGB-only frame. No backend reads it yet.
+            0 or NaN where unknown; None for an RGB-only frame. Both backends crop it like the image
+            and the refiner adds a depth term to every LM step (:mod:`rnnpose_ros.core.depth_term`).
         stamp: acquisition time in seconds (any clock the caller uses consistently), or None.
     """
 

@@ -19,16 +19,26 @@ one further batch, and the result with the best score is kept. A render-and-comp
 accurate near the truth but has a limited basin for out-of-plane rotation; the score tells a
 converged result from a stuck one.
 
-Score (documented meaning, in [0, 1]): in the last render iteration, with the final relative pose,
+Score (documented meaning, in [0, 1]). In the last render iteration, with the final relative pose,
+let A = Σ_p w_p · [‖x*_p − π(K, T_rel·X0_p)‖ < τ] over the N rendered object pixels p (reference
+depth > solver ``min_depth``), where x*_p is the backend's correspondence target, w_p ∈ [0, 1] its
+confidence weight (classical: forward–backward flow consistency; learned: descriptor similarity
+weight) and τ = ``config.score_inlier_px`` pixels of the final crop.
 
-    score = (1/N) · Σ_p w_p · [‖x*_p − π(K, T_rel·X0_p)‖ < τ]
-
-over the N rendered object pixels p (reference depth > solver ``min_depth``), where x*_p is the
-backend's correspondence target, w_p ∈ [0, 1] its confidence weight (classical: forward–backward
-flow consistency; learned: descriptor similarity weight) and τ = ``config.score_inlier_px`` pixels of
-the final crop. It is the weighted fraction of the rendered silhouette that agrees with the image
+RGB only: score = A / N, the weighted fraction of the rendered silhouette that agrees with the image
 under the returned pose: 1 when every rendered pixel is matched confidently and consistently, lower
-with misalignment, occlusion, or low confidence; 0 for instances that could not be refined.
+with misalignment, occlusion, or low confidence (it does not transfer between objects: a plain
+object scores low even when converged; the restarts are tuned on it).
+
+With a depth image (:mod:`rnnpose_ros.core.depth_term`), a confidence that means the same for every
+object:
+
+    score = agreement · (0.75 + 0.25 · A / max(Σ_p w_p, 0.05·N)),
+
+agreement being the share of the rendered surface that the observed depth confirms within its noise,
+pixels hidden behind a nearer occluder excluded; the image part is normalised by the evidence the
+correspondences offer (Σ w), so pixels hidden or without texture count neither for nor against the
+pose. 0 for instances that could not be refined.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +56,7 @@ from torch import Tensor
 
 from rnnpose_ros.core.backends import create_backend
 from rnnpose_ros.core.backends.base import CorrespondenceBackend, RenderState
+from rnnpose_ros.core.depth_term import DepthTerm
 from rnnpose_ros.core.geometry import backproject_depth, pixel_grid, project_points
 from rnnpose_ros.core.loop import Convergence, Correspondences, InnerStep, RefinerConfig, run_render_iteration
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
@@ -57,6 +68,13 @@ from rnnpose_ros.core.symmetry import closest_equivalent
 ROTATION_TOLERANCE = 1e-3
 # Closest depth (m) a model vertex may have for the instance to count as in front of the camera.
 NEAR_PLANE_M = 1e-3
+# Score with depth: the confident correspondences must weigh at least this share of the rendered
+# silhouette for their agreement to count fully (a handful of consistent pixels is not a confirmed pose).
+MIN_SCORE_EVIDENCE = 0.05
+# Score with depth: the share of the image agreement beside the depth agreement (the depth is the
+# stronger, object-independent evidence; the image term separates poses depth cannot, e.g. turns of
+# a box's face).
+IMAGE_SHARE_WITH_DEPTH = 0.25
 # Farthest depth (m) of an object's centre that is refined: no camera resolves an object usefully
 # beyond it, and depths near float limits break the renderer's projection (near = far).
 FAR_LIMIT_M = 100.0
@@ -169,6 +187,7 @@ class RefineResult:
     Attributes:
         pose: (4, 4) float64 refined pose; initial_pose: (4, 4) float64 as given (NaN-filled if the
         input was not a 4×4 array). score: see the module docstring. trace: one entry per inner step.
+        restarted: the first refinement was weak and the rotation hypotheses were refined too.
     """
 
     class_id: str
@@ -179,6 +198,7 @@ class RefineResult:
     status: RefineStatus
     message: str = ""
     trace: list[IterationTrace] = field(default_factory=list)
+    restarted: bool = False
 
 
 @dataclass
@@ -190,6 +210,7 @@ class _Outcome:
     status: RefineStatus
     message: str
     trace: list[IterationTrace]
+    restarted: bool = False
 
     def better_than(self, other: _Outcome) -> bool:
         """OK beats a failure; among OK outcomes the higher score wins."""
@@ -306,6 +327,7 @@ class Refiner:
                     status=outcome.status,
                     message=outcome.message,
                     trace=outcome.trace,
+                    restarted=outcome.restarted,
                 )
         return [r for r in results if r is not None]
 
@@ -391,8 +413,9 @@ class Refiner:
         retried = self._refine_chunked(
             call, [models[b] for b in owners], hypotheses, [instance_index[b] for b in owners]
         )
-        best = list(outcomes)
+        best = [replace(outcome, restarted=b in weak) for b, outcome in enumerate(outcomes)]
         for b, outcome in zip(owners, retried, strict=True):
+            outcome = replace(outcome, restarted=True)
             if outcome.better_than(best[b]):
                 best[b] = outcome
         return best
@@ -443,10 +466,15 @@ class Refiner:
         call.check_stop()
         frame = self.backend.prepare_frame(call.observation, models, batch.poses)
         recorder = _TraceRecorder(config.lm.min_depth)
-        last: tuple[RenderState, Correspondences, Tensor] | None = None
+        last: tuple[RenderState, Correspondences, Tensor, DepthTerm | None] | None = None
         for outer in range(config.outer_iterations):
             call.check_stop()
             view = self.backend.prepare_render(frame, batch.poses, config.first_iteration + outer)
+            depth_term = None
+            if view.observed_depth is not None:
+                depth_term = DepthTerm(
+                    view.depth, view.K, view.observed_depth, batch.active(torch.float64), config.depth
+                )
 
             def correspond(relative: Tensor, inner: int, view: RenderState = view) -> Correspondences:
                 call.check_stop()
@@ -458,7 +486,13 @@ class Refiner:
 
             relative = torch.eye(4, dtype=config.lm.pose_dtype, device=self.device).expand(len(models), 4, 4)
             for step in run_render_iteration(
-                correspond, view.depth, view.K, relative, config.inner_steps, config.lm
+                correspond,
+                view.depth,
+                view.K,
+                relative,
+                config.inner_steps,
+                config.lm,
+                extra_terms=None if depth_term is None else depth_term.solver_terms,
             ):
                 relative = step.solve.pose
                 batch.fail_where(
@@ -467,13 +501,13 @@ class Refiner:
                 recorder.record(step, view, batch.poses)
                 if call.observer is not None:
                     call.observer(recorder.snapshot(outer, step, view, instance_index))
-                last = (view, step.correspondences, relative)
+                last = (view, step.correspondences, relative, depth_term)
             moving = batch.moving()
             batch.advance(relative, config.max_translation_change)
             if last is not None:
                 # An instance that stopped earlier is scored with the pose it kept.
                 identity = torch.eye(4, dtype=relative.dtype, device=relative.device)
-                last = (view, last[1], torch.where(moving[:, None, None], relative, identity))
+                last = (view, last[1], torch.where(moving[:, None, None], relative, identity), last[3])
             if config.convergence is not None and batch.converge(
                 config.convergence, outer, relative, recorder.flows[-config.inner_steps]
             ):
@@ -481,7 +515,9 @@ class Refiner:
         scores = self._score(*last) if last is not None else torch.zeros(len(models))
         return batch.outcomes(scores, recorder, config)
 
-    def _score(self, view: RenderState, corr: Correspondences, relative: Tensor) -> Tensor:
+    def _score(
+        self, view: RenderState, corr: Correspondences, relative: Tensor, depth_term: DepthTerm | None
+    ) -> Tensor:
         """(B,) weighted inlier fraction of the last render iteration (module docstring)."""
         config = self.config
         batch = view.depth.shape[0]
@@ -493,9 +529,15 @@ class Refiner:
             corr.target.reshape(batch, -1, 2).to(torch.float64) - pixels, dim=-1
         )
         foreground = view.depth.reshape(batch, -1) > config.lm.min_depth
-        inlier = (residual < config.score_inlier_px) & foreground
-        weight = corr.weight.reshape(batch, -1).to(torch.float64).clamp(0.0, 1.0)
-        score = (weight * inlier).sum(-1) / foreground.sum(-1).clamp_min(1)
+        inlier = residual < config.score_inlier_px
+        weight = corr.weight.reshape(batch, -1).to(torch.float64).clamp(0.0, 1.0) * foreground
+        agreeing = (weight * inlier).sum(-1)
+        if depth_term is None:
+            return (agreeing / foreground.sum(-1).clamp_min(1)).clamp(0.0, 1.0)
+        evidence = torch.maximum(weight.sum(-1), MIN_SCORE_EVIDENCE * foreground.sum(-1))
+        image = agreeing / evidence.clamp_min(1e-12)
+        agreement, _ = depth_term.agreement(relative)
+        score = agreement * (1.0 - IMAGE_SHARE_WITH_DEPTH + IMAGE_SHARE_WITH_DEPTH * image)
         return score.clamp(0.0, 1.0)
 
 

@@ -11,10 +11,17 @@ golden ``lm_step.pt``), batched over B instances and differentiable through ``to
 
 A robust variant (classical backend) multiplies w by Huber or Cauchy weights of the residual norm,
 re-evaluated at every iteration (iteratively reweighted least squares).
+
+An optional further term (``extra_terms``, e.g. the depth term of :mod:`rnnpose_ros.core.depth_term`)
+contributes its own float64 (H_x, b_x) at the current pose, added before damping:
+H = Σ ω·JᵀJ + H_x, b = Σ ω·Jᵀr + b_x. It must be whitened to the 2D term's unit (squared pixels,
+one correspondence = σ of 1 px); the depth term weights a pixel by (σ_px / σ_z(z))² with the sensor's
+axial noise σ_z(z) = σ₀ + σ₂·(z − z₀)² in metres (px²/m² · m² residuals = px²).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -182,6 +189,7 @@ def solve_lm_step(
     robust: str | None = None,
     robust_scale: float = 2.0,
     reference_points: Tensor | None = None,
+    extra_terms: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> LMStep:
     """Run ``num_iters`` damped Gauss–Newton steps on T (docs/method.md §2.10), batched over instances.
 
@@ -203,6 +211,8 @@ def solve_lm_step(
         robust_scale: robust kernel scale, pixels.
         reference_points: (B, H, W, 3) ``backproject_depth(depth, K)`` in the dtype of T, when the
             caller has it (it is constant over the inner steps of a render iteration).
+        extra_terms: pose (B, 4, 4) -> (H_x (B, 6, 6), b_x (B, 6)) float64, evaluated at the pose of
+            every iteration and added to the normal equations before damping (module docstring).
 
     Returns:
         :class:`LMStep`.
@@ -241,7 +251,9 @@ def solve_lm_step(
         H, b, sq_sum, weight_sum, omega = _normal_equations(
             X1, K, target64, omega, proj_min_depth, jacobian_min_depth, robust, robust_scale
         )
-        # Extra terms of the normal equations (e.g. a depth residual) are added to H and b here.
+        if extra_terms is not None:  # e.g. the depth residual (core/depth_term.py)
+            H_x, b_x = extra_terms(T)
+            H, b = H + H_x, b + b_x
         H = H * damping_scale + damping_shift  # H + λ_lm·diag(H) + λ_ep·I
 
         delta = solve_clamped(H, b, max_step).to(dtype)

@@ -11,6 +11,13 @@ Ground truth per instance: pose (model→camera, metres), visible mask, visible 
 pose is drawn with :func:`perturb_pose` (the published noise levels; see there for how its rotation
 noise differs from the published sampler). What a scene may look like is a :class:`SceneSpec`;
 given the spec, everything is deterministic given the seed (or ``numpy.random.Generator``).
+
+Depth (``SceneSpec.depth``, a :class:`~rnnpose_ros.core.depth_sensor.DepthSensorModel`): the exact
+metric depth of the scene — a background plane behind the objects (tilted up to 40°), the objects
+from the renderer, each occluder patch as a flat surface 2–15 cm in front of the object it hides —
+through the sensor model, registered to the image. Its random draws come from a stream of their
+own (spawned from the scene's), so a scene is the same image, poses and initial poses with and
+without depth.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import cv2
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from rnnpose_ros.core.depth_sensor import DepthSensorModel, simulate_depth
 from rnnpose_ros.core.objects import ObjectModel
 from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.pinhole import project_to_pixels
@@ -75,6 +83,7 @@ class SceneSpec:
         backgrounds: ``skimage.data`` photograph names to draw the background from.
         supersample: rendering supersampling factor (1 disables anti-aliasing).
         max_tries: attempts at a placement meeting ``min_visible``.
+        depth: the depth sensor of :attr:`Scene.depth` (None: no depth image).
     """
 
     size: tuple[int, int] = DEFAULT_SIZE
@@ -92,6 +101,7 @@ class SceneSpec:
     backgrounds: Sequence[str] = BACKGROUNDS
     supersample: int = 2
     max_tries: int = 20
+    depth: DepthSensorModel | None = None
 
     def intrinsics(self) -> np.ndarray:
         """(3, 3) float64: ``K``, or the default camera centred on ``size``."""
@@ -144,6 +154,8 @@ class Scene:
         instances: the objects, in generation order.
         background: name of the ``skimage.data`` photograph used.
         seed: the integer seed when one was given, else None.
+        depth: (H, W) float32 sensor depth registered to ``image``, metres, 0 = no value; None unless
+            the spec asked for depth.
     """
 
     image: np.ndarray
@@ -151,6 +163,7 @@ class Scene:
     instances: list[SceneInstance] = field(default_factory=list)
     background: str = ""
     seed: int | None = None
+    depth: np.ndarray | None = None
 
     @property
     def visible_fraction(self) -> list[float]:
@@ -160,7 +173,7 @@ class Scene:
     @property
     def observation(self) -> Observation:
         """What the refiner is given of this scene."""
-        return Observation(self.image, self.K)
+        return Observation(self.image, self.K, depth=self.depth)
 
 
 # --- initial-pose noise ----------------------------------------------------------------------------
@@ -318,14 +331,20 @@ def _add_occluders(
     count: int,
     max_occlusion: float,
     factor: int,
-) -> None:
+) -> list[tuple[np.ndarray, int]]:
     """Draw up to ``count`` random patches (photo texture or flat colour) over objects, in place, keeping
-    every object's occluded share <= max_occlusion."""
+    every object's occluded share <= max_occlusion.
+
+    Returns:
+        (patch mask (H, W) bool, index of the object it was placed on) of every patch drawn.
+    """
     height, width = occluder_mask.shape
     alone = [max(int(m.sum()), 1) for m in object_masks]
+    patches = []
     for _ in range(count):
         for _attempt in range(10):
-            target = object_masks[int(rng.integers(len(object_masks)))]
+            target_index = int(rng.integers(len(object_masks)))
+            target = object_masks[target_index]
             ys, xs = np.nonzero(target)
             if len(xs) == 0:
                 break
@@ -357,6 +376,8 @@ def _add_occluders(
         else:
             image[region] = rng.uniform(0, 1, size=3).astype(np.float32)
         occluder_mask |= region
+        patches.append((region, target_index))
+    return patches
 
 
 def make_scene(
@@ -389,8 +410,11 @@ def make_scene(
     poses, rgb_hi, masks_hi, alone_hi = _place_instances(renderer, models, rng, spec, K, light_cam, strengths)
     image_hi = _composite(background, rgb_hi, masks_hi, gain, factor)
     occluder_hi = np.zeros(image_hi.shape[:2], dtype=bool)
+    patches = []
     if spec.occluders > 0:
-        _add_occluders(image_hi, occluder_hi, masks_hi, rng, spec.occluders, spec.max_occlusion, factor)
+        patches = _add_occluders(
+            image_hi, occluder_hi, masks_hi, rng, spec.occluders, spec.max_occlusion, factor
+        )
     image = _degrade(_downsample(image_hi, factor), rng, spec)
 
     instances = []
@@ -406,7 +430,58 @@ def make_scene(
                 visible_fraction=float(visible_hi.sum() / max(alone_hi[i].sum(), 1)),
             )
         )
-    return Scene(image=image, K=K, instances=instances, background=background_name, seed=seed)
+    depth = None
+    if spec.depth is not None:
+        # A stream of its own: the draws above (and so the RGB scene) do not depend on the depth.
+        depth_rng = rng.spawn(1)[0]
+        exact = _exact_depth(renderer, models, poses, K, spec.size, patches, factor, depth_rng)
+        depth = simulate_depth(exact, K, depth_rng, spec.depth)
+    return Scene(image=image, K=K, instances=instances, background=background_name, seed=seed, depth=depth)
+
+
+def _exact_depth(
+    renderer: Renderer,
+    models: list[ObjectModel],
+    poses: np.ndarray,
+    K: np.ndarray,
+    size: tuple[int, int],
+    patches: list[tuple[np.ndarray, int]],
+    factor: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """(H, W) float64 exact depth of a scene, metres (0 = nothing): a background plane, the objects at
+    their poses, and each occluder patch (supersampled masks) as a flat surface in front of its object.
+    """
+    out = renderer.render(models, poses, K, size)
+    object_depth = np.where(out.mask, out.depth, np.inf).min(axis=0)
+    on_object = np.isfinite(object_depth)
+    depth = _background_plane(K, size, object_depth, rng)
+    depth = np.where(on_object, object_depth, depth)
+    for region_hi, target in patches:
+        region = _downsample(region_hi.astype(np.float32), factor) >= 0.5
+        nearest = float(out.depth[target][out.mask[target]].min()) if out.mask[target].any() else 0.3
+        depth[region] = max(nearest - rng.uniform(0.02, 0.15), 0.12)
+    return depth
+
+
+def _background_plane(
+    K: np.ndarray, size: tuple[int, int], object_depth: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """(H, W) float64 depth of a random plane (normal within 40° of the optical axis) lying 3–40 cm
+    behind every object pixel (``object_depth``, inf elsewhere), metres; 0 where the ray misses it."""
+    height, width = size
+    u, v = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+    rays = np.stack(((u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)), -1)
+    tilt = np.radians(rng.uniform(0.0, 40.0))
+    azimuth = rng.uniform(0.0, 2.0 * np.pi)
+    normal = np.array([np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), np.cos(tilt)])
+    facing = rays @ normal  # plane n·X = d: depth along a ray = d / (n·ray)
+    on_object = np.isfinite(object_depth)
+    # The smallest d that keeps the plane behind every object pixel, then a random gap.
+    needed = float((object_depth[on_object] * facing[on_object]).max()) if on_object.any() else 0.5
+    offset = needed + rng.uniform(0.03, 0.4) * float(normal[2])
+    depth = offset / np.where(facing > 1e-3, facing, np.inf)
+    return np.where(facing > 1e-3, depth, 0.0)
 
 
 def _place_instances(

@@ -14,7 +14,14 @@ instances passing each test:
 - ``proj_5px``: mean 2D reprojection error of the model points < 5 px (with the scene's K);
 - ``cm5_deg5``: translation error < 5 cm and rotation error < 5°
 
-(:data:`rnnpose_ros.core.metrics.PASS_TESTS`).
+(:data:`rnnpose_ros.core.metrics.PASS_TESTS`), plus the stricter ADD(-S) < 0.02·d and < 0.05·d
+(``add_s_002``, ``add_s_005``, refined) and ``score_auroc``: the area under the ROC curve of the
+refiner's score as a predictor of ADD(-S)@0.1d pass vs fail (1: every pass scores above every
+failure; 0.5: no information).
+
+``--depth`` gives the refiner a depth image from the synthetic sensor
+(:class:`~rnnpose_ros.core.depth_sensor.DepthSensorModel`): the scenes are the same as without it for
+a given seed (the depth noise has its own random stream), so two runs compare instance by instance.
 
 ``--sequence`` evaluates tracking on a synthetic sequence instead (:mod:`.sequence_eval`):
 
@@ -65,6 +72,8 @@ class InstanceOutcome:
     refined: dict[str, bool]
     status: str
     score: float
+    add_fraction: float = float("nan")
+    restarted: bool = False
 
 
 @dataclass
@@ -88,6 +97,7 @@ class LevelResult:
                 "initial": recall(mine, "initial"),
                 "refined": recall(mine, "refined"),
                 "n": len(mine),
+                **_score_figures(mine),
             }
         statuses: dict[str, int] = {}
         for o in self.outcomes:
@@ -104,11 +114,40 @@ class LevelResult:
             # How well the score separates good from bad refinements (ADD(-S) pass vs fail).
             "mean_score_add_s_pass": _mean([o.score for o in self.outcomes if o.refined["add_s"]]),
             "mean_score_add_s_fail": _mean([o.score for o in self.outcomes if not o.refined["add_s"]]),
+            **_score_figures(self.outcomes),
         }
+
+
+def _score_figures(outcomes: list[InstanceOutcome]) -> dict[str, float | None]:
+    """Strict ADD(-S) recalls, how well the score separates passes from failures, restart rate."""
+    scores, passed = [o.score for o in outcomes], [o.refined["add_s"] for o in outcomes]
+    return {
+        "add_s_002": _mean([float(o.add_fraction < 0.02) for o in outcomes]),
+        "add_s_005": _mean([float(o.add_fraction < 0.05) for o in outcomes]),
+        "score_auroc": score_auroc(scores, passed),
+        "median_score_add_s_pass": _median([s for s, p in zip(scores, passed, strict=True) if p]),
+        "restart_rate": _mean([float(o.restarted) for o in outcomes]),
+    }
 
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def score_auroc(scores: list[float], passed: list[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` separating ``passed`` from failed instances: the
+    probability that a random pass scores above a random failure (ties count ½); None without both."""
+    positive = np.array([s for s, p in zip(scores, passed, strict=True) if p], dtype=np.float64)
+    negative = np.array([s for s, p in zip(scores, passed, strict=True) if not p], dtype=np.float64)
+    if len(positive) == 0 or len(negative) == 0:
+        return None
+    greater = (positive[:, None] > negative[None, :]).sum()
+    ties = (positive[:, None] == negative[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(positive) * len(negative)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,6 +167,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--noise-trans", type=str, default="0.01,0.01,0.05", help="translation noise σ X,Y,Z in metres"
     )
     parser.add_argument("--occluders", type=int, default=0, help="random occluder patches per scene")
+    parser.add_argument(
+        "--depth",
+        action="store_true",
+        help="refine with a synthetic registered depth image (RealSense-like sensor model; same scenes)",
+    )
     parser.add_argument("--backend", choices=tuple(BACKENDS), default="classical", help=backend_help())
     parser.add_argument(
         "--weights", nargs="*", default=[], metavar="CLASS=FILE", help="weights per class (rnnpose backend)"
@@ -271,9 +315,15 @@ def evaluate_level(
 
 def scene_spec(args: argparse.Namespace, rot_deg: float, trans_m: tuple[float, float, float]) -> SceneSpec:
     """The :class:`~rnnpose_ros.core.synth.SceneSpec` of one noise level (σ in degrees and metres)."""
+    from rnnpose_ros.core.depth_sensor import DepthSensorModel
     from rnnpose_ros.core.synth import SceneSpec
 
-    return SceneSpec(occluders=args.occluders, rot_sigma_deg=rot_deg, trans_sigma=trans_m)
+    return SceneSpec(
+        occluders=args.occluders,
+        rot_sigma_deg=rot_deg,
+        trans_sigma=trans_m,
+        depth=DepthSensorModel() if args.depth else None,
+    )
 
 
 def scene_models(args: argparse.Namespace, registry: ObjectRegistry, index: int) -> list[ObjectModel]:
@@ -292,13 +342,16 @@ def score_scene(scene: Scene, refined: list[RefineResult], registry: ObjectRegis
     for truth, out in zip(scene.instances, refined, strict=True):
         model = registry[truth.class_id]
         final = out.pose if out.status is RefineStatus.OK else truth.pose_init
+        refined = metrics.pose_errors(model, final, truth.pose_gt, scene.K)
         outcomes.append(
             InstanceOutcome(
                 class_id=truth.class_id,
                 initial=metrics.passed(metrics.pose_errors(model, truth.pose_init, truth.pose_gt, scene.K)),
-                refined=metrics.passed(metrics.pose_errors(model, final, truth.pose_gt, scene.K)),
+                refined=metrics.passed(refined),
                 status=out.status.value,
                 score=out.score,
+                add_fraction=refined.add_fraction,
+                restarted=out.restarted,
             )
         )
     return outcomes
@@ -316,6 +369,7 @@ def format_table(summary: dict, title: str) -> str:
                 lines.append(
                     f"    {test.label:14s}{entry['initial'][name]:9.3f}{entry['refined'][name]:9.3f}"
                 )
+            lines.append(f"    {_score_line(entry)}")
     lines.append(
         f"instances {summary['num_instances']}, {summary['seconds_per_instance']:.3f} s per instance, "
         f"statuses {summary['status_counts']}, mean score {summary['mean_score']:.3f}"
@@ -325,7 +379,17 @@ def format_table(summary: dict, title: str) -> str:
         f"mean score of ADD(-S) passes {as_text(summary['mean_score_add_s_pass'])}, "
         f"of failures {as_text(summary['mean_score_add_s_fail'])}"
     )
+    lines.append(_score_line(summary))
     return "\n".join(lines)
+
+
+def _score_line(figures: dict) -> str:
+    as_text = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
+    return (
+        f"ADD(-S) < 0.02d {as_text(figures['add_s_002'])}, < 0.05d {as_text(figures['add_s_005'])}; "
+        f"score AUROC {as_text(figures['score_auroc'])}, median score of passes "
+        f"{as_text(figures['median_score_add_s_pass'])}, restarted {as_text(figures['restart_rate'])}"
+    )
 
 
 def plot_sweep(levels: list[dict], path: Path, backend: str) -> None:
@@ -419,6 +483,8 @@ def json_record(args: argparse.Namespace, refiner, summaries: list[dict]) -> dic
         device=str(refiner.device),
         num_scenes=args.num_scenes,
         seed=args.seed,
+        depth=args.depth,
+        occluders=args.occluders,
         config=_config_summary(refiner),
     )
     if args.sweep:

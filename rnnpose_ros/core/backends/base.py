@@ -41,7 +41,7 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -75,11 +75,14 @@ class RenderState:
         K: (B, 3, 3) float32 intrinsics of the reference crop, on the refiner's device.
         depth: (B, h, w) float32 rendered depth at the render pose, metres; background at or below
             the solver's ``min_depth`` (0 classically, 1e-5 m in the learned backend, as published).
+        observed_depth: (B, h, w) float32 the observation's registered depth resampled into the same
+            crop (nearest neighbour), metres, 0 = unknown; None when the frame has no depth.
     Backends subclass it to add their own (rendered features, flow, correlation pyramid, GRU state).
     """
 
     K: Tensor
     depth: Tensor
+    observed_depth: Tensor | None = field(default=None, kw_only=True)
 
 
 CachedT = TypeVar("CachedT")

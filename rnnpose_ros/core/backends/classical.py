@@ -171,6 +171,8 @@ class CropBatch:
             composited over the observed crop.
         depth: (B, h, w) float32 rendered depth, metres, 0 = background; mask: (B, h, w) bool.
         normals: (B, h, w, 3) float32 camera-frame unit surface normals, 0 on background.
+        observed_depth: (B, h, w) float32 observed depth in the crop (nearest), metres, 0 = none;
+            None for an RGB-only frame.
     """
 
     poses: np.ndarray
@@ -180,6 +182,7 @@ class CropBatch:
     depth: np.ndarray
     mask: np.ndarray
     normals: np.ndarray
+    observed_depth: np.ndarray | None = None
 
 
 @dataclass
@@ -278,6 +281,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
             weight=as_tensor(weight),
             crops=crops,
             alternates=[(as_tensor(t), as_tensor(w)) for t, w in alternates],
+            observed_depth=None if crops.observed_depth is None else as_tensor(crops.observed_depth),
         )
 
     def correspondences(
@@ -312,6 +316,8 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         batch = len(poses)
         K_crop = np.empty((batch, 3, 3))
         observed = np.empty((batch, size, size, 3), dtype=np.uint8)
+        depth_image = frame.observation.depth
+        observed_depth = None if depth_image is None else np.empty((batch, size, size), dtype=np.float32)
         for b, (x0, y0, side) in enumerate(windows):
             # Crop pixel i covers image [x0 + i/s, x0 + (i+1)/s]: x_crop = s·(x − x0) − 0.5 (centres at
             # integer coordinates on both sides), so fx' = s·fx and cx' = s·(cx − x0) − 0.5.
@@ -325,6 +331,16 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
                 flags=cv2.INTER_LINEAR,
                 borderMode=cv2.BORDER_CONSTANT,
             )
+            if observed_depth is not None:
+                # Nearest: interpolating across a depth edge would invent surfaces between object
+                # and background.
+                observed_depth[b] = cv2.warpAffine(
+                    depth_image,
+                    affine,
+                    (size, size),
+                    flags=cv2.INTER_NEAREST,
+                    borderMode=cv2.BORDER_CONSTANT,
+                )
         render = self.renderer.render(
             frame.models, poses, K_crop, (size, size), lighting=self.config.lighting
         )
@@ -339,6 +355,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
             depth=render.depth,
             mask=mask,
             normals=self.renderer.surface_normals(frame.models, poses, render),
+            observed_depth=observed_depth,
         )
 
     def flow_images(self, crops: CropBatch, b: int, flow_input: str) -> tuple[np.ndarray, np.ndarray]:

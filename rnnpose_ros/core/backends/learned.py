@@ -133,6 +133,8 @@ class LearnedFrame(FrameState):
         groups: (net, (G,) int64 instance indices) per weights group, in first-appearance order.
         vertices: (B, Nmax, 3) float32 render vertices, zero-padded; vertex_mask: (B, Nmax) bool.
         surface: the B instances' faces and per-vertex tables, for the per-pixel lookups of a render.
+        crop_depth: (B, 1, S, S) float32 observed depth of the first crop (nearest neighbour),
+            metres, 0 = unknown; None for an RGB-only frame.
     """
 
     features: list[ObjectFeatures]
@@ -143,6 +145,7 @@ class LearnedFrame(FrameState):
     vertices: Tensor
     vertex_mask: Tensor
     surface: SurfaceTable
+    crop_depth: Tensor | None = None
 
     @property
     def single_group(self) -> bool:
@@ -268,6 +271,10 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
             published_conventions=config.published_conventions,
         )
         crop_rgb = sample_crop(image_t, window)
+        crop_depth = None
+        if observation.depth is not None:
+            depth_t = torch.from_numpy(observation.depth).to(self.device)[None, None]
+            crop_depth = sample_crop(depth_t, window, mode="nearest")  # never blend across depth edges
         groups = _weights_groups([f.net for f in features], self.device)
         if len(groups) == 1:
             crop_descriptors = groups[0][0].desc2d(crop_rgb).descriptors
@@ -286,6 +293,7 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
             vertices=vertices,
             vertex_mask=vertex_mask,
             surface=surface_table(features),
+            crop_depth=crop_depth,
         )
 
     # --- once per render iteration -----------------------------------------------------------------
@@ -322,8 +330,16 @@ class LearnedBackend(CorrespondenceBackend[LearnedFrame, LearnedView]):
             )
             for net, index in frame.groups
         ]
+        observed_depth = None
+        if frame.crop_depth is not None:
+            observed_depth = sample_crop(frame.crop_depth, window, mode="nearest")[:, 0]
         return LearnedView(
-            K=window.K, depth=solver_depth(reference.depth), reference=reference, window=window, states=states
+            K=window.K,
+            depth=solver_depth(reference.depth),
+            reference=reference,
+            window=window,
+            states=states,
+            observed_depth=observed_depth,
         )
 
     # --- per inner step ----------------------------------------------------------------------------
