@@ -63,15 +63,15 @@ def refine_node(domain_id: int) -> Iterator[NodeProcess]:
 def scenes() -> list[tuple[Any, np.ndarray]]:
     """Synthetic duck scenes (real mesh over real photographs) and their registered depth (metres)."""
     synth = pytest.importorskip("rnnpose_ros.core.synth")
+    from rnnpose_ros.core.depth_sensor import DepthSensorModel
     from rnnpose_ros.core.objects import ObjectRegistry
     from rnnpose_ros.core.render import Renderer
-    from rnnpose_ros.ros.scene_player import scene_depth
 
     duck = ObjectRegistry.from_yaml(REPO_ROOT / "config" / "objects.yaml")["duck"]
     renderer = Renderer()
-    spec = synth.SceneSpec(size=SIZE, K=K)
+    spec = synth.SceneSpec(size=SIZE, K=K, depth=DepthSensorModel())
     made = [synth.make_scene([duck], seed, renderer, spec) for seed, _ in FRAMES]
-    return [(scene, scene_depth(scene, [duck], renderer)) for scene in made]
+    return [(scene, scene.depth) for scene in made]
 
 
 def test_frames_with_and_without_depth_are_all_refined(

@@ -30,7 +30,7 @@ from rnnpose_ros.ros.conversions import (  # noqa: E402
     pose_to_matrix,
 )
 from rnnpose_ros.ros.parameters import ParameterError  # noqa: E402
-from rnnpose_ros.ros.scene_player import DEFAULT_FRAME_ID, ScenePlayer, scene_depth, score_frame  # noqa: E402
+from rnnpose_ros.ros.scene_player import DEFAULT_FRAME_ID, ScenePlayer, score_frame  # noqa: E402
 
 RESULT_TOPIC = "/test_refiner/detections"
 OBJECTS_FILE = str(Path(__file__).resolve().parents[1] / "config" / "objects.yaml")
@@ -168,11 +168,9 @@ def test_frames_are_reproducible_per_seed(context: Any) -> None:
 
 
 @pytest.mark.parametrize(("encoding", "resolution_m"), [("16UC1", 0.0005), ("32FC1", 1e-6)])
-def test_depth_is_published_with_the_frame_header(
-    context: Any, renderer: Any, encoding: str, resolution_m: float
-) -> None:
-    """The registered depth of the scene's object, in the asked encoding: metres where the object is
-    visible (within its diameter of its centre's depth), unknown elsewhere."""
+def test_depth_is_published_with_the_frame_header(context: Any, encoding: str, resolution_m: float) -> None:
+    """The scene's sensor-model depth in the asked encoding, registered to the image: on the visible
+    duck mostly known and within its diameter of its centre's depth."""
     player = ScenePlayer(
         context=context,
         parameter_overrides=[
@@ -197,12 +195,12 @@ def test_depth_is_published_with_the_frame_header(
         parsed = parse_depth(depth_msg, (120, 160))
         assert parsed.error is None
         (truth,) = frame.scene.instances
-        known = parsed.metres > 0
-        assert known.any() and not (known & ~truth.mask).any()  # object pixels only
+        on_duck = (parsed.metres > 0) & truth.mask
+        assert on_duck.sum() > 0.5 * truth.mask.sum()  # the sensor model leaves holes, not many
         duck = player.registry["duck"]
-        assert np.all(np.abs(parsed.metres[known] - truth.pose_gt[2, 3]) < duck.diameter)
-        expected = scene_depth(frame.scene, [duck], renderer)
-        np.testing.assert_allclose(parsed.metres, expected, atol=resolution_m)
+        near_duck = np.abs(parsed.metres[on_duck] - truth.pose_gt[2, 3]) < duck.diameter
+        assert near_duck.mean() > 0.9  # the rest: flying pixels at its silhouette, as a real sensor's
+        np.testing.assert_allclose(parsed.metres, frame.scene.depth, atol=resolution_m)
     finally:
         executor.shutdown()
         player.destroy_node()

@@ -10,7 +10,8 @@ shared header (stamp = publish time, ``frame_id`` = ``camera_color_optical_frame
                      detector would give it (:func:`~rnnpose_ros.core.synth.perturb_pose`: 15° per Euler
                      angle, 1 / 1 / 5 cm along x / y / z by default, seeded)
     ``depth``        with ``depth_encoding`` 16UC1 (mm) or 32FC1 (m): the registered depth image of the
-                     scene (:func:`scene_depth`), same header
+                     scene with the sensor model of :mod:`~rnnpose_ros.core.depth_sensor` (noise,
+                     quantisation, holes; background plane and occluders included), same header
 
 It listens to the refiner's output (``result_topic``, default ``/rnnpose_refiner/detections``) and keeps
 every frame's ground truth with the answer, so a caller can score the refinement
@@ -54,6 +55,7 @@ from std_msgs.msg import Header
 from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
 
 from rnnpose_ros.core import metrics
+from rnnpose_ros.core.depth_sensor import DepthSensorModel
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
 from rnnpose_ros.core.synth import Scene, SceneError, SceneSpec, make_scene
 from rnnpose_ros.ros.conversions import (
@@ -215,13 +217,11 @@ class SceneSource:
         frames: int,
         spec: SceneSpec,
         prefetch: int = 2,
-        depth: bool = False,
     ):
         self.models = list(models)
         self.seed = seed
         self.frames = frames
         self.spec = spec
-        self.depth = depth
         self.error: BaseException | None = None
         self._queue: queue.Queue[tuple[Scene, np.ndarray | None]] = queue.Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
@@ -237,7 +237,7 @@ class SceneSource:
             index = 0
             while not self._stop.is_set() and (self.frames == 0 or index < self.frames):
                 scene = self._scene(renderer, index)
-                depth = scene_depth(scene, self.models, renderer) if self.depth else None
+                depth = scene.depth  # when the spec asks for a depth sensor
                 while not self._stop.is_set():
                     try:
                         self._queue.put((scene, depth), timeout=0.1)
@@ -271,29 +271,6 @@ class SceneSource:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10.0)
-
-
-def scene_depth(scene: Scene, models: Sequence[ObjectModel], renderer: Any) -> np.ndarray:
-    """(H, W) float32 metric depth registered to ``scene.image`` (0 = unknown).
-
-    The scene's own depth image when :mod:`~rnnpose_ros.core.synth` made one (``scene.observation.depth``,
-    with its sensor model); otherwise the rendered depth of the objects at their ground-truth poses
-    where they are visible (``SceneInstance.mask``), unknown elsewhere — no background surface, no
-    occluder depth, no sensor noise.
-    """
-    depth = scene.observation.depth
-    if depth is not None:
-        return np.asarray(depth, dtype=np.float32)
-    by_class = {model.class_id: model for model in models}
-    size = scene.image.shape[:2]
-    nearest = np.full(size, np.inf, np.float32)
-    visible = np.zeros(size, bool)
-    for instance in scene.instances:
-        out = renderer.render([by_class[instance.class_id]], instance.pose_gt, scene.K, size)
-        nearest = np.where(out.mask[0], np.minimum(nearest, out.depth[0]), nearest)
-        if instance.mask is not None:
-            visible |= instance.mask
-    return np.where(visible & np.isfinite(nearest), nearest, 0.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------- the node
@@ -444,8 +421,8 @@ class ScenePlayer(Node):
                 rot_sigma_deg=p.rot_sigma_deg,
                 trans_sigma=tuple(p.trans_sigma),
                 max_angle_deg=p.max_angle_deg,
+                depth=None if p.depth_encoding == "none" else DepthSensorModel(),
             ),
-            depth=p.depth_encoding != "none",
         )
         self.pub_image = self.create_publisher(Image, "image", qos_profile_sensor_data)
         self.pub_info = self.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
