@@ -279,6 +279,10 @@ def test_track_demo_end_to_end(tmp_path: Path) -> None:
     summary = json.loads((output / "summary.json").read_text())
     assert summary["mode"] == "track" and summary["frames"] == 3
     assert [f["detected"] for f in summary["per_frame"]] == [True, False, True]
-    assert all(f["tracks"] == ["duck_0"] for f in summary["per_frame"])
-    assert all(math.isfinite(f["relative_add_s"][0]) for f in summary["per_frame"])
+    # Detections may reach the node after their image (another topic, as from a real detector): they
+    # then seed the next image within detection_tolerance, so the track starts at frame 0 or 1.
+    first, *rest = summary["per_frame"]
+    assert first["tracks"] in ([], ["duck_0"]) and all(f["tracks"] == ["duck_0"] for f in rest)
+    tracked = [f for f in summary["per_frame"] if f["tracks"]]
+    assert all(math.isfinite(f["relative_add_s"][0]) for f in tracked)
     assert (output / "track.gif").stat().st_size > 0
