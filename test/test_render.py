@@ -251,3 +251,28 @@ def test_closing_one_renderer_leaves_the_others_working(renderer, box):
     other.close()
     after = renderer.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80))
     np.testing.assert_array_equal(after.face_index, before.face_index)
+
+
+def test_a_renderer_collected_during_another_render_leaves_its_context_current(renderer, box):
+    """A renderer dropped and garbage-collected inside another's render (its ``close`` runs there)
+    must give that render its context back (seen as "no valid context" in the middle of a render)."""
+    import ctypes
+
+    from rnnpose_ros.core.render import Renderer
+
+    EGL = pytest.importorskip("OpenGL.EGL")
+
+    def current() -> int | None:
+        return ctypes.cast(EGL.eglGetCurrentContext(), ctypes.c_void_p).value
+
+    other = Renderer()
+    if getattr(other._offscreen._platform, "_egl_display", None) is None:
+        other.close()
+        pytest.skip("not the EGL platform: contexts are not released per renderer there")
+    with renderer._lock:
+        renderer._make_current()
+        mine = current()
+        other.close()  # what the collector does when ``other`` is dropped here
+        assert mine is not None and current() == mine
+        renderer._release_context()
+    renderer.render([box], pose(), intrinsics(cx=40, cy=30), (60, 80))

@@ -28,6 +28,7 @@ OpenCV intrinsic matrix; pixel (u, v) = (column, row) has its centre at integer 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")  # only if the user has not chosen a platform
@@ -433,14 +434,29 @@ class Renderer:
                 # process shares: destroy only this renderer's context.
                 from OpenGL import EGL
 
+                # close() may run inside another renderer's render (a renderer dropped and collected
+                # there): give this thread back the context it had.
+                previous = (
+                    EGL.eglGetCurrentDisplay(),
+                    EGL.eglGetCurrentSurface(EGL.EGL_DRAW),
+                    EGL.eglGetCurrentSurface(EGL.EGL_READ),
+                    EGL.eglGetCurrentContext(),
+                )
                 self._make_current()
                 self._offscreen._renderer.delete()
                 self._release_context()
                 EGL.eglDestroyContext(display, platform._egl_context)
+                if _address(previous[3]) not in (None, _address(platform._egl_context)):
+                    EGL.eglMakeCurrent(*previous)
                 # Unset both so that pyrender's finaliser finds nothing left to destroy or terminate.
                 platform._egl_context = platform._egl_display = None
             self._offscreen = None
             self._meshes.clear()
+
+
+def _address(handle: object) -> int | None:
+    """The address of an EGL handle (PyOpenGL wraps each returned handle in a new object)."""
+    return ctypes.cast(handle, ctypes.c_void_p).value
 
 
 def opencv_projection_matrix(K: np.ndarray, height: int, width: int, near: float, far: float) -> np.ndarray:
