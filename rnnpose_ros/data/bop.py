@@ -296,7 +296,7 @@ def write_models(root: Path, models: dict[int, ObjectModel]) -> None:
     for obj_id, model in sorted(models.items()):
         write_ply(folder / f"obj_{obj_id:06d}.ply", model)
         low = np.asarray(model.vertices, np.float64).min(0) * MM_PER_M
-        size = np.asarray(model.vertices, np.float64).ptp(0) * MM_PER_M
+        size = np.ptp(np.asarray(model.vertices, np.float64), axis=0) * MM_PER_M
         entry = {"diameter": model.diameter * MM_PER_M}
         entry.update({f"min_{a}": float(v) for a, v in zip("xyz", low, strict=True)})
         entry.update({f"size_{a}": float(v) for a, v in zip("xyz", size, strict=True)})

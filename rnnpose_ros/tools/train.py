@@ -29,7 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, required=True, help="folder of the run (created)")
     parser.add_argument("--config", type=Path, default=None, help="YAML training configuration")
     parser.add_argument("--objects", type=Path, default=default_objects_file(), help="objects.yaml")
-    parser.add_argument("--classes", nargs="+", default=None, help="class ids to train on (default: all)")
+    parser.add_argument(
+        "--classes",
+        nargs="+",
+        default=None,
+        help="class ids to train on (default: all; BOP objects are obj_XXXXXX)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     overrides = parser.add_argument_group("overrides of the configuration")
@@ -57,10 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_source(config, models, renderer):
-    """The sample source of ``config.data``."""
+def build_source(config, registry_path: Path, classes: list[str] | None, renderer):
+    """(models, sample source) of ``config.data``: synthetic scenes of registry objects, or the
+    annotated instances of a BOP split (objects ``obj_XXXXXX`` from the dataset's models)."""
+    from rnnpose_ros.core.objects import ObjectRegistry
     from rnnpose_ros.core.synth import SceneSpec
-    from rnnpose_ros.training.sources import Augmentation, SyntheticSource
+    from rnnpose_ros.training.sources import Augmentation, BopSource, SyntheticSource
+    from rnnpose_ros.training.trainer import TrainingError
 
     data = config.data
     augmentation = Augmentation(enabled=data.augment)
@@ -73,42 +81,40 @@ def build_source(config, models, renderer):
     )
     if data.kind == "bop":
         from rnnpose_ros.data.bop import BopDataset
-        from rnnpose_ros.training.sources import BopSource
 
         dataset = BopDataset(Path(data.bop_root))
-        return BopSource(dataset, data.split, models, spec, augmentation)
-    return SyntheticSource(models, renderer, spec, augmentation)
+        registry = dataset.registry()
+    else:
+        registry = ObjectRegistry.from_yaml(registry_path)
+    class_ids = classes or registry.class_ids
+    unknown = [c for c in class_ids if c not in registry]
+    if unknown:
+        raise TrainingError(f"unknown class(es) {unknown}; known: {registry.class_ids}")
+    models = [registry[c] for c in class_ids]
+    if data.kind == "bop":
+        obj_ids = [int(c.removeprefix("obj_")) for c in class_ids]
+        return models, BopSource(dataset, data.split, obj_ids, spec, augmentation)
+    return models, SyntheticSource(models, renderer, spec, augmentation)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
     from rnnpose_ros.core.checkpoint import CheckpointError
-    from rnnpose_ros.core.objects import ObjectModelError, ObjectRegistry
+    from rnnpose_ros.core.objects import ObjectModelError
     from rnnpose_ros.core.render import Renderer
+    from rnnpose_ros.data.bop import BopError
     from rnnpose_ros.training.trainer import Trainer, TrainingError, load_config
 
     try:
         config = load_config(args.config, args.overrides)
-        registry = ObjectRegistry.from_yaml(args.objects)
-        class_ids = args.classes or registry.class_ids
-        unknown = [c for c in class_ids if c not in registry]
-        if unknown:
-            raise TrainingError(f"unknown class(es) {unknown}; known: {registry.class_ids}")
-        models = [registry[c] for c in class_ids]
         renderer = Renderer()
-        trainer = Trainer(
-            config,
-            args.run_dir,
-            models,
-            build_source(config, models, renderer),
-            renderer,
-            progress=not args.no_progress,
-        )
+        models, source = build_source(config, args.objects, args.classes, renderer)
+        trainer = Trainer(config, args.run_dir, models, source, renderer, progress=not args.no_progress)
         if args.resume:
             print(f"resumed at step {trainer.resume()}", file=sys.stderr)
         trainer.run()
-    except (TrainingError, ObjectModelError, CheckpointError, ValueError) as exc:
+    except (TrainingError, ObjectModelError, CheckpointError, BopError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if trainer.dist.is_main:

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 
 from rnnpose_ros.core.objects import ObjectModel
-from rnnpose_ros.core.synth import SceneError, SceneSpec, make_scene
+from rnnpose_ros.core.synth import SceneError, SceneSpec, make_scene, perturb_pose
+from rnnpose_ros.data.bop import BopAnnotation, BopDataset, BopError, BopImage
 from rnnpose_ros.training.step import TrainingSample
 
 BLUR_KERNELS = (3, 5, 7, 9)
@@ -112,4 +113,56 @@ class SyntheticSource:
             K=scene.K,
             pose_gt=instance.pose_gt,
             pose_init=instance.pose_init,
+        )
+
+
+class BopSource:
+    """Annotated instances of a BOP split, each sample with a freshly perturbed initial pose and the
+    published augmentation; sample i uses instance ``i % len(items)`` (in scene, image, annotation
+    order).
+
+    Args:
+        dataset: the :class:`~rnnpose_ros.data.bop.BopDataset`; split: e.g. "train" or "train_pbr".
+        obj_ids: the objects to train on (None: all).
+        spec: its noise fields (``rot_sigma_deg``, ``trans_sigma``, ``max_angle_deg``) perturb the poses.
+        min_visible: instances less visible than this (``visib_fract``) are left out.
+    """
+
+    def __init__(
+        self,
+        dataset: BopDataset,
+        split: str,
+        obj_ids: Sequence[int] | None = None,
+        spec: SceneSpec = DEFAULT_SPEC,
+        augmentation: Augmentation = Augmentation(),
+        min_visible: float = 0.1,
+    ) -> None:
+        wanted = set(dataset.obj_ids if obj_ids is None else obj_ids)
+        self.dataset = dataset
+        self.items: list[tuple[BopImage, BopAnnotation]] = [
+            (image, annotation)
+            for image in dataset.images(split)
+            for annotation in image.annotations
+            if annotation.obj_id in wanted and annotation.visib_fract >= min_visible
+        ]
+        if not self.items:
+            raise BopError(
+                f"no annotated instance of objects {sorted(wanted)} in split {split!r} of {dataset.root}"
+            )
+        self.spec = spec
+        self.augmentation = augmentation
+
+    def sample(self, index: int, seed: int) -> TrainingSample:
+        """Sample ``index`` of the stream ``seed`` (deterministic)."""
+        rng = sample_rng(seed, index)
+        image, annotation = self.items[index % len(self.items)]
+        spec = self.spec
+        return TrainingSample(
+            model=self.dataset.model(annotation.obj_id),
+            image=augment(image.rgb(), rng, self.augmentation),
+            K=image.K,
+            pose_gt=annotation.pose,
+            pose_init=perturb_pose(
+                annotation.pose, rng, spec.rot_sigma_deg, spec.trans_sigma, spec.max_angle_deg
+            ),
         )

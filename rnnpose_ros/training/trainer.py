@@ -145,7 +145,7 @@ def optimizer_and_schedule(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=config.lr_max,
-        total_steps=max(steps, 2),
+        total_steps=steps + 1,  # the last step must not run past the schedule
         pct_start=config.pct_start,
         anneal_strategy="cos",
         cycle_momentum=True,
