@@ -174,3 +174,41 @@ def test_augmentation_is_deterministic_and_photometric_only() -> None:
     assert a.shape == image.shape and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, image)
     assert np.array_equal(augment(image, np.random.default_rng(0), Augmentation(enabled=False)), image)
+
+
+def test_data_parallel_run_with_two_gloo_processes(tmp_path: Path) -> None:
+    """torchrun, 2 CPU processes (gloo): each trains on its own sample, the averaged gradients keep
+    the weights identical (checked by the trainer at every checkpoint), rank 0 writes the run."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "steps": 1, "checkpoint_every": 1}))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    command += [
+        "--master_port",
+        str(port),
+        "-m",
+        "rnnpose_ros.tools.train",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
+    command += ["--config", str(config), "--classes", "duck", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(_log(tmp_path / "run")) == [1]
+    assert (tmp_path / "run" / "weights" / "duck.pt").is_file()

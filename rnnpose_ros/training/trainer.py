@@ -375,6 +375,17 @@ class Trainer:
             dist.all_reduce(parameter.grad)
             parameter.grad /= self.dist.world
 
+    def _check_in_sync(self) -> None:
+        """Raise if the processes' weights differ (they must after every averaged step)."""
+        import torch.distributed as dist
+
+        fingerprint = torch.stack([p.detach().double().sum() for p in self.net.parameters()]).sum()
+        high, low = fingerprint.clone().to(self.device), fingerprint.clone().to(self.device)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        if not torch.equal(high, low):
+            raise TrainingError(f"data-parallel processes out of sync at step {self.step}: {low} != {high}")
+
     def run(self, on_step: Callable[[int, StepLosses], None] | None = None) -> None:
         """Train until ``config.steps``, logging, checkpointing and exporting on the main process."""
         if self.dist.is_main:
@@ -410,7 +421,10 @@ class Trainer:
                     )
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                     self.log(losses, time.perf_counter() - started)
-                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                if self.dist.world > 1:
+                    self._check_in_sync()
+                if self.dist.is_main:
                     self.save_state()
                     self.export_weights()
         if bar is not None:
