@@ -79,6 +79,11 @@ def test_run_folder_holds_config_log_states_and_weights(tiny_run: Path) -> None:
     assert load_checkpoint(tiny_run / "weights" / "duck.tckpt", published).format == "published"
     for (key, a), b in zip(ours.state_dict().items(), published.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
+    # Fine-tuning starts from the published layout as well.
+    config = TrainConfig(steps=1, init_weights=str(tiny_run / "weights" / "duck.tckpt"))
+    tuned = Trainer(config, tiny_run.parent / "tune", [duck], None, None, progress=False).net
+    for (key, a), b in zip(tuned.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
 
 
 def test_resume_reproduces_the_next_step_exactly(tiny_run: Path, tmp_path: Path) -> None:
@@ -212,3 +217,12 @@ def test_data_parallel_run_with_two_gloo_processes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(_log(tmp_path / "run")) == [1]
     assert (tmp_path / "run" / "weights" / "duck.pt").is_file()
+
+
+def test_loss_curves_are_drawn_from_the_log(tiny_run: Path, tmp_path: Path) -> None:
+    from rnnpose_ros.tools import plot_training
+
+    out = tmp_path / "curves.png"
+    assert plot_training.main([str(tiny_run / "log.jsonl"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert plot_training.main([str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2

@@ -135,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="render iterations (default: the backend's schedule)",
     )
     parser.add_argument(
+        "--inner-steps", type=int, default=None, help="steps per render iteration (default: the backend's)"
+    )
+    parser.add_argument(
         "--crop-sizes",
         default=None,
         metavar="FIRST,ZOOM",
@@ -177,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--instances-per-scene must be at least 1")
     if args.outer_iterations is not None and args.outer_iterations < 1:
         parser.error("--outer-iterations must be at least 1")
+    if args.inner_steps is not None and args.inner_steps < 1:
+        parser.error("--inner-steps must be at least 1")
     if args.noise_rot < 0:
         parser.error("--noise-rot must be non-negative")
     if args.dataset == "bop" and args.root is None:
@@ -215,6 +220,8 @@ def build_refiner(args: argparse.Namespace, registry, renderer):
         loop = info.default_loop()
         if args.outer_iterations is not None:
             loop.outer_iterations = args.outer_iterations
+        if getattr(args, "inner_steps", None) is not None:
+            loop.inner_steps = args.inner_steps
         if info.needs_weights:
             backend_config = info.config_class()(weights=dict(args.weights))
             if getattr(args, "crop_sizes", None):
