@@ -76,7 +76,7 @@ class StepConfig:
         first_crop_size, zoom_crop_size: crop sides, pixels (published 320 / 240; both must be
             multiples of 8 — the inference backend must then use the same sizes).
         published_conventions: the published sub-pixel conventions (keep equal to inference).
-        mixed_precision: fp16 autocast of the RAFT parts (CUDA only).
+        mixed_precision: fp16 autocast of the RAFT parts, as published (applies on CUDA only).
         weights: loss weights; circle: circle-loss constants.
         min_correspondences: a sample with fewer 2D–3D matches is rejected (published: 10).
     """
@@ -86,7 +86,7 @@ class StepConfig:
     first_crop_size: int = 320
     zoom_crop_size: int = 240
     published_conventions: bool = True
-    mixed_precision: bool = False
+    mixed_precision: bool = True
     weights: LossWeights = field(default_factory=LossWeights)
     circle: CircleConfig = field(default_factory=CircleConfig)
     min_correspondences: int = 10
@@ -187,6 +187,7 @@ def training_pass(
         TrainingSampleError: the object is not in view at the initial pose, or too few matches.
     """
     device = net.sigma.device
+    amp = config.mixed_precision and device.type == "cuda"
     model = sample.model
     features = object_features(net, model, pyramid, device)
     vertices = features.vertices[None]
@@ -259,12 +260,10 @@ def training_pass(
             sample_crop(crop_rgb, zoom),
             sample_crop(descriptor_map, zoom),
         )
-        state = start_render_iteration(net, reference, config.published_conventions, config.mixed_precision)
+        state = start_render_iteration(net, reference, config.published_conventions, amp)
 
         def correspond(relative: Tensor, step: int, state=state):
-            return predict_correspondences(
-                net, state, relative, config.published_conventions, config.mixed_precision
-            )
+            return predict_correspondences(net, state, relative, config.published_conventions, amp)
 
         identity = torch.eye(4, device=device)[None]
         relative = identity
