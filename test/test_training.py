@@ -43,7 +43,7 @@ TINY = {
 }
 
 
-OVERFIT_STEPS = 40
+OVERFIT_STEPS = 60
 
 
 def _log(run: Path) -> dict[int, dict]:
@@ -118,25 +118,30 @@ def test_trained_weights_refine_in_evaluate(tiny_run: Path, tmp_path: Path) -> N
 
 def test_overfitting_one_sample_drives_flow_error_and_alignment_down(renderer, tmp_path: Path) -> None:
     """The whole differentiable path (2D/3D nets, render, RAFT, confidence, LM, losses) learns one
-    fixed sample: flow end-point error and alignment loss fall by ≥ 90 %."""
+    fixed sample: flow end-point error and alignment loss of the last iteration fall by ≥ 90 %.
+
+    A textured sphere (995 vertices: cheap KPConv) at the published initial-pose noise; the first crop
+    is 64 px (cheap 2D net), the zoom crop 128 px (sub-pixel flow is centimetres of depth at 64 px)
+    and one render iteration of 4 recurrent steps. Few vertices fall within the correspondence radius
+    of a pixel at this size, so the sample is kept whatever its match count.
+    """
     torch.manual_seed(0)
     sphere = load_pybullet_object("textured_sphere")
-    spec = SceneSpec(
-        size=(240, 320), distance=(0.4, 0.6), rot_sigma_deg=5.0, trans_sigma=(0.005, 0.005, 0.01)
-    )
+    spec = SceneSpec(size=(240, 320), distance=(0.4, 0.6))
     sample = SyntheticSource([sphere], renderer, spec, Augmentation(enabled=False)).sample(0, 0)
 
     class Fixed:
         def sample(self, index: int, seed: int):
             return sample
 
-    step = StepConfig(first_crop_size=64, zoom_crop_size=64, outer_iterations=1, inner_steps=2)
+    step = StepConfig(
+        first_crop_size=64, zoom_crop_size=128, outer_iterations=1, inner_steps=4, min_correspondences=1
+    )
     config = TrainConfig(steps=OVERFIT_STEPS, log_every=10**9, checkpoint_every=10**9, step=step)
     config.optim = OptimConfig(lr_max=3e-3, pct_start=0.1)
     trainer = Trainer(config, tmp_path, [sphere], Fixed(), renderer, progress=False)
     first = []
     trainer.run(on_step=lambda n, losses: first.append(losses.per_iteration[-1]) if n == 1 else None)
-    trainer.net.eval()
     with torch.no_grad():
         _, pyramid = trainer.pyramids.get(sphere, 20000)
         final = training_pass(
