@@ -38,6 +38,7 @@ PARITY_MODULES = (
     "rnnpose_ros.tools.parity_kpconv",
     "rnnpose_ros.tools.parity_geometry",
     "rnnpose_ros.tools.parity_refine",
+    "rnnpose_ros.tools.parity_losses",
 )
 PARITY_THREADS = 2
 REFERENCE_ONEDNN_ISA = "AVX2"

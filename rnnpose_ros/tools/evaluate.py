@@ -192,6 +192,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-early-stop", action="store_true", help="run the whole schedule (no convergence-based stop)"
     )
+    parser.add_argument(
+        "--inner-steps", type=int, default=None, help="steps per render iteration (default: the backend's)"
+    )
+    parser.add_argument(
+        "--crop-sizes",
+        default=None,
+        metavar="FIRST,ZOOM",
+        help="rnnpose crop sides in pixels (default 320,240): those the weights were trained with",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=("synthetic", "bop"),
+        default="synthetic",
+        help="synthetic scenes or a BOP folder",
+    )
+    parser.add_argument("--root", type=Path, default=None, help="BOP dataset folder (--dataset bop)")
+    parser.add_argument("--split", default="test", help="BOP split (default test)")
+    parser.add_argument(
+        "--init", type=Path, default=None, help="BOP19 CSV of initial poses (default: noisy GT)"
+    )
+    parser.add_argument("--results-csv", type=Path, default=None, help="write refined poses as BOP19 CSV")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate at most this many BOP images")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--sweep", action="store_true", help="also evaluate scaled noise levels")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of recall vs noise (needs --sweep)")
@@ -240,9 +262,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--instances-per-scene must be at least 1")
     if args.outer_iterations is not None and args.outer_iterations < 1:
         parser.error("--outer-iterations must be at least 1")
+    if args.inner_steps is not None and args.inner_steps < 1:
+        parser.error("--inner-steps must be at least 1")
     if args.noise_rot < 0:
         parser.error("--noise-rot must be non-negative")
-    if args.plot is not None and not (args.sweep or args.sequence):
+    if args.dataset == "bop" and args.root is None:
+        parser.error("--dataset bop needs --root")
+    if args.crop_sizes is not None:
+        try:
+            args.crop_sizes = tuple(int(x) for x in args.crop_sizes.split(","))
+        except ValueError:
+            parser.error(f"--crop-sizes must be two integers FIRST,ZOOM, got {args.crop_sizes!r}")
+        if len(args.crop_sizes) != 2 or any(c < 64 or c % 8 for c in args.crop_sizes):
+            parser.error(f"--crop-sizes must be two multiples of 8 ≥ 64, got {args.crop_sizes}")
+    if args.plot is not None and not (args.sweep or args.sequence) and args.dataset != "bop":
         parser.error("--plot draws the noise sweep (add --sweep) or the sequence (add --sequence)")
     weights = {}
     for item in args.weights:
@@ -271,8 +304,12 @@ def build_refiner(args: argparse.Namespace, registry, renderer):
             loop.outer_iterations = args.outer_iterations
         if args.no_early_stop:
             loop.convergence = None
+        if getattr(args, "inner_steps", None) is not None:
+            loop.inner_steps = args.inner_steps
         if info.needs_weights:
             backend_config = info.config_class()(weights=dict(args.weights))
+            if getattr(args, "crop_sizes", None):
+                backend_config.first_crop_size, backend_config.zoom_crop_size = args.crop_sizes
         else:
             if args.weights:
                 print(f"note: --weights is ignored by the {info.name} backend", file=sys.stderr)
@@ -425,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         from rnnpose_ros.tools.sequence_eval import main as sequence_main
 
         return sequence_main(args)
+    if args.dataset == "bop":
+        from rnnpose_ros.tools.bop_evaluation import main_bop
+
+        return main_bop(args)
     from rnnpose_ros.core.objects import ObjectModelError
 
     try:
