@@ -215,6 +215,10 @@ class Trainer:
         self.dist = distributed or DistributedContext.from_environment()
         self.progress = progress
         self.device = self._device()
+        # Exact resume needs bitwise-reproducible gradients: with several threads, the accumulating
+        # gathers' backward otherwise sums in a varying order (a resumed run then differs in the last
+        # bits of the weights). Kernels without a deterministic variant only warn.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
         self.net = RNNPoseNet()
         if config.init_weights:
