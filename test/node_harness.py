@@ -100,6 +100,13 @@ class NodeProcess:
         self._reader.join(timeout=5.0)
         return self.process.returncode, seconds, self.output
 
+    def stop_cleanly(self) -> None:
+        """SIGINT, then assert a clean exit (code 0, no traceback); the log's end is printed for a
+        failing test's report."""
+        code, _, output = self.stop(signal.SIGINT)
+        print(output[-3000:])
+        assert code == 0 and "Traceback" not in output, output
+
 
 def run_node(*ros_args: str, timeout: float = 60.0) -> tuple[int, str]:
     """Run ``refine_node --ros-args <ros_args>`` to its exit (for start-up errors): (exit code, output)."""

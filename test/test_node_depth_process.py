@@ -8,7 +8,6 @@ every detection refined; ``/diagnostics`` counts the frames refined with and wit
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,9 +53,7 @@ def refine_node(domain_id: int) -> Iterator[NodeProcess]:
         "outer_iterations:=4",
     )
     yield process
-    code, _, log = process.stop(signal.SIGINT)
-    print(log)
-    assert code == 0 and "Traceback" not in log, log
+    process.stop_cleanly()
 
 
 @pytest.fixture(scope="module")

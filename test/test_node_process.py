@@ -7,7 +7,6 @@ short iteration schedule to stay within the test budget on 2 shared CPU cores.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,9 +45,7 @@ def refine_node(domain_id: int) -> Iterator[NodeProcess]:
     """The node with the backend's own schedule, restarts off (fast enough for 4 frames)."""
     process = NodeProcess(domain_id, "restart_below_score:=0.0", "max_pending_frames:=4")
     yield process
-    code, _, log = process.stop(signal.SIGINT)
-    print(log)
-    assert code == 0 and "Traceback" not in log, log
+    process.stop_cleanly()
 
 
 @pytest.fixture(scope="module")
