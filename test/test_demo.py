@@ -115,39 +115,30 @@ def test_backend_choices_come_from_the_registry(capsys: pytest.CaptureFixture[st
     assert all(name in error for name in BACKENDS)
 
 
+def _run_demo(*args: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    """``python -m rnnpose_ros.tools.demo *args`` with a short schedule and no restarts (these tests
+    check the plumbing, not accuracy), in a DDS domain of its own away from the in-process tests'
+    nodes: (the finished run, its environment)."""
+    env = dict(os.environ)
+    env["ROS_DOMAIN_ID"] = str(
+        random.choice([d for d in range(100, 200) if str(d) != env.get("ROS_DOMAIN_ID")])
+    )
+    short = ["outer_iterations:=2", "inner_iterations:=1", "restart_below_score:=0.0"]
+    command = [sys.executable, "-m", "rnnpose_ros.tools.demo", *args]
+    command += [item for param in short for item in ("--node-param", param)]
+    run = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S
+    )
+    return run, env
+
+
 def test_demo_end_to_end_rgb_and_rgbd(tmp_path: Path) -> None:
     """Two frames through the real node, RGB-only then with depth (``--depth 32FC1``: the same frames,
     the node with ``use_depth``); few iterations: this checks the plumbing, not accuracy."""
     pytest.importorskip("rclpy")
     pytest.importorskip("vision_msgs")
     output = tmp_path / "demo_output"
-    env = dict(os.environ)
-    # A domain of its own, away from the in-process tests' nodes.
-    env["ROS_DOMAIN_ID"] = str(
-        random.choice([d for d in range(100, 200) if str(d) != env.get("ROS_DOMAIN_ID")])
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "rnnpose_ros.tools.demo",
-        "--frames",
-        "2",
-        "--rate",
-        "20",
-        "--output",
-        str(output),
-        "--depth",
-        "32FC1",
-        "--node-param",
-        "outer_iterations:=2",
-        "--node-param",
-        "inner_iterations:=1",
-        "--node-param",
-        "restart_below_score:=0.0",
-    ]
-    run = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S
-    )
+    run, env = _run_demo("--frames", "2", "--rate", "20", "--output", str(output), "--depth", "32FC1")
     assert run.returncode == 0, f"demo failed:\n{run.stdout}\n{run.stderr}"
     assert "ADD(-S)@0.1d" in run.stdout and "latency" in run.stdout
     assert "RGB vs RGB-D, the same 2 instances" in run.stdout and "ADD(-S)@0.02d" in run.stdout
@@ -248,32 +239,7 @@ def test_track_demo_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("rclpy")
     pytest.importorskip("vision_msgs")
     output = tmp_path / "demo_output"
-    env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(
-        random.choice([d for d in range(100, 200) if str(d) != env.get("ROS_DOMAIN_ID")])
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "rnnpose_ros.tools.demo",
-        "--track",
-        "--frames",
-        "3",
-        "--detect-every",
-        "2",
-    ]
-    command += [
-        "--output",
-        str(output),
-        "--node-param",
-        "outer_iterations:=2",
-        "--node-param",
-        "inner_iterations:=1",
-    ]
-    command += ["--node-param", "restart_below_score:=0.0"]
-    run = subprocess.run(
-        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S
-    )
+    run, _ = _run_demo("--track", "--frames", "3", "--detect-every", "2", "--output", str(output))
     assert run.returncode == 0, f"demo failed:\n{run.stdout}\n{run.stderr}"
     assert "tracked ADD(-S)@0.1d" in run.stdout and "latency" in run.stdout
     summary = json.loads((output / "summary.json").read_text())
