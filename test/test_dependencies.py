@@ -70,6 +70,7 @@ DEPENDENCIES: dict[str, tuple[str, str | None, str]] = {
     "imageio": ("python3-imageio", "imageio", ""),
     "tqdm": ("python3-tqdm", "tqdm", ""),
     "warp": ("python3-warp-lang-pip", "warp-lang", ""),
+    "tensorboard": ("python3-tensorboard-pip", "tensorboard", ""),
     "skimage": ("python3-skimage", "scikit-image", ""),
     "trimesh": ("python3-trimesh-pip", "trimesh", ""),
     "pyrender": ("python3-pyrender-pip", "pyrender", ""),

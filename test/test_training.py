@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rnnpose_ros.core.checkpoint import load_checkpoint
 from rnnpose_ros.core.model import RNNPoseNet
@@ -71,6 +72,11 @@ def test_run_folder_holds_config_log_states_and_weights(tiny_run: Path) -> None:
     assert sorted(log) == [1, 2, 3]
     assert all(np.isfinite(r["loss/total"]) and r["loss/circle"] > 0 for r in log.values())
     assert sorted(p.name for p in (tiny_run / "state").iterdir()) == ["step-00000002.pt", "step-00000003.pt"]
+    events = EventAccumulator(str(tiny_run / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("loss/total")] == pytest.approx(
+        [log[s]["loss/total"] for s in (1, 2, 3)]
+    )
+    assert {"image/flow_magnitude", "image/weight"} <= set(events.Tags()["images"])
     ours, published = RNNPoseNet(), RNNPoseNet()
     info = load_checkpoint(tiny_run / "weights" / "duck.pt", ours)
     assert info.format == "rnnpose_ros.checkpoint" and info.config["trained_steps"] == 3

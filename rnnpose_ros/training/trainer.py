@@ -10,7 +10,7 @@ A run folder holds::
 
     config.yaml              the resolved configuration of the run
     log.jsonl                one JSON record per logged step (losses, metrics, learning rate)
-    tensorboard/             TensorBoard events, when the tensorboard package is installed
+    tensorboard/             TensorBoard events: the same scalars, flow and weight-map images
     state/step-XXXXXXXX.pt   training state: weights, optimiser, schedule, RNG, step (resume)
     weights/<class>.pt       our checkpoint format (weights + per-object neighbour limits + mesh
                              fingerprint), what ``evaluate --backend rnnpose`` and the node load
@@ -437,7 +437,7 @@ class Trainer:
             self._writer.close()
 
     def log(self, losses: StepLosses, elapsed: float) -> None:
-        """Append one JSON record; mirror it to TensorBoard (with the diagnostic images) if available."""
+        """Append one JSON record and mirror it to TensorBoard (with the diagnostic images)."""
         record = {
             "step": self.step,
             "lr": self.schedule.get_last_lr()[0],
@@ -450,20 +450,19 @@ class Trainer:
         with (self.run_dir / "log.jsonl").open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         writer = self._tensorboard()
-        if writer is not None:
-            for key, value in record.items():
-                if key != "step" and value is not None:
-                    writer.add_scalar(key, value, self.step)
-            for name, image in losses.images.items():
-                scaled = image / max(float(image.max()), 1e-6)
-                writer.add_image(f"image/{name}", scaled[None], self.step)
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                writer.add_scalar(key, value, self.step)
+        for name, image in losses.images.items():
+            scaled = image / max(float(image.max()), 1e-6)
+            writer.add_image(f"image/{name}", scaled[None], self.step)
+        writer.flush()
 
     def _tensorboard(self):
         if self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional: log.jsonl holds the same scalars
-                return None
+            # Imported on first use: tensorboard takes about a second to import, and only training logs.
+            from torch.utils.tensorboard import SummaryWriter
+
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         return self._writer
 
