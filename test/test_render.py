@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from reference_surface import interpolate_vertex_attributes, nearest_vertex_depth
 
 from rnnpose_ros.core.objects import ObjectModel
-from rnnpose_ros.core.render import (
-    interpolate_vertex_attributes,
-    nearest_vertex_depth,
-)
 
 
 def model_from_trimesh(mesh: trimesh.Trimesh, class_id: str = "m") -> ObjectModel:

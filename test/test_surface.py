@@ -1,5 +1,5 @@
 """The batched, sync-free per-pixel lookups (core/surface.py) against the reference implementations in
-core/render.py, on a real render of two different meshes in one batch."""
+test/reference_surface.py, on a real render of two different meshes in one batch."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_surface import interpolate_vertex_attributes, nearest_vertex_depth
 
 from rnnpose_ros.core.objects import load_pybullet_object, pybullet_mesh_available
-from rnnpose_ros.core.render import interpolate_vertex_attributes, nearest_vertex_depth
 from rnnpose_ros.core.surface import (
     SurfaceTable,
     coarse_context,

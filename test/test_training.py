@@ -23,7 +23,7 @@ from rnnpose_ros.core.objects import load_pybullet_object, pybullet_mesh_availab
 from rnnpose_ros.core.synth import SceneSpec
 from rnnpose_ros.tools import evaluate, train
 from rnnpose_ros.training.sources import Augmentation, SyntheticSource, augment
-from rnnpose_ros.training.step import StepConfig, training_pass
+from rnnpose_ros.training.step import StepConfig, TrainingSampleError, training_pass
 from rnnpose_ros.training.trainer import (
     OptimConfig,
     TrainConfig,
@@ -155,6 +155,33 @@ def test_overfitting_one_sample_drives_flow_error_and_alignment_down(renderer, t
         ).per_iteration[-1]
     assert final["epe"] <= 0.1 * first[0]["epe"], (first, final)
     assert final["align"] <= 0.1 * first[0]["align"], (first, final)
+
+
+def _determinism() -> tuple[bool, bool]:
+    return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+def test_deterministic_algorithms_only_during_the_training_steps(tmp_path: Path) -> None:
+    """The steps run with deterministic algorithms (exact resume); afterwards the process has its own
+    setting back, whichever it was."""
+    during = []
+
+    class Unusable:
+        def sample(self, index: int, seed: int):
+            during.append(_determinism())
+            raise TrainingSampleError("no usable sample")
+
+    before = _determinism()
+    trainer = Trainer(TrainConfig(steps=2), tmp_path, [], Unusable(), None, progress=False)
+    try:
+        for setting in (False, True):
+            torch.use_deterministic_algorithms(setting)
+            trainer.step = 0
+            trainer.run()
+            assert _determinism() == (setting, False)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert during == [(True, True)] * 4
 
 
 def test_one_cycle_schedule_as_published() -> None:

@@ -32,19 +32,17 @@ from rnnpose_ros.core.objects import ObjectModel
 from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.render import Renderer
 from rnnpose_ros.core.synth import (
+    InstanceRenders,
+    Occluder,
     SceneError,
     SceneInstance,
     SceneSpec,
-    _composite,
-    _degrade,
-    _downsample,
-    _fraction_in_view,
-    _render_instances,
+    compose_frame,
+    fraction_in_view,
     perturb_pose,
     random_background,
     random_lighting,
     sample_object_pose,
-    supersampled_intrinsics,
 )
 
 
@@ -146,49 +144,42 @@ def make_sequence(
     scene = spec.scene
     K = scene.intrinsics()
     height, width = scene.size
-    factor = scene.supersample_factor
     poses0, motion = _place(models, rng, spec, K)
     # The background photograph is larger than the image by the largest pan of the scene centre.
     pans = [_pan(K, motion.at(f / spec.fps), motion.center) for f in range(spec.frames)]
     pad = int(np.ceil(max(np.abs(pans).max(), 1.0))) + 1
     background, _ = random_background(rng, (height + 2 * pad, width + 2 * pad), scene.backgrounds)
-    light_cam, strengths, gain = random_lighting(rng)
+    lighting = random_lighting(rng)
     occluder_colour = rng.uniform(0.0, 1.0, size=3).astype(np.float32)
-    K_hi = supersampled_intrinsics(K, factor)
-    size_hi = (height * factor, width * factor)
+
+    def hide(image_hi: np.ndarray, renders: InstanceRenders) -> list[Occluder]:
+        """The full occlusion: a board of ``occluder_colour`` in front of every object."""
+        boards = [(_covering_patch(mask), i) for i, mask in enumerate(renders.alone)]
+        for region, _ in boards:
+            image_hi[region] = occluder_colour
+        return boards
+
     for f in range(spec.frames):
         t = f / spec.fps
         M = motion.at(t)
         poses = np.stack([M @ T for T in poses0])
-        rgb_hi, masks_hi, alone_hi = _render_instances(
-            renderer, models, poses, K_hi, size_hi, light_cam, strengths
-        )
         du, dv = pans[f]
         x0, y0 = round(pad - du), round(pad - dv)
         frame_background = np.ascontiguousarray(background[y0 : y0 + height, x0 : x0 + width])
-        image_hi = _composite(frame_background, rgb_hi, masks_hi, gain, factor)
         occluded = (
             spec.occlusion is not None and spec.occlusion[0] <= f < spec.occlusion[0] + spec.occlusion[1]
         )
-        hidden = np.zeros(size_hi, dtype=bool)
-        if occluded:
-            for mask in alone_hi:
-                hidden |= _covering_patch(mask)
-            image_hi[hidden] = occluder_colour
-        image = _degrade(_downsample(image_hi, factor), rng, scene)
-        instances = []
-        for i, (model, pose) in enumerate(zip(models, poses, strict=True)):
-            visible_hi = masks_hi[i] & ~hidden
-            instances.append(
-                SceneInstance(
-                    class_id=model.class_id,
-                    pose_gt=pose,
-                    pose_init=pose.copy(),
-                    instance_id=f"{model.class_id}_{i}",
-                    mask=_downsample(visible_hi.astype(np.float32), factor) >= 0.5,
-                    visible_fraction=float(visible_hi.sum() / max(alone_hi[i].sum(), 1)),
-                )
-            )
+        frame = compose_frame(
+            renderer,
+            models,
+            poses,
+            frame_background,
+            lighting,
+            rng,
+            scene,
+            occlude=hide if occluded else None,
+        )
+        instances = frame.instances
         detections: list[int] = []
         if f % spec.detect_every == 0:
             detections = [
@@ -199,7 +190,7 @@ def make_sequence(
                 instances[i].pose_init = perturb_pose(
                     instances[i].pose_gt, rng, scene.rot_sigma_deg, scene.trans_sigma, scene.max_angle_deg
                 )
-        yield SequenceFrame(f, t, image, K, instances, [int(i) for i in detections])
+        yield SequenceFrame(f, t, frame.image, K, instances, [int(i) for i in detections])
 
 
 def _place(
@@ -221,7 +212,7 @@ def _place(
             period_s=spec.period_s,
         )
         if _separated(models, poses) and all(
-            _fraction_in_view(m.eval_points, motion.at(f / spec.fps) @ T, K, scene.size) >= spec.min_in_view
+            fraction_in_view(m.eval_points, motion.at(f / spec.fps) @ T, K, scene.size) >= spec.min_in_view
             for f in range(0, spec.frames, max(spec.frames // 30, 1))
             for m, T in zip(models, poses, strict=True)
         ):

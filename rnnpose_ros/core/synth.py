@@ -11,6 +11,8 @@ Ground truth per instance: pose (model→camera, metres), visible mask, visible 
 pose is drawn with :func:`perturb_pose` (the published noise levels; see there for how its rotation
 noise differs from the published sampler). What a scene may look like is a :class:`SceneSpec`;
 given the spec, everything is deterministic given the seed (or ``numpy.random.Generator``).
+The per-frame compositing (:func:`compose_frame`: render, paste, occlude, degrade) is shared with the
+sequences of :mod:`rnnpose_ros.core.sequence`.
 
 Depth (``SceneSpec.depth``, a :class:`~rnnpose_ros.core.depth_sensor.DepthSensorModel`): the exact
 metric depth of the scene — a background plane behind the objects (tilted up to 40°), the objects
@@ -23,8 +25,9 @@ without depth.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -176,6 +179,43 @@ class Scene:
         return Observation(self.image, self.K, depth=self.depth)
 
 
+#: An occluder drawn over a frame: (region (H·f, W·f) bool at the supersampled size, index of the
+#: instance it stands in front of).
+Occluder = tuple[np.ndarray, int]
+
+
+@dataclass
+class InstanceRenders:
+    """Each instance of a frame rendered alone at the supersampled size (H·f, W·f), mutual occlusion
+    resolved by depth.
+
+    Attributes:
+        rgb: per instance (H·f, W·f, 3) float32 lit colour in [0, 1].
+        visible: per instance (H·f, W·f) bool, where it is the nearest object.
+        alone: per instance (H·f, W·f) bool, where it would be seen without the other instances.
+    """
+
+    rgb: list[np.ndarray]
+    visible: list[np.ndarray]
+    alone: list[np.ndarray]
+
+
+@dataclass
+class ComposedFrame:
+    """One image made by :func:`compose_frame`, with its ground truth.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB.
+        instances: one per model, in order; ``pose_init`` is a copy of ``pose_gt`` (callers draw the
+            initial pose, if any).
+        occluders: the occluders drawn over the objects, at the supersampled size.
+    """
+
+    image: np.ndarray
+    instances: list[SceneInstance]
+    occluders: list[Occluder]
+
+
 # --- initial-pose noise ----------------------------------------------------------------------------
 
 
@@ -276,12 +316,14 @@ def sample_object_pose(
         T = np.eye(4)
         T[:3, :3] = R
         T[:3, 3] = centre - R @ model.center
-        if _fraction_in_view(model.eval_points, T, K, size) >= min_in_view:
+        if fraction_in_view(model.eval_points, T, K, size) >= min_in_view:
             return T
     raise SceneError(f"no pose of {model.class_id!r} with {min_in_view:.0%} in view after {max_tries} tries")
 
 
-def _fraction_in_view(points: np.ndarray, T: np.ndarray, K: np.ndarray, size: tuple[int, int]) -> float:
+def fraction_in_view(points: np.ndarray, T: np.ndarray, K: np.ndarray, size: tuple[int, int]) -> float:
+    """Share of the (N, 3) model-frame ``points`` (metres) that the (4, 4) model→camera pose T puts more
+    than 1 cm ahead of the camera and inside the (H, W) image of intrinsics K, in [0, 1]."""
     cam = points.astype(np.float64) @ T[:3, :3].T + T[:3, 3]
     z = cam[:, 2]
     uv = project_to_pixels(cam, K, min_depth=1e-6)
@@ -310,8 +352,22 @@ def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
 # --- scenes ----------------------------------------------------------------------------------------
 
 
-def random_lighting(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
-    """(light position in the camera frame (3,), Lighting strengths, RGB colour gain (3,))."""
+class SceneLighting(NamedTuple):
+    """The light of a scene (fixed in the camera frame, so each object sees it from its own pose).
+
+    Attributes:
+        position: (3,) float64 point light in the camera frame, metres.
+        strengths: ``ambient``, ``diffuse`` and ``specular`` of :class:`~rnnpose_ros.core.render.Lighting`.
+        gain: (3,) float64 RGB colour gain applied to the rendered objects.
+    """
+
+    position: np.ndarray
+    strengths: dict[str, float]
+    gain: np.ndarray
+
+
+def random_lighting(rng: np.random.Generator) -> SceneLighting:
+    """A random scene light: mostly above and behind the camera, 1–2 m from it; random strengths and gain."""
     direction = np.array([rng.uniform(-1, 1), rng.uniform(-1, 0.2), rng.uniform(-1, -0.2)])
     position = direction / np.linalg.norm(direction) * rng.uniform(1.0, 2.0)
     strengths = {
@@ -320,25 +376,25 @@ def random_lighting(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, flo
         "specular": rng.uniform(0.0, 0.15),
     }
     gain = rng.uniform(0.85, 1.1, size=3)
-    return position, strengths, gain
+    return SceneLighting(position, strengths, gain)
 
 
 def _add_occluders(
     image: np.ndarray,
-    occluder_mask: np.ndarray,
     object_masks: list[np.ndarray],
     rng: np.random.Generator,
     count: int,
     max_occlusion: float,
     factor: int,
-) -> list[tuple[np.ndarray, int]]:
+) -> list[Occluder]:
     """Draw up to ``count`` random patches (photo texture or flat colour) over objects, in place, keeping
     every object's occluded share <= max_occlusion.
 
     Returns:
         (patch mask (H, W) bool, index of the object it was placed on) of every patch drawn.
     """
-    height, width = occluder_mask.shape
+    height, width = image.shape[:2]
+    occluder_mask = np.zeros((height, width), dtype=bool)
     alone = [max(int(m.sum()), 1) for m in object_masks]
     patches = []
     for _ in range(count):
@@ -380,6 +436,71 @@ def _add_occluders(
     return patches
 
 
+def compose_frame(
+    renderer: Renderer,
+    models: Sequence[ObjectModel],
+    poses: np.ndarray,
+    background: np.ndarray,
+    lighting: SceneLighting,
+    rng: np.random.Generator,
+    spec: SceneSpec,
+    occlude: Callable[[np.ndarray, InstanceRenders], list[Occluder]] | None = None,
+    renders: InstanceRenders | None = None,
+) -> ComposedFrame:
+    """One camera image of the objects at ``poses``: render each instance supersampled, paste it over the
+    background, draw occluders, then downsample and degrade (blur, noise) like a camera.
+
+    Random draws, in order: those of ``occlude``, then the blur and noise of the image.
+
+    Args:
+        renderer: the process's renderer.
+        models: the N objects, one instance each.
+        poses: (N, 4, 4) float64 model→camera, metres.
+        background: (H, W, 3) uint8 photograph, (H, W) = ``spec.size``.
+        lighting: the scene light (:func:`random_lighting`); its gain colours the objects.
+        rng: the generator for the degradation (and whatever ``occlude`` draws).
+        spec: size, intrinsics (:meth:`SceneSpec.intrinsics`), supersampling and degradation.
+        occlude: paints occluders in place on the (H·f, W·f, 3) float32 [0, 1] composite, given the
+            instances' renders, and returns them; what it covers is not visible in the instances' masks.
+        renders: the instances already rendered at ``poses`` with ``lighting`` (e.g. while checking a
+            placement); None renders them here.
+
+    Returns:
+        The image and, per instance, its pose, visible (H, W) bool mask (at least half of each pixel's
+        supersamples visible) and visible fraction.
+    """
+    models = list(models)
+    height, width = spec.size
+    if background.shape[:2] != (height, width):
+        raise ValueError(f"background is {background.shape[:2]}, the spec's image size is {spec.size}")
+    factor = spec.supersample_factor
+    if renders is None:
+        K_hi = supersampled_intrinsics(spec.intrinsics(), factor)
+        renders = _render_instances(
+            renderer, models, poses, K_hi, (height * factor, width * factor), lighting
+        )
+    image_hi = _composite(background, renders.rgb, renders.visible, lighting.gain, factor)
+    occluders = occlude(image_hi, renders) if occlude is not None else []
+    hidden = np.zeros(image_hi.shape[:2], dtype=bool)
+    for region, _ in occluders:
+        hidden |= region
+    image = _degrade(_downsample(image_hi, factor), rng, spec)
+    instances = []
+    for i, (model, pose) in enumerate(zip(models, poses, strict=True)):
+        visible_hi = renders.visible[i] & ~hidden
+        instances.append(
+            SceneInstance(
+                class_id=model.class_id,
+                pose_gt=pose,
+                pose_init=pose.copy(),
+                instance_id=f"{model.class_id}_{i}",
+                mask=_downsample(visible_hi.astype(np.float32), factor) >= 0.5,
+                visible_fraction=float(visible_hi.sum() / max(renders.alone[i].sum(), 1)),
+            )
+        )
+    return ComposedFrame(image, instances, occluders)
+
+
 def make_scene(
     models: Sequence[ObjectModel],
     rng: np.random.Generator | int,
@@ -406,37 +527,36 @@ def make_scene(
     factor = spec.supersample_factor
 
     background, background_name = random_background(rng, spec.size, spec.backgrounds)
-    light_cam, strengths, gain = random_lighting(rng)
-    poses, rgb_hi, masks_hi, alone_hi = _place_instances(renderer, models, rng, spec, K, light_cam, strengths)
-    image_hi = _composite(background, rgb_hi, masks_hi, gain, factor)
-    occluder_hi = np.zeros(image_hi.shape[:2], dtype=bool)
-    patches = []
-    if spec.occluders > 0:
-        patches = _add_occluders(
-            image_hi, occluder_hi, masks_hi, rng, spec.occluders, spec.max_occlusion, factor
-        )
-    image = _degrade(_downsample(image_hi, factor), rng, spec)
+    lighting = random_lighting(rng)
+    poses, renders = _place_instances(renderer, models, rng, spec, K, lighting)
 
-    instances = []
-    for i, (model, pose) in enumerate(zip(models, poses, strict=True)):
-        visible_hi = masks_hi[i] & ~occluder_hi
-        instances.append(
-            SceneInstance(
-                class_id=model.class_id,
-                pose_gt=pose,
-                pose_init=perturb_pose(pose, rng, spec.rot_sigma_deg, spec.trans_sigma, spec.max_angle_deg),
-                instance_id=f"{model.class_id}_{i}",
-                mask=_downsample(visible_hi.astype(np.float32), factor) >= 0.5,
-                visible_fraction=float(visible_hi.sum() / max(alone_hi[i].sum(), 1)),
-            )
+    def occlude(image_hi: np.ndarray, renders: InstanceRenders) -> list[Occluder]:
+        return _add_occluders(image_hi, renders.visible, rng, spec.occluders, spec.max_occlusion, factor)
+
+    frame = compose_frame(
+        renderer,
+        models,
+        poses,
+        background,
+        lighting,
+        rng,
+        spec,
+        occlude=occlude if spec.occluders > 0 else None,
+        renders=renders,
+    )
+    for instance in frame.instances:
+        instance.pose_init = perturb_pose(
+            instance.pose_gt, rng, spec.rot_sigma_deg, spec.trans_sigma, spec.max_angle_deg
         )
     depth = None
     if spec.depth is not None:
         # A stream of its own: the draws above (and so the RGB scene) do not depend on the depth.
         depth_rng = rng.spawn(1)[0]
-        exact = _exact_depth(renderer, models, poses, K, spec.size, patches, factor, depth_rng)
+        exact = _exact_depth(renderer, models, poses, K, spec.size, frame.occluders, factor, depth_rng)
         depth = simulate_depth(exact, K, depth_rng, spec.depth)
-    return Scene(image=image, K=K, instances=instances, background=background_name, seed=seed, depth=depth)
+    return Scene(
+        image=frame.image, K=K, instances=frame.instances, background=background_name, seed=seed, depth=depth
+    )
 
 
 def _exact_depth(
@@ -445,7 +565,7 @@ def _exact_depth(
     poses: np.ndarray,
     K: np.ndarray,
     size: tuple[int, int],
-    patches: list[tuple[np.ndarray, int]],
+    patches: list[Occluder],
     factor: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
@@ -490,14 +610,12 @@ def _place_instances(
     rng: np.random.Generator,
     spec: SceneSpec,
     K: np.ndarray,
-    light_cam: np.ndarray,
-    strengths: dict[str, float],
-) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    lighting: SceneLighting,
+) -> tuple[np.ndarray, InstanceRenders]:
     """Draw poses until every instance is at least ``spec.min_visible`` visible; render them supersampled.
 
     Returns:
-        poses (N, 4, 4) float64 model→camera, and per instance at the supersampled size: rgb (H, W, 3)
-        float32 in [0, 1], visible mask (H, W) bool, and the mask it would have alone.
+        poses (N, 4, 4) float64 model→camera, and their renders at the supersampled size.
 
     Raises:
         SceneError: no such placement in ``spec.max_tries`` attempts.
@@ -509,13 +627,12 @@ def _place_instances(
         poses = np.stack(
             [sample_object_pose(m, rng, K, spec.size, spec.distance, spec.min_in_view) for m in models]
         )
-        rgb_hi, masks_hi, alone_hi = _render_instances(
-            renderer, models, poses, K_hi, size_hi, light_cam, strengths
-        )
+        renders = _render_instances(renderer, models, poses, K_hi, size_hi, lighting)
         if all(
-            m.sum() >= spec.min_visible * max(a.sum(), 1) for m, a in zip(masks_hi, alone_hi, strict=True)
+            m.sum() >= spec.min_visible * max(a.sum(), 1)
+            for m, a in zip(renders.visible, renders.alone, strict=True)
         ):
-            return poses, rgb_hi, masks_hi, alone_hi
+            return poses, renders
     raise SceneError(
         f"could not place {len(models)} objects with {spec.min_visible:.0%} visible in {spec.max_tries} tries"
     )
@@ -552,23 +669,20 @@ def _render_instances(
     poses: np.ndarray,
     K: np.ndarray,
     size: tuple[int, int],
-    light_cam: np.ndarray,
-    strengths: dict[str, float],
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Render each instance alone and resolve mutual occlusion by depth.
-
-    Returns per instance: rgb (H, W, 3), visible mask (H, W) and the mask it would have alone.
-    """
+    lighting: SceneLighting,
+) -> InstanceRenders:
+    """Render each instance alone at (H, W) with intrinsics K and resolve mutual occlusion by depth."""
     rgbs, alone, depths = [], [], []
     for model, pose in zip(models, poses, strict=True):
-        light_obj = pose[:3, :3].T @ (light_cam - pose[:3, 3])  # the scene light in this object's frame
-        lighting = Lighting(light_position=tuple(float(x) for x in light_obj), **strengths)
-        out = renderer.render([model], pose, K, size, lighting=lighting)
+        # the scene light in this object's frame
+        light_obj = pose[:3, :3].T @ (lighting.position - pose[:3, 3])
+        phong = Lighting(light_position=tuple(float(x) for x in light_obj), **lighting.strengths)
+        out = renderer.render([model], pose, K, size, lighting=phong)
         rgbs.append(out.rgb[0])
         alone.append(out.mask[0])
         depths.append(np.where(out.mask[0], out.depth[0], np.inf))
     if len(models) == 1:
-        return rgbs, alone, alone
+        return InstanceRenders(rgbs, alone, alone)
     nearest = np.argmin(np.stack(depths), axis=0)
     visible = [a & (nearest == i) for i, a in enumerate(alone)]
-    return rgbs, visible, alone
+    return InstanceRenders(rgbs, visible, alone)

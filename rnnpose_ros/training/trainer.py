@@ -29,12 +29,13 @@ requirement that the loss be computed by the wrapped module's ``forward``. ``glo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,25 @@ def optimizer_and_schedule(
     return optimizer, schedule
 
 
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Within the block, torch uses deterministic algorithms (kernels without a deterministic variant only
+    warn); on exit the process's previous setting is restored.
+
+    Exact resume needs bitwise-reproducible gradients: with several threads, the accumulating gathers'
+    backward otherwise sums in a varying order (a resumed run then differs in the last bits of the
+    weights). Scoped to the training steps so that the rest of the process (e.g. a node or a test
+    session sharing it) keeps torch's faster default kernels.
+    """
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def export_published(path: Path, net: RNNPoseNet, step: int) -> None:
     """Write the weights as a published ``.tckpt`` (flat state_dict, published keys, global_step)."""
     state = {ours_to_published(k): v.detach().cpu() for k, v in net.state_dict().items()}
@@ -215,10 +235,6 @@ class Trainer:
         self.dist = distributed or DistributedContext.from_environment()
         self.progress = progress
         self.device = self._device()
-        # Exact resume needs bitwise-reproducible gradients: with several threads, the accumulating
-        # gathers' backward otherwise sums in a varying order (a resumed run then differs in the last
-        # bits of the weights). Kernels without a deterministic variant only warn.
-        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.seed)
         self.net = RNNPoseNet()
         if config.init_weights:
@@ -334,6 +350,7 @@ class Trainer:
             np.random.SeedSequence([self.config.seed, index, 1]).generate_state(1)[0]
         )
 
+    @deterministic_algorithms()
     def train_step(self) -> StepLosses | None:
         """One optimiser step on this process's sample; None when the sample was skipped."""
         index = self.step * self.dist.world + self.dist.rank
