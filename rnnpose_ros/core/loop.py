@@ -85,7 +85,7 @@ class RefinerConfig:
     inner_steps: int = 4
     lm: LMConfig = field(default_factory=LMConfig)
     min_correspondences: int = 30
-    score_inlier_px: float = 2.0
+    score_inlier_px: float = 3.0
     max_translation_change: float = 2.0
     restart_below_score: float | None = None
     restart_angle_deg: float = 25.0
