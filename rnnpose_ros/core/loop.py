@@ -65,7 +65,7 @@ class RefinerConfig:
         lm: the pose-solve options.
         min_correspondences: an instance with fewer weighted correspondences in an inner step stops
             with status TOO_FEW_CORRESPONDENCES.
-        score_inlier_px: residual threshold (pixels of the final crop) of the score (see refiner).
+        score_inlier_px: residual threshold τ (pixels of the final crop) of the score (see core/score.py).
         max_translation_change: an instance whose translation moves by more than this many object
             diameters from its initial pose is reported DIVERGED.
         restart_below_score: an instance whose refinement ends with a score below this (or fails) is
@@ -85,7 +85,7 @@ class RefinerConfig:
     inner_steps: int = 4
     lm: LMConfig = field(default_factory=LMConfig)
     min_correspondences: int = 30
-    score_inlier_px: float = 2.0
+    score_inlier_px: float = 3.0
     max_translation_change: float = 2.0
     restart_below_score: float | None = None
     restart_angle_deg: float = 25.0

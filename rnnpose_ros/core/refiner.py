@@ -19,26 +19,10 @@ one further batch, and the result with the best score is kept. A render-and-comp
 accurate near the truth but has a limited basin for out-of-plane rotation; the score tells a
 converged result from a stuck one.
 
-Score (documented meaning, in [0, 1]). In the last render iteration, with the final relative pose,
-let A = Σ_p w_p · [‖x*_p − π(K, T_rel·X0_p)‖ < τ] over the N rendered object pixels p (reference
-depth > solver ``min_depth``), where x*_p is the backend's correspondence target, w_p ∈ [0, 1] its
-confidence weight (classical: forward–backward flow consistency; learned: descriptor similarity
-weight) and τ = ``config.score_inlier_px`` pixels of the final crop.
-
-RGB only: score = A / N, the weighted fraction of the rendered silhouette that agrees with the image
-under the returned pose: 1 when every rendered pixel is matched confidently and consistently, lower
-with misalignment, occlusion, or low confidence (it does not transfer between objects: a plain
-object scores low even when converged; the restarts are tuned on it).
-
-With a depth image (:mod:`rnnpose_ros.core.depth_term`), a confidence that means the same for every
-object:
-
-    score = agreement · (0.75 + 0.25 · A / max(Σ_p w_p, 0.05·N)),
-
-agreement being the share of the rendered surface that the observed depth confirms within its noise,
-pixels hidden behind a nearer occluder excluded; the image part is normalised by the evidence the
-correspondences offer (Σ w), so pixels hidden or without texture count neither for nor against the
-pose. 0 for instances that could not be refined.
+Score (in [0, 1], defined in :mod:`rnnpose_ros.core.score`): the share of the confident evidence of the
+last render iteration (its correspondences of every inner step, and the observed depth when there is
+one) that the returned pose explains; pixels hidden by an occluder or without texture count neither
+for nor against it. 0 for instances that could not be refined.
 """
 
 from __future__ import annotations
@@ -57,24 +41,18 @@ from torch import Tensor
 from rnnpose_ros.core.backends import create_backend
 from rnnpose_ros.core.backends.base import CorrespondenceBackend, RenderState
 from rnnpose_ros.core.depth_term import DepthTerm
-from rnnpose_ros.core.geometry import backproject_depth, pixel_grid, project_points
+from rnnpose_ros.core.geometry import pixel_grid
 from rnnpose_ros.core.loop import Convergence, Correspondences, InnerStep, RefinerConfig, run_render_iteration
 from rnnpose_ros.core.objects import ObjectModel, ObjectRegistry
 from rnnpose_ros.core.observation import Observation
 from rnnpose_ros.core.pinhole import project_to_pixels
+from rnnpose_ros.core.score import pose_score
 from rnnpose_ros.core.symmetry import closest_equivalent
 
 # Tolerance of the rigidity check on input rotations (max |RᵀR − I|); within it R is re-orthonormalised.
 ROTATION_TOLERANCE = 1e-3
 # Closest depth (m) a model vertex may have for the instance to count as in front of the camera.
 NEAR_PLANE_M = 1e-3
-# Score with depth: the confident correspondences must weigh at least this share of the rendered
-# silhouette for their agreement to count fully (a handful of consistent pixels is not a confirmed pose).
-MIN_SCORE_EVIDENCE = 0.05
-# Score with depth: the share of the image agreement beside the depth agreement (the depth is the
-# stronger, object-independent evidence; the image term separates poses depth cannot, e.g. turns of
-# a box's face).
-IMAGE_SHARE_WITH_DEPTH = 0.25
 # Farthest depth (m) of an object's centre that is refined: no camera resolves an object usefully
 # beyond it, and depths near float limits break the renderer's projection (near = far).
 FAR_LIMIT_M = 100.0
@@ -466,7 +444,7 @@ class Refiner:
         call.check_stop()
         frame = self.backend.prepare_frame(call.observation, models, batch.poses)
         recorder = _TraceRecorder(config.lm.min_depth)
-        last: tuple[RenderState, Correspondences, Tensor, DepthTerm | None] | None = None
+        last: tuple[RenderState, list[Correspondences], Tensor, DepthTerm | None] | None = None
         for outer in range(config.outer_iterations):
             call.check_stop()
             view = self.backend.prepare_render(frame, batch.poses, config.first_iteration + outer)
@@ -485,6 +463,7 @@ class Refiner:
                 )
 
             relative = torch.eye(4, dtype=config.lm.pose_dtype, device=self.device).expand(len(models), 4, 4)
+            steps: list[Correspondences] = []
             for step in run_render_iteration(
                 correspond,
                 view.depth,
@@ -501,7 +480,8 @@ class Refiner:
                 recorder.record(step, view, batch.poses)
                 if call.observer is not None:
                     call.observer(recorder.snapshot(outer, step, view, instance_index))
-                last = (view, step.correspondences, relative, depth_term)
+                steps.append(step.correspondences)
+                last = (view, steps, relative, depth_term)
             moving = batch.moving()
             batch.advance(relative, config.max_translation_change)
             if last is not None:
@@ -516,29 +496,18 @@ class Refiner:
         return batch.outcomes(scores, recorder, config)
 
     def _score(
-        self, view: RenderState, corr: Correspondences, relative: Tensor, depth_term: DepthTerm | None
+        self, view: RenderState, steps: list[Correspondences], relative: Tensor, depth_term: DepthTerm | None
     ) -> Tensor:
-        """(B,) weighted inlier fraction of the last render iteration (module docstring)."""
-        config = self.config
-        batch = view.depth.shape[0]
-        rel = relative.to(torch.float64)
-        X0 = backproject_depth(view.depth.to(torch.float64), view.K.to(torch.float64)).reshape(batch, -1, 3)
-        X1 = X0 @ rel[:, :3, :3].transpose(-1, -2) + rel[:, None, :3, 3]
-        pixels = project_points(X1, view.K.to(torch.float64))
-        residual = torch.linalg.vector_norm(
-            corr.target.reshape(batch, -1, 2).to(torch.float64) - pixels, dim=-1
+        """(B,) score of the last render iteration (:func:`~rnnpose_ros.core.score.pose_score`)."""
+        return pose_score(
+            view.depth,
+            view.K,
+            steps,
+            relative,
+            depth_term,
+            self.config.score_inlier_px,
+            self.config.lm.min_depth,
         )
-        foreground = view.depth.reshape(batch, -1) > config.lm.min_depth
-        inlier = residual < config.score_inlier_px
-        weight = corr.weight.reshape(batch, -1).to(torch.float64).clamp(0.0, 1.0) * foreground
-        agreeing = (weight * inlier).sum(-1)
-        if depth_term is None:
-            return (agreeing / foreground.sum(-1).clamp_min(1)).clamp(0.0, 1.0)
-        evidence = torch.maximum(weight.sum(-1), MIN_SCORE_EVIDENCE * foreground.sum(-1))
-        image = agreeing / evidence.clamp_min(1e-12)
-        agreement, _ = depth_term.agreement(relative)
-        score = agreement * (1.0 - IMAGE_SHARE_WITH_DEPTH + IMAGE_SHARE_WITH_DEPTH * image)
-        return score.clamp(0.0, 1.0)
 
 
 # Failures detected inside the batched loop, encoded on the device as small integers (0 = OK).

@@ -38,7 +38,7 @@ The default schedule (12 render iterations × 3 LM steps): 3 iterations in a wid
 the robust median shift of the flow (``motion="translation"``: a large initial error makes the
 dense flow unreliable in its details, and its divergence would otherwise throw the weakly
 constrained depth far off), 2 iterations of full 6-DoF region flow in that crop, then 7 in a tight
-224² crop with region and relit flows. Results scoring below 0.6 are refined again from four rotation
+224² crop with region and relit flows. Results scoring below 0.7 are refined again from four rotation
 hypotheses (``restart_below_score``, see :mod:`rnnpose_ros.core.refiner`).
 
 Why not plain grey-level flow: on photographs whose lighting differs from
@@ -238,16 +238,16 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         """12 render iterations × 3 LM steps (three stages, see the module docstring), Huber IRLS at 1
         crop pixel (flow outliers from occlusion or clutter of the same colour count less), float64
         poses (converged steps below 0.1 mm are not lost to rounding), correspondences from 2 cm depth
-        on (the published 10 cm would ignore close objects), and restarts below score 0.6: out-of-plane
-        rotation errors above ≈ 25° are beyond the flow's basin, and restarting weak results from ±25°
-        hypotheses recovers most of them (README, evaluation)."""
+        on (the published 10 cm would ignore close objects), and restarts below score 0.7, with or
+        without depth: out-of-plane rotation errors above ≈ 25° are beyond the flow's basin, and
+        restarting weak results from ±25° hypotheses recovers most of them (README, evaluation)."""
         return RefinerConfig(
             outer_iterations=12,
             inner_steps=3,
             lm=LMConfig(
                 num_iters=1, robust="huber", robust_scale=1.0, min_depth=0.02, pose_dtype=torch.float64
             ),
-            restart_below_score=0.6,
+            restart_below_score=0.7,
             # Not before two iterations of the tight-crop stage (the first five are coarse stages).
             convergence=Convergence(min_iterations=7),
         )
