@@ -127,6 +127,31 @@ def test_batch_of_three_equals_singles():
         torch.testing.assert_close(batch.gradient[s], single.gradient)
 
 
+def test_sparse_solve_equals_dense():
+    """Dropping the pixels no instance weights (and the invalid depth) changes no sum but their order."""
+    gen = torch.Generator().manual_seed(4)
+    depth = _box_depth().expand(2, -1, -1).clone()
+    K = K_CROP[None].double().repeat(2, 1, 1)
+    T_true = se3_exp(0.03 * torch.randn(2, 6, generator=gen, dtype=torch.float64))
+    target = _oracle_target(depth, K, T_true) + 0.5 * torch.randn(
+        2, HEIGHT, WIDTH, 2, generator=gen, dtype=torch.float64
+    )
+    weight = torch.rand(2, HEIGHT, WIDTH, generator=gen, dtype=torch.float64)
+    weight = weight * (torch.rand(2, HEIGHT, WIDTH, generator=gen) < 0.3)  # most pixels unweighted
+    weight[1, :, : WIDTH // 2] = 0.0  # the instances weight different pixels
+    options = {"num_iters": 2, "robust": "huber", "robust_scale": 1.0}
+    dense = solve_lm_step(
+        torch.eye(4, dtype=torch.float64).expand(2, 4, 4), depth, K, target, weight, **options
+    )
+    sparse = solve_lm_step(
+        torch.eye(4, dtype=torch.float64).expand(2, 4, 4), depth, K, target, weight, sparse=True, **options
+    )
+    for name in ("pose", "hessian", "gradient", "residual_rms"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), atol=1e-12, rtol=1e-12)
+    assert torch.equal(sparse.num_valid, dense.num_valid)
+    assert 0 < int(dense.num_valid.max()) < 0.3 * HEIGHT * WIDTH
+
+
 def test_gradcheck_small_float64_case():
     gen = torch.Generator().manual_seed(2)
     depth = 0.4 + 0.05 * torch.rand(1, 4, 5, generator=gen, dtype=torch.float64)

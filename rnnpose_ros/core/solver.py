@@ -56,6 +56,9 @@ class LMConfig:
         min_depth: correspondences need reference and moved depth above this, metres (published 0.1).
         max_step: per-component clamp of one increment, metres / radians (published 1).
         pose_dtype: dtype of the relative pose in the solve (published: float32).
+        sparse: solve on the pixels with non-zero weight only (:func:`solve_lm_step`): the same
+            sums at a fraction of the cost where most of a crop is background, for one host
+            synchronisation per step (host backends; the learned path keeps fixed shapes).
     """
 
     num_iters: int = 1
@@ -66,6 +69,7 @@ class LMConfig:
     min_depth: float = MIN_DEPTH
     max_step: float = MAX_STEP
     pose_dtype: torch.dtype = torch.float32
+    sparse: bool = False
 
     def solver_options(self) -> dict:
         """The keyword arguments of :func:`solve_lm_step` (everything but ``pose_dtype``)."""
@@ -190,6 +194,7 @@ def solve_lm_step(
     robust_scale: float = 2.0,
     reference_points: Tensor | None = None,
     extra_terms: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    sparse: bool = False,
 ) -> LMStep:
     """Run ``num_iters`` damped Gauss–Newton steps on T (docs/method.md §2.10), batched over instances.
 
@@ -213,6 +218,9 @@ def solve_lm_step(
             caller has it (it is constant over the inner steps of a render iteration).
         extra_terms: pose (B, 4, 4) -> (H_x (B, 6, 6), b_x (B, 6)) float64, evaluated at the pose of
             every iteration and added to the normal equations before damping (module docstring).
+        sparse: drop the pixels whose weight is 0 in every instance, or whose reference depth is
+            invalid, before the iterations (they contribute nothing; the sums differ only in their
+            floating-point order). Their number is data-dependent: one host synchronisation.
 
     Returns:
         :class:`LMStep`.
@@ -242,6 +250,14 @@ def solve_lm_step(
     w = weight.reshape(batch, -1).to(dtype)
     damping_scale, damping_shift = _damping(ep_lambda, lm_lambda, T.device)
     reference_valid = X0[..., 2] > min_depth
+    if sparse:
+        keep = ((w != 0) & reference_valid).any(0)  # (P,) bool; `!= 0` keeps NaN weights as dense does
+        X0, target64, w, reference_valid = (
+            X0[:, keep],
+            target64[:, keep],
+            w[:, keep],
+            reference_valid[:, keep],
+        )
 
     deltas = []
     for _ in range(num_iters):

@@ -170,7 +170,8 @@ class CropBatch:
         observed: (B, h, w, 3) uint8 observed crops; rendered: (B, h, w, 3) uint8 rendering (albedo)
             composited over the observed crop.
         depth: (B, h, w) float32 rendered depth, metres, 0 = background; mask: (B, h, w) bool.
-        normals: (B, h, w, 3) float32 camera-frame unit surface normals, 0 on background.
+        normals: (B, h, w, 3) float32 camera-frame unit surface normals, 0 on background; None where
+            the stage's flow does not re-shade (only "relit" uses them).
         observed_depth: (B, h, w) float32 observed depth in the crop (nearest), metres, 0 = none;
             None for an RGB-only frame.
     """
@@ -181,7 +182,7 @@ class CropBatch:
     rendered: np.ndarray
     depth: np.ndarray
     mask: np.ndarray
-    normals: np.ndarray
+    normals: np.ndarray | None
     observed_depth: np.ndarray | None = None
 
 
@@ -238,14 +239,20 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         """12 render iterations × 3 LM steps (three stages, see the module docstring), Huber IRLS at 1
         crop pixel (flow outliers from occlusion or clutter of the same colour count less), float64
         poses (converged steps below 0.1 mm are not lost to rounding), correspondences from 2 cm depth
-        on (the published 10 cm would ignore close objects), and restarts below score 0.6: out-of-plane
-        rotation errors above ≈ 25° are beyond the flow's basin, and restarting weak results from ±25°
-        hypotheses recovers most of them (README, evaluation)."""
+        on (the published 10 cm would ignore close objects), the solve on the weighted pixels only
+        (most of a crop is background, and the flow already synchronised with the host), and restarts
+        below score 0.6: out-of-plane rotation errors above ≈ 25° are beyond the flow's basin, and
+        restarting weak results from ±25° hypotheses recovers most of them (README, evaluation)."""
         return RefinerConfig(
             outer_iterations=12,
             inner_steps=3,
             lm=LMConfig(
-                num_iters=1, robust="huber", robust_scale=1.0, min_depth=0.02, pose_dtype=torch.float64
+                num_iters=1,
+                robust="huber",
+                robust_scale=1.0,
+                min_depth=0.02,
+                pose_dtype=torch.float64,
+                sparse=True,
             ),
             restart_below_score=0.6,
             # Not before two iterations of the tight-crop stage (the first five are coarse stages).
@@ -354,7 +361,9 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
             rendered=rendered,
             depth=render.depth,
             mask=mask,
-            normals=self.renderer.surface_normals(frame.models, poses, render),
+            normals=self.renderer.surface_normals(frame.models, poses, render)
+            if "relit" in stage.flow_input
+            else None,
             observed_depth=observed_depth,
         )
 
@@ -520,11 +529,14 @@ def _relight(rendered: np.ndarray, observed: np.ndarray, mask: np.ndarray, norma
         gain = np.zeros((len(A), 3), np.float32)
         gain[:, c] = A[:, c]
         rows.append(np.concatenate((gain, A[:, c : c + 1] * Y), 1))
-    design, target = np.concatenate(rows), seen.T.reshape(-1)
-    weight = np.ones(len(target), np.float32)
+    design, target = np.concatenate(rows).astype(np.float64), seen.T.reshape(-1).astype(np.float64)
+    weight = np.ones(len(target))
     for _ in range(3):  # IRLS: background seen under a misplaced silhouette counts less
-        root = np.sqrt(weight)
-        params = np.linalg.lstsq(design * root[:, None], target * root, rcond=None)[0]
+        # Weighted normal equations (11 × 11): the least-squares solution of the whitened rows at a
+        # fraction of the cost of factorising them; lstsq keeps a channel without albedo (a zero
+        # column) from making it singular.
+        weighted = design.T * weight
+        params = np.linalg.lstsq(weighted @ design, weighted @ target, rcond=None)[0]
         weight = 0.05 / np.maximum(np.abs(design @ params - target), 0.05)
     shading = params[None, None, :3] + (basis @ params[3:])[..., None]
     relit = np.round(np.clip(albedo * shading, 0.0, 1.0) * 255.0).astype(np.uint8)
