@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from rnnpose_ros.core.geometry import backproject_depth, project_points, se3_exp, se3_inverse, se3_log
-from rnnpose_ros.core.solver import SolverInputError, robust_weights, solve_clamped, solve_lm_step
+from rnnpose_ros.core.solver import (
+    MIN_DEPTH,
+    SolverInputError,
+    foreground_pixels,
+    robust_weights,
+    solve_clamped,
+    solve_lm_step,
+)
 from rnnpose_ros.tools.parity_common import load_fixture
 from rnnpose_ros.tools.parity_geometry import CHECKS
 
@@ -127,29 +134,27 @@ def test_batch_of_three_equals_singles():
         torch.testing.assert_close(batch.gradient[s], single.gradient)
 
 
-def test_sparse_solve_equals_dense():
-    """Dropping the pixels no instance weights (and the invalid depth) changes no sum but their order."""
+def test_foreground_pixels_solve_equals_dense():
+    """Leaving out the pixels without reference depth changes no sum but their order."""
     gen = torch.Generator().manual_seed(4)
     depth = _box_depth().expand(2, -1, -1).clone()
+    depth[0, :, : WIDTH // 2] = 0.0  # the instances' foregrounds differ
+    depth[1, -5:] = 0.0
     K = K_CROP[None].double().repeat(2, 1, 1)
     T_true = se3_exp(0.03 * torch.randn(2, 6, generator=gen, dtype=torch.float64))
     target = _oracle_target(depth, K, T_true) + 0.5 * torch.randn(
         2, HEIGHT, WIDTH, 2, generator=gen, dtype=torch.float64
     )
     weight = torch.rand(2, HEIGHT, WIDTH, generator=gen, dtype=torch.float64)
-    weight = weight * (torch.rand(2, HEIGHT, WIDTH, generator=gen) < 0.3)  # most pixels unweighted
-    weight[1, :, : WIDTH // 2] = 0.0  # the instances weight different pixels
+    pixels = foreground_pixels(depth, MIN_DEPTH)
+    assert 0 < len(pixels) < HEIGHT * WIDTH
     options = {"num_iters": 2, "robust": "huber", "robust_scale": 1.0}
-    dense = solve_lm_step(
-        torch.eye(4, dtype=torch.float64).expand(2, 4, 4), depth, K, target, weight, **options
-    )
-    sparse = solve_lm_step(
-        torch.eye(4, dtype=torch.float64).expand(2, 4, 4), depth, K, target, weight, sparse=True, **options
-    )
+    T0 = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+    dense = solve_lm_step(T0, depth, K, target, weight, **options)
+    sparse = solve_lm_step(T0, depth, K, target, weight, pixels=pixels, **options)
     for name in ("pose", "hessian", "gradient", "residual_rms"):
         torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), atol=1e-12, rtol=1e-12)
     assert torch.equal(sparse.num_valid, dense.num_valid)
-    assert 0 < int(dense.num_valid.max()) < 0.3 * HEIGHT * WIDTH
 
 
 def test_gradcheck_small_float64_case():
