@@ -157,6 +157,29 @@ def test_foreground_pixels_solve_equals_dense():
     assert torch.equal(sparse.num_valid, dense.num_valid)
 
 
+def test_render_iteration_with_sparse_solve_equals_dense():
+    """LMConfig.sparse: the render iteration picks the foreground once; every inner step is unchanged."""
+    from rnnpose_ros.core.loop import Correspondences, run_render_iteration
+    from rnnpose_ros.core.solver import LMConfig
+
+    gen = torch.Generator().manual_seed(5)
+    depth = _box_depth()
+    K = K_CROP[None].double()
+    T_true = se3_exp(torch.tensor([[0.01, -0.01, 0.02, 0.03, 0.02, -0.02]], dtype=torch.float64))
+    target = _oracle_target(depth, K, T_true) + 0.3 * torch.randn(1, HEIGHT, WIDTH, 2, generator=gen).double()
+    weights = [torch.rand(1, HEIGHT, WIDTH, generator=gen).double() for _ in range(3)]
+
+    def run(sparse: bool) -> list:
+        lm = LMConfig(robust="huber", robust_scale=1.0, pose_dtype=torch.float64, sparse=sparse)
+        correspond = lambda relative, k: Correspondences(target, weights[k])  # noqa: E731
+        relative = torch.eye(4, dtype=torch.float64)[None]
+        return [step.solve for step in run_render_iteration(correspond, depth, K, relative, 3, lm)]
+
+    for dense, sparse in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(sparse.pose, dense.pose, atol=1e-12, rtol=0)
+        assert torch.equal(sparse.num_valid, dense.num_valid)
+
+
 def test_gradcheck_small_float64_case():
     gen = torch.Generator().manual_seed(2)
     depth = 0.4 + 0.05 * torch.rand(1, 4, 5, generator=gen, dtype=torch.float64)
