@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from rnnpose_ros.core.geometry import backproject_depth, project_points, se3_exp, se3_inverse, se3_log
-from rnnpose_ros.core.solver import SolverInputError, robust_weights, solve_clamped, solve_lm_step
+from rnnpose_ros.core.solver import (
+    MIN_DEPTH,
+    SolverInputError,
+    foreground_pixels,
+    robust_weights,
+    solve_clamped,
+    solve_lm_step,
+)
 from rnnpose_ros.tools.parity_common import load_fixture
 from rnnpose_ros.tools.parity_geometry import CHECKS
 
@@ -125,6 +132,52 @@ def test_batch_of_three_equals_singles():
         torch.testing.assert_close(batch.pose[s], single.pose, atol=1e-12, rtol=0)
         torch.testing.assert_close(batch.hessian[s], single.hessian)
         torch.testing.assert_close(batch.gradient[s], single.gradient)
+
+
+def test_foreground_pixels_solve_equals_dense():
+    """Leaving out the pixels without reference depth changes no sum but their order."""
+    gen = torch.Generator().manual_seed(4)
+    depth = _box_depth().expand(2, -1, -1).clone()
+    depth[0, :, : WIDTH // 2] = 0.0  # the instances' foregrounds differ
+    depth[1, -5:] = 0.0
+    K = K_CROP[None].double().repeat(2, 1, 1)
+    T_true = se3_exp(0.03 * torch.randn(2, 6, generator=gen, dtype=torch.float64))
+    target = _oracle_target(depth, K, T_true) + 0.5 * torch.randn(
+        2, HEIGHT, WIDTH, 2, generator=gen, dtype=torch.float64
+    )
+    weight = torch.rand(2, HEIGHT, WIDTH, generator=gen, dtype=torch.float64)
+    pixels = foreground_pixels(depth, MIN_DEPTH)
+    assert 0 < len(pixels) < HEIGHT * WIDTH
+    options = {"num_iters": 2, "robust": "huber", "robust_scale": 1.0}
+    T0 = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+    dense = solve_lm_step(T0, depth, K, target, weight, **options)
+    sparse = solve_lm_step(T0, depth, K, target, weight, pixels=pixels, **options)
+    for name in ("pose", "hessian", "gradient", "residual_rms"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), atol=1e-12, rtol=1e-12)
+    assert torch.equal(sparse.num_valid, dense.num_valid)
+
+
+def test_render_iteration_with_sparse_solve_equals_dense():
+    """LMConfig.sparse: the render iteration picks the foreground once; every inner step is unchanged."""
+    from rnnpose_ros.core.loop import Correspondences, run_render_iteration
+    from rnnpose_ros.core.solver import LMConfig
+
+    gen = torch.Generator().manual_seed(5)
+    depth = _box_depth()
+    K = K_CROP[None].double()
+    T_true = se3_exp(torch.tensor([[0.01, -0.01, 0.02, 0.03, 0.02, -0.02]], dtype=torch.float64))
+    target = _oracle_target(depth, K, T_true) + 0.3 * torch.randn(1, HEIGHT, WIDTH, 2, generator=gen).double()
+    weights = [torch.rand(1, HEIGHT, WIDTH, generator=gen).double() for _ in range(3)]
+
+    def run(sparse: bool) -> list:
+        lm = LMConfig(robust="huber", robust_scale=1.0, pose_dtype=torch.float64, sparse=sparse)
+        correspond = lambda relative, k: Correspondences(target, weights[k])  # noqa: E731
+        relative = torch.eye(4, dtype=torch.float64)[None]
+        return [step.solve for step in run_render_iteration(correspond, depth, K, relative, 3, lm)]
+
+    for dense, sparse in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(sparse.pose, dense.pose, atol=1e-12, rtol=0)
+        assert torch.equal(sparse.num_valid, dense.num_valid)
 
 
 def test_gradcheck_small_float64_case():

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from rnnpose_ros.core.threads import available_cores, configure_threads
 def test_configure_threads_sets_the_pool() -> None:
     before = torch.get_num_threads()
     try:
-        assert configure_threads(1) == 1 == torch.get_num_threads()
+        assert configure_threads(1) == 1 == torch.get_num_threads() == cv2.getNumThreads()
         assert configure_threads(0) == available_cores()
     finally:
         torch.set_num_threads(before)

@@ -402,16 +402,20 @@ class Renderer:
         def interpolate(values: np.ndarray) -> np.ndarray:
             return np.einsum("mk,mkc->mc", bary, values[faces])
 
-        normals = _normalise(interpolate(data.normals))
-        points = interpolate(data.vertices32)
         if data.texture is not None and data.uvs is not None:
             albedo = _sample_texture(data.texture, interpolate(data.uvs))
         elif data.colors is not None:
             albedo = interpolate(data.colors)
         else:
             albedo = np.broadcast_to(np.asarray(DEFAULT_ALBEDO, dtype=np.float32), (len(pixels), 3))
-        camera_in_model = (-pose[:3, :3].T @ pose[:3, 3]).astype(np.float32)
-        colour = _phong(albedo, points, normals, camera_in_model, lighting)
+        if lighting.diffuse == 0.0 and lighting.specular == 0.0:
+            # Ambient only (the classical backend's albedo renders): no surface geometry needed.
+            colour = np.clip(albedo * np.float32(lighting.ambient), 0.0, 1.0).astype(np.float32)
+        else:
+            normals = _normalise(interpolate(data.normals))
+            points = interpolate(data.vertices32)
+            camera_in_model = (-pose[:3, :3].T @ pose[:3, 3]).astype(np.float32)
+            colour = _phong(albedo, points, normals, camera_in_model, lighting)
         return valid, depth[valid].astype(np.float32), weights[valid].astype(np.float32), colour[valid]
 
     def __del__(self) -> None:

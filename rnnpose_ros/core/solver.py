@@ -56,6 +56,10 @@ class LMConfig:
         min_depth: correspondences need reference and moved depth above this, metres (published 0.1).
         max_step: per-component clamp of one increment, metres / radians (published 1).
         pose_dtype: dtype of the relative pose in the solve (published: float32).
+        sparse: a render iteration solves on the foreground pixels of its reference depth only
+            (``pixels`` of :func:`solve_lm_step`, chosen by :func:`foreground_pixels`): the same sums
+            at a fraction of the cost where most of a crop is background, for one host
+            synchronisation per render iteration (host backends; the learned path keeps fixed shapes).
     """
 
     num_iters: int = 1
@@ -66,10 +70,11 @@ class LMConfig:
     min_depth: float = MIN_DEPTH
     max_step: float = MAX_STEP
     pose_dtype: torch.dtype = torch.float32
+    sparse: bool = False
 
     def solver_options(self) -> dict:
-        """The keyword arguments of :func:`solve_lm_step` (everything but ``pose_dtype``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pose_dtype"}
+        """The keyword arguments of :func:`solve_lm_step` (everything but ``pose_dtype`` and ``sparse``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("pose_dtype", "sparse")}
 
 
 @dataclass
@@ -190,6 +195,7 @@ def solve_lm_step(
     robust_scale: float = 2.0,
     reference_points: Tensor | None = None,
     extra_terms: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    pixels: Tensor | None = None,
 ) -> LMStep:
     """Run ``num_iters`` damped Gauss–Newton steps on T (docs/method.md §2.10), batched over instances.
 
@@ -213,6 +219,9 @@ def solve_lm_step(
             caller has it (it is constant over the inner steps of a render iteration).
         extra_terms: pose (B, 4, 4) -> (H_x (B, 6, 6), b_x (B, 6)) float64, evaluated at the pose of
             every iteration and added to the normal equations before damping (module docstring).
+        pixels: (P',) int64 flat (row-major) indices of the only pixels to use, shared by the batch
+            (e.g. :func:`foreground_pixels`). The result equals the dense solve's (up to the order of
+            the sums) when every pixel left out has weight 0 or reference depth ≤ ``min_depth``.
 
     Returns:
         :class:`LMStep`.
@@ -238,8 +247,11 @@ def solve_lm_step(
     if reference_points is None:
         reference_points = backproject_depth(depth.to(dtype), K)
     X0 = reference_points.reshape(batch, -1, 3)  # (B, P, 3)
-    target64 = target.reshape(batch, -1, 2).to(torch.float64)
-    w = weight.reshape(batch, -1).to(dtype)
+    target64 = target.reshape(batch, -1, 2)
+    w = weight.reshape(batch, -1)
+    if pixels is not None:
+        X0, target64, w = X0[:, pixels], target64[:, pixels], w[:, pixels]
+    target64, w = target64.to(torch.float64), w.to(dtype)
     damping_scale, damping_shift = _damping(ep_lambda, lm_lambda, T.device)
     reference_valid = X0[..., 2] > min_depth
 
@@ -271,6 +283,13 @@ def solve_lm_step(
         num_valid=(omega > 0).sum(-1),
         residual_rms=rms,
     )
+
+
+def foreground_pixels(depth: Tensor, min_depth: float) -> Tensor:
+    """(P',) int64 flat indices of the pixels where any instance's depth (B, H, W) exceeds
+    ``min_depth``: the only ones that can contribute to :func:`solve_lm_step` (data-dependent size,
+    a host synchronisation)."""
+    return torch.nonzero((depth.to(torch.float64) > min_depth).any(0).reshape(-1), as_tuple=True)[0]
 
 
 def _damping(ep_lambda: float, lm_lambda: float, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -8,9 +8,10 @@ waiting. Two settings fix that:
 - ``OMP_WAIT_POLICY=PASSIVE`` (:func:`prefer_passive_waiting`): read by the OpenMP runtime when it
   loads, i.e. on the first ``import torch``; it must be set before that, so entry points call this
   first. A value the user set is kept.
-- the size of torch's intra-op pool (:func:`configure_threads`): by default the cores this process
-  may run on, as given by its CPU affinity (a container or ``taskset`` limit), not the machine's
-  count; one inter-op thread (the engine runs one stage at a time).
+- the size of torch's intra-op pool and of OpenCV's (the classical backend's flow) pool
+  (:func:`configure_threads`): by default the cores this process may run on, as given by its CPU
+  affinity (a container or ``taskset`` limit), not the machine's count; one inter-op thread (the
+  engine runs one stage at a time).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def configure_threads(num_threads: int = 0) -> int:
     """Size torch's thread pools for the engine.
 
     Args:
-        num_threads: intra-op threads; 0 = :func:`available_cores`.
+        num_threads: intra-op threads of torch and OpenCV; 0 = :func:`available_cores`.
 
     Returns:
         The intra-op thread count now in effect.
@@ -51,11 +52,13 @@ def configure_threads(num_threads: int = 0) -> int:
     Raises:
         ValueError: ``num_threads`` is negative.
     """
+    import cv2
     import torch
 
     if num_threads < 0:
         raise ValueError(f"num_threads must be ≥ 0 (0 = all available cores), got {num_threads}")
     torch.set_num_threads(num_threads or available_cores())
+    cv2.setNumThreads(torch.get_num_threads())
     # Only possible before the first inter-op work; after it the pool stays as it is.
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)

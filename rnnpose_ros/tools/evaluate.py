@@ -84,6 +84,8 @@ class LevelResult:
     trans_m: tuple[float, float, float]
     outcomes: list[InstanceOutcome] = field(default_factory=list)
     refine_seconds: float = 0.0
+    #: Per scene, its refinement time divided by its instances (restarts included), seconds.
+    scene_seconds_per_instance: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
         def recall(outcomes: list[InstanceOutcome], which: str) -> dict[str, float]:
@@ -107,6 +109,7 @@ class LevelResult:
             "refined": recall(self.outcomes, "refined"),
             "per_object": per_object,
             "seconds_per_instance": self.refine_seconds / max(len(self.outcomes), 1),
+            "median_seconds_per_instance": _median(self.scene_seconds_per_instance),
             "num_instances": len(self.outcomes),
             "noise": {"rot_deg": self.rot_deg, "trans_m": list(self.trans_m)},
             "status_counts": statuses,
@@ -177,6 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--weights", nargs="*", default=[], metavar="CLASS=FILE", help="weights per class (rnnpose backend)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch and OpenCV CPU threads (0 = available cores)"
+    )
     parser.add_argument(
         "--renderer",
         default="auto",
@@ -345,7 +351,9 @@ def evaluate_level(
         instances = [Instance(s.class_id, s.pose_init, s.instance_id) for s in scene.instances]
         start = time.perf_counter()
         refined = refiner.refine(scene.observation, instances)
-        result.refine_seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        result.refine_seconds += elapsed
+        result.scene_seconds_per_instance.append(elapsed / max(len(instances), 1))
         result.outcomes += score_scene(scene, refined, registry)
     return result
 
@@ -408,7 +416,13 @@ def format_table(summary: dict, title: str) -> str:
                 )
             lines.append(f"    {_score_line(entry)}")
     lines.append(
-        f"instances {summary['num_instances']}, {summary['seconds_per_instance']:.3f} s per instance, "
+        f"instances {summary['num_instances']}, {summary['seconds_per_instance']:.3f} s per instance"
+        + (
+            ""
+            if summary.get("median_seconds_per_instance") is None
+            else f" (median over scenes {summary['median_seconds_per_instance']:.3f} s)"
+        )
+        + ", "
         f"statuses {summary['status_counts']}, mean score {summary['mean_score']:.3f}"
     )
     as_text = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
@@ -458,6 +472,10 @@ def plot_sweep(levels: list[dict], path: Path, backend: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    from rnnpose_ros.core.threads import configure_threads, prefer_passive_waiting
+
+    prefer_passive_waiting()
+    configure_threads(args.threads)
     if args.sequence:
         from rnnpose_ros.tools.sequence_eval import main as sequence_main
 
