@@ -248,7 +248,8 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         on (the published 10 cm would ignore close objects), the solve on the weighted pixels only
         (most of a crop is background, and the flow already synchronised with the host), and restarts
         below score 0.7, with or without depth: out-of-plane rotation errors above ≈ 25° are beyond
-        the flow's basin, and restarting weak results from ±25° hypotheses recovers most of them (README, evaluation)."""
+        the flow's basin, and restarting weak results from ±25° hypotheses recovers most of them
+        (README, evaluation)."""
         return RefinerConfig(
             outer_iterations=12,
             inner_steps=3,
