@@ -119,6 +119,51 @@ def test_background_behind_a_misplaced_silhouette_does_not_pull(duck_view):
     assert mm < 0.5 and deg < 0.3
 
 
+def sideways(dx: float) -> torch.Tensor:
+    """(1, 4, 4) relative pose moving the reference ``dx`` metres sideways (identity = the truth)."""
+    T = torch.eye(4, dtype=torch.float64)[None].clone()
+    T[0, 0, 3] = dx
+    return T
+
+
+def test_2d_targets_choose_the_object_layer_under_a_rendering_mostly_on_the_support(duck_view):
+    """A rendering 6 cm sideways covers more of the surface just behind the object than of the object:
+    that layer holds the most pixels, but the 2D targets (here exact: every reference pixel shows at
+    its own place) point at the object, whose depth then sets the gate."""
+    K, depth, _ = duck_view
+    observed = torch.where(depth > 0, depth, torch.full_like(depth, float(depth.max()) + 0.03))
+    start = sideways(0.06)
+    plain = DepthTerm(depth, K, observed, torch.ones(1), CONFIG)
+    mm, _ = pose_error(solve_depth_only(plain, start))
+    assert mm > 50.0  # the premise: without the targets the support surface wins and pulls
+    guided = DepthTerm(depth, K, observed, torch.ones(1), CONFIG)
+    v, u = torch.meshgrid(*(torch.arange(SIZE, dtype=torch.float64),) * 2, indexing="ij")
+    guided.guide(torch.stack((u, v), -1)[None], (depth > 0).to(torch.float64))
+    mm, deg = pose_error(solve_depth_only(guided, start))
+    assert mm < 0.5 and deg < 0.3
+    # Targets with no confidence (or too few) leave the choice to the rendering's own pixels.
+    unsure = DepthTerm(depth, K, observed, torch.ones(1), CONFIG)
+    unsure.guide(torch.stack((u, v), -1)[None], 0.4 * (depth > 0).to(torch.float64))
+    for T in (start, offset()):
+        np.testing.assert_array_equal(unsure.normal_equations(T).hessian, plain.normal_equations(T).hessian)
+
+
+def test_no_layer_beyond_the_largest_correction_is_sought(duck_view):
+    """Without 2D targets, a wall 30 cm behind under a rendering 5 cm sideways is beyond
+    ``max_layer_offset_m``: the object's own pixels set the gate and the estimate converges."""
+    K, depth, _ = duck_view
+    observed = torch.where(depth > 0, depth, torch.full_like(depth, float(depth.max()) + 0.3))
+    mm, deg = pose_error(
+        solve_depth_only(DepthTerm(depth, K, observed, torch.ones(1), CONFIG), sideways(0.05))
+    )
+    assert mm < 0.5 and deg < 0.3
+    unbounded = replace(CONFIG, max_layer_offset_m=1.0)
+    mm, _ = pose_error(
+        solve_depth_only(DepthTerm(depth, K, observed, torch.ones(1), unbounded), sideways(0.05))
+    )
+    assert mm > 50.0
+
+
 def test_holes_and_flying_pixels_are_not_used(duck_view):
     K, depth, _ = duck_view
     rng = np.random.default_rng(4)

@@ -33,13 +33,23 @@ Gating (what real depth does and must not pull the pose):
 - silhouette and grazing surface: reference pixels whose 4 neighbours are not all on the object, or
   whose surface is seen at more than ``max_grazing_deg`` from its normal, are not used;
 - occluders and background: with e = D(q) − Z₁ the axial difference, a pixel is used only if
-  |e − m| < max(``band_m``, ``gate_sigmas``·σ_z), where m is the densest offset: the middle of the
-  ``mode_window_m`` wide interval holding the most of the instance's candidate values of e. The
-  object's own surface is the largest consistent layer of what the rendering covers; an occluder
-  (nearer, e ≪ m) or the support surface seen past a misaligned silhouette (farther, e ≫ m) does
-  not pull the object, even when it covers a large share of the rendering (a median would follow
-  any layer holding half the pixels). Centring on m keeps the term active while the pose is still
-  centimetres off in depth (then every e is far from 0).
+  |e − m| < max(``band_m``, ``gate_sigmas``·σ_z), where m is the object's depth layer: the densest
+  offset, the middle of the ``mode_window_m`` wide interval holding the most values of an offset.
+  Centring on m keeps the term active while the pose is still centimetres off in depth (then every
+  e is far from 0); a median would follow any layer holding half the pixels.
+
+  Which pixels vote for m: where the 2D correspondences of the same step are known
+  (:meth:`DepthTerm.guide`), the observed depth at each reference pixel's 2D target x* — where the
+  image shows that surface point — gives the offset g = D(x*) − Z₁, and m is the densest g over the
+  confident targets (weight ≥ ``guide_min_weight``). The targets lie on the object in the image
+  even when the rendering is centimetres off sideways and mostly covers the support surface behind
+  (a small object that starts far off), so that surface, the layer with the most pixels under the
+  rendering, does not win; an occluder (nearer) is a minority of the targets as long as most of the
+  object is visible. Without confident targets (fewer than ``guide_min_share`` of the usable
+  pixels), the candidates' own e vote: the object's surface is then the largest consistent layer of
+  what the rendering covers. Either way only offsets within ±``max_layer_offset_m`` vote: a render
+  iteration corrects the depth by at most about a detector's depth error, so a wall far behind a
+  misplaced rendering is never taken for the object.
 
 The term also measures, at a given pose, how well the observed depth agrees with the rendering
 (:meth:`DepthTerm.agreement`, used by the refiner's score).
@@ -66,6 +76,11 @@ class DepthTermConfig:
         robust_scale: Huber scale of the point-to-plane residual, multiples of σ_z.
         gate_sigmas, band_m: gating band max(band_m, gate_sigmas·σ_z) around the densest offset.
         mode_window_m: width of the interval that finds the densest offset.
+        guide_min_weight: 2D correspondences at least this confident vote for the depth layer.
+        guide_min_share: the 2D targets choose the layer when at least this share of the usable
+            reference pixels has a confident target with observed depth; else the candidates do.
+        max_layer_offset_m: the layer is sought within ±this of the rendering: the largest depth
+            correction one render iteration makes (about 3σ of a detector's depth error).
         flying_jump_m: an observed pixel whose 3×3 neighbourhood spans more than this is not used.
         max_grazing_deg: reference pixels seen more obliquely than this are not used, degrees.
         min_depth: reference pixels at or below this depth are background.
@@ -86,6 +101,9 @@ class DepthTermConfig:
     gate_sigmas: float = 4.0
     band_m: float = 0.015
     mode_window_m: float = 0.02
+    guide_min_weight: float = 0.5
+    guide_min_share: float = 0.03
+    max_layer_offset_m: float = 0.15
     flying_jump_m: float = 0.02
     max_grazing_deg: float = 80.0
     min_depth: float = 0.02
@@ -152,9 +170,28 @@ class DepthTerm:
         depth = reference_depth.to(torch.float64)
         self.K = K.to(torch.float64)
         self.height, self.width = depth.shape[1:]
-        self.X0, self.n0, usable, self.multiplicity = _reference_surface(depth, self.K, config)
+        self.index, self.X0, self.n0, usable, self.multiplicity = _reference_surface(depth, self.K, config)
         self.usable = usable & active.to(torch.bool)[:, None]
         self.observed = _without_flying_pixels(observed.float(), config.flying_jump_m).to(torch.float64)
+        self.guide_depth: Tensor | None = None
+        self.guide_mask: Tensor | None = None
+
+    def guide(self, target: Tensor, weight: Tensor) -> None:
+        """Let the 2D correspondences of the coming LM step choose the depth layer (module docstring).
+
+        Args:
+            target: (B, h, w, 2) target pixel x* of every reference pixel, crop pixels (x first).
+            weight: (B, h, w) confidence in [0, 1] of every target.
+        """
+        batch = len(self.index)
+        at = self.index[..., None].expand(-1, -1, 2)
+        xy = torch.gather(target.reshape(batch, -1, 2).to(torch.float64), 1, at)
+        confident = torch.gather(weight.reshape(batch, -1), 1, self.index) >= self.config.guide_min_weight
+        qx, qy = torch.round(xy[..., 0]), torch.round(xy[..., 1])
+        inside = (qx >= 0) & (qx <= self.width - 1) & (qy >= 0) & (qy <= self.height - 1)
+        pixel = (qy.clamp(0, self.height - 1) * self.width + qx.clamp(0, self.width - 1)).long()
+        self.guide_depth = torch.gather(self.observed.reshape(batch, -1), 1, pixel)
+        self.guide_mask = self.usable & confident & inside & (self.guide_depth > 0)
 
     def _associate(self, T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(observed points P (B, N, 3), axial differences e = D(q) − Z₁ (B, N), candidate mask (B, N))
@@ -180,7 +217,7 @@ class DepthTerm:
         T64 = T.to(torch.float64)
         P, e, candidate = self._associate(T64)
         sigma = config.sigma(P[..., 2])
-        offset = _densest_offset(e, candidate, config.mode_window_m)
+        offset = self._layer(T64, e, candidate)
         band = (config.gate_sigmas * sigma).clamp_min(config.band_m)
         used = candidate & ((e - offset[:, None]).abs() < band)
         r, J = point_to_plane(T64, self.X0, self.n0, P)
@@ -195,6 +232,20 @@ class DepthTerm:
             gradient=-torch.einsum("bni,bn->bi", wJ, r),
             num_used=used.sum(-1),
         )
+
+    def _layer(self, T: Tensor, e: Tensor, candidate: Tensor) -> Tensor:
+        """(B,) float64 offset m of the object's depth layer at relative pose T (module docstring),
+        given the candidates' axial differences e (B, N) and mask (B, N)."""
+        config = self.config
+        own = _densest_offset(e, candidate & (e.abs() <= config.max_layer_offset_m), config.mode_window_m)
+        if self.guide_depth is None or self.guide_mask is None:
+            return own
+        z1 = self.X0 @ T[:, 2, :3, None] + T[:, 2, None, 3:]
+        g = self.guide_depth - z1[..., 0]
+        voters = self.guide_mask & (g.abs() <= config.max_layer_offset_m)
+        guided = _densest_offset(g, voters, config.mode_window_m)
+        enough = voters.sum(-1) >= config.guide_min_share * self.usable.sum(-1).clamp_min(1)
+        return torch.where(enough, guided, own)
 
     def solver_terms(self, T: Tensor) -> tuple[Tensor, Tensor]:
         """(H_d, b_d) at T, the ``extra_terms`` of :func:`~rnnpose_ros.core.solver.solve_lm_step`."""
@@ -224,7 +275,7 @@ class DepthTerm:
 
 def _reference_surface(
     depth: Tensor, K: Tensor, config: DepthTermConfig
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Evenly spaced samples of the usable reference surface of a rendered depth (B, h, w), metres.
 
     Usable: object pixels whose 4 neighbours are on the object (their normal, from central
@@ -232,9 +283,9 @@ def _reference_surface(
     ``max_grazing_deg`` of its normal. At most ``config.max_points`` samples per instance.
 
     Returns:
-        X0 (B, M, 3) points and n0 (B, M, 3) unit normals facing the camera (float64, metres);
-        valid (B, M) bool (False on padding and grazing samples); multiplicity (B,) float64 pixels per
-        sample.
+        index (B, M) int64 sample pixels (row-major into h·w); X0 (B, M, 3) points and n0 (B, M, 3)
+        unit normals facing the camera (float64, metres); valid (B, M) bool (False on padding and
+        grazing samples); multiplicity (B,) float64 pixels per sample.
     """
     batch, _, width = depth.shape
     fg = depth > config.min_depth
@@ -262,7 +313,7 @@ def _reference_surface(
     cosine = (normal * ray).sum(-1)
     normal = torch.where(cosine[..., None] > 0, -normal, normal)  # face the camera
     valid = valid & (cosine.abs() >= math.cos(math.radians(config.max_grazing_deg)))
-    return X0, normal, valid, multiplicity
+    return index, X0, normal, valid, multiplicity
 
 
 def _samples(usable: Tensor, max_points: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -454,9 +454,16 @@ class Refiner:
                     view.depth, view.K, view.observed_depth, batch.active(torch.float64), config.depth
                 )
 
-            def correspond(relative: Tensor, inner: int, view: RenderState = view) -> Correspondences:
+            def correspond(
+                relative: Tensor,
+                inner: int,
+                view: RenderState = view,
+                depth_term: DepthTerm | None = depth_term,
+            ) -> Correspondences:
                 call.check_stop()
                 corr = self.backend.correspondences(frame, view, relative, inner)
+                if depth_term is not None:  # where the image shows the object tells its depth layer
+                    depth_term.guide(corr.target, corr.weight)
                 # Instances that failed get zero weight: their step is exactly 0 (b = 0).
                 return Correspondences(
                     corr.target, corr.weight * batch.active(corr.weight.dtype)[:, None, None]
