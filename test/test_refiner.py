@@ -9,6 +9,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from rnnpose_ros.core.backends.classical import ClassicalBackend, ClassicalConfig, CropStage
+from rnnpose_ros.core.depth_sensor import DepthSensorModel
 from rnnpose_ros.core.loop import Convergence
 from rnnpose_ros.core.objects import ObjectRegistry, load_pybullet_object, pybullet_mesh_available
 from rnnpose_ros.core.observation import InputError, Observation
@@ -273,6 +274,18 @@ def test_restarts_keep_the_best_scoring_hypothesis(registry, renderer, scene):
     expected = plain.refine(scene.observation, instances)
     for a, b in zip(never.refine(scene.observation, instances), expected, strict=True):
         np.testing.assert_allclose(a.pose, b.pose, atol=1e-9)
+
+
+def test_frames_with_depth_restart_below_their_own_threshold(registry, renderer):
+    """``restart_below_score_with_depth`` decides for an observation with depth, and only for it."""
+    scene = make_scene([registry["duck"]], 4, renderer, replace(MILD, depth=DepthSensorModel()))
+    config = replace(SHORT, restart_below_score=0.0, restart_below_score_with_depth=1.01)
+    refiner = Refiner(registry, config=config, backend_config=ONE_STAGE, renderer=renderer)
+    instances = [Instance(i.class_id, i.pose_init, i.instance_id) for i in scene.instances]
+    rgb = Observation(scene.observation.image, scene.observation.K)
+    assert [r.restarted for r in refiner.refine(rgb, instances)] == [False]
+    assert [r.restarted for r in refiner.refine(scene.observation, instances)] == [True]
+    assert replace(config, restart_below_score=None).restart_threshold(with_depth=True) is None
 
 
 def test_converged_instances_stop_early_and_keep_their_pose(registry, renderer):

@@ -369,15 +369,16 @@ class Refiner:
         instance_index: list[int],
         outcomes: list[_Outcome],
     ) -> list[_Outcome]:
-        """Refine weak outcomes again from rotation hypotheses (``config.restart_below_score``), all in
+        """Refine weak outcomes again from rotation hypotheses (``config.restart_threshold``), all in
         one batch, and keep per instance the OK outcome with the best score (the first one if none)."""
         config = self.config
-        if config.restart_below_score is None:
+        threshold = config.restart_threshold(call.observation.depth is not None)
+        if threshold is None:
             return outcomes
         weak = [
             b
             for b, outcome in enumerate(outcomes)
-            if outcome.status is not RefineStatus.OK or outcome.score < config.restart_below_score
+            if outcome.status is not RefineStatus.OK or outcome.score < threshold
         ]
         if not weak:
             return outcomes

@@ -536,7 +536,9 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
     if settings.inner_iterations:
         refiner.config.inner_steps = settings.inner_iterations
     if settings.restart_below_score >= 0.0:
+        # One user-set threshold governs frames with and without depth.
         refiner.config.restart_below_score = settings.restart_below_score or None
+        refiner.config.restart_below_score_with_depth = None
     return refiner
 
 

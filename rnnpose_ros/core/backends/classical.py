@@ -247,7 +247,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         poses (converged steps below 0.1 mm are not lost to rounding), correspondences from 2 cm depth
         on (the published 10 cm would ignore close objects), the solve on the weighted pixels only
         (most of a crop is background, and the flow already synchronised with the host), and restarts
-        below score 0.7, with or without depth: out-of-plane rotation errors above ≈ 25° are beyond
+        below score 0.7 (0.85 with depth): out-of-plane rotation errors above ≈ 25° are beyond
         the flow's basin, and restarting weak results from ±25° hypotheses recovers most of them
         (README, evaluation)."""
         return RefinerConfig(
@@ -262,6 +262,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
                 sparse=True,
             ),
             restart_below_score=0.7,
+            restart_below_score_with_depth=0.85,
             # Not before two iterations of the tight-crop stage (the first five are coarse stages).
             convergence=Convergence(min_iterations=7),
         )
