@@ -32,6 +32,8 @@ def test_cli_writes_the_documented_json(tmp_path, capsys):
         "--no-progress",
         "--outer-iterations",
         "4",
+        "--restart-below",
+        "0.95",
     ]
     code = evaluate.main(argv)
     assert code == 0
@@ -42,6 +44,9 @@ def test_cli_writes_the_documented_json(tmp_path, capsys):
     _check_recalls(result["refined"])
     assert result["backend"] == "classical" and result["device"] == "cpu"
     assert result["config"]["outer_iterations"] == 4
+    assert (
+        result["config"]["restart_below_score"] == result["config"]["restart_below_score_with_depth"] == 0.95
+    )
     assert result["seconds_per_instance"] > 0 and result["median_seconds_per_instance"] > 0
     assert result["num_scenes"] == 2 and result["num_instances"] == 2
     entry = result["per_object"]["duck"]

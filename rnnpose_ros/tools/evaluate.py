@@ -199,6 +199,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-early-stop", action="store_true", help="run the whole schedule (no convergence-based stop)"
     )
     parser.add_argument(
+        "--restart-below",
+        type=float,
+        default=None,
+        metavar="SCORE",
+        help="restart results scoring below this, with and without depth (0 = never; default: the "
+        "backend's thresholds), as the node's restart_below_score",
+    )
+    parser.add_argument(
         "--inner-steps", type=int, default=None, help="steps per render iteration (default: the backend's)"
     )
     parser.add_argument(
@@ -310,6 +318,9 @@ def build_refiner(args: argparse.Namespace, registry, renderer):
             loop.outer_iterations = args.outer_iterations
         if args.no_early_stop:
             loop.convergence = None
+        if args.restart_below is not None:
+            loop.restart_below_score = args.restart_below or None
+            loop.restart_below_score_with_depth = None
         if getattr(args, "inner_steps", None) is not None:
             loop.inner_steps = args.inner_steps
         if info.needs_weights:
@@ -567,10 +578,12 @@ def write_trace_gif(args: argparse.Namespace, registry, renderer, refiner) -> No
 
 
 def _config_summary(refiner) -> dict:
-    """The schedule of the refiner, for the JSON record."""
+    """The schedule and restart thresholds of the refiner, for the JSON record."""
     return {
         "outer_iterations": refiner.config.outer_iterations,
         "inner_steps": refiner.config.inner_steps,
+        "restart_below_score": refiner.config.restart_threshold(with_depth=False),
+        "restart_below_score_with_depth": refiner.config.restart_threshold(with_depth=True),
         "published_conventions": getattr(refiner.backend.config, "published_conventions", False),
     }
 
