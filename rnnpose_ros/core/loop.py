@@ -72,9 +72,8 @@ class RefinerConfig:
             refined again from rotation hypotheses, and the result with the best score is kept
             (None: no restarts). It widens the rotation basin of a backend that is locally accurate.
         restart_below_score_with_depth: the same threshold for an observation with depth (None: as
-            ``restart_below_score``): the depth-aware score separates passes from failures at a
-            higher value (classical, duck, default noise, 160 scenes: failures ended at 0.55–0.76,
-            95 % of the passes above 0.85).
+            ``restart_below_score``): the depth-aware score is another quantity (core/score.py), so
+            its threshold is chosen on its own.
         restart_angle_deg, restart_hypotheses: the hypotheses turn the initial pose by this angle
             about ``restart_hypotheses`` axes evenly spaced in the camera's x–y plane, through the
             model centre (out-of-plane errors are the ones a silhouette aligns worst).

@@ -38,8 +38,8 @@ The default schedule (12 render iterations × 3 LM steps): 3 iterations in a wid
 the robust median shift of the flow (``motion="translation"``: a large initial error makes the
 dense flow unreliable in its details, and its divergence would otherwise throw the weakly
 constrained depth far off), 2 iterations of full 6-DoF region flow in that crop, then 7 in a tight
-224² crop with region and relit flows. Results scoring below 0.7 are refined again from four rotation
-hypotheses (``restart_below_score``, see :mod:`rnnpose_ros.core.refiner`).
+224² crop with region and relit flows. Results scoring below 0.9 (0.85 with depth) are refined
+again from four rotation hypotheses (``restart_below_score``, see :mod:`rnnpose_ros.core.refiner`).
 
 Why not plain grey-level flow: on photographs whose lighting differs from
 the rendering (the synthetic scenes vary light direction, strengths and colour gain, then blur and
@@ -247,7 +247,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         poses (converged steps below 0.1 mm are not lost to rounding), correspondences from 2 cm depth
         on (the published 10 cm would ignore close objects), the solve on the weighted pixels only
         (most of a crop is background, and the flow already synchronised with the host), and restarts
-        below score 0.7 (0.85 with depth): out-of-plane rotation errors above ≈ 25° are beyond
+        below score 0.9 (0.85 with depth): out-of-plane rotation errors above ≈ 25° are beyond
         the flow's basin, and restarting weak results from ±25° hypotheses recovers most of them
         (README, evaluation)."""
         return RefinerConfig(
@@ -261,7 +261,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
                 pose_dtype=torch.float64,
                 sparse=True,
             ),
-            restart_below_score=0.7,
+            restart_below_score=0.9,
             restart_below_score_with_depth=0.85,
             # Not before two iterations of the tight-crop stage (the first five are coarse stages).
             convergence=Convergence(min_iterations=7),
