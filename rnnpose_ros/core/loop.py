@@ -98,6 +98,12 @@ class RefinerConfig:
     convergence: Convergence | None = None
     depth: DepthTermConfig = field(default_factory=DepthTermConfig)
 
+    def use_one_restart_threshold(self, score: float) -> None:
+        """Restart below ``score`` on every frame, with or without depth (0 = never restart): a
+        threshold the user sets replaces both of the backend's."""
+        self.restart_below_score = score or None
+        self.restart_below_score_with_depth = None
+
     def restart_threshold(self, with_depth: bool) -> float | None:
         """The score below which a result restarts (None: never), for an observation with or
         without depth."""

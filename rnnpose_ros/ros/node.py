@@ -536,9 +536,7 @@ def create_refiner(settings: Settings, registry: Any) -> Any:
     if settings.inner_iterations:
         refiner.config.inner_steps = settings.inner_iterations
     if settings.restart_below_score >= 0.0:
-        # One user-set threshold governs frames with and without depth.
-        refiner.config.restart_below_score = settings.restart_below_score or None
-        refiner.config.restart_below_score_with_depth = None
+        refiner.config.use_one_restart_threshold(settings.restart_below_score)
     return refiner
 
 

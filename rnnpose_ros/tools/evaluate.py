@@ -319,8 +319,7 @@ def build_refiner(args: argparse.Namespace, registry, renderer):
         if args.no_early_stop:
             loop.convergence = None
         if args.restart_below is not None:
-            loop.restart_below_score = args.restart_below or None
-            loop.restart_below_score_with_depth = None
+            loop.use_one_restart_threshold(args.restart_below)
         if getattr(args, "inner_steps", None) is not None:
             loop.inner_steps = args.inner_steps
         if info.needs_weights:
