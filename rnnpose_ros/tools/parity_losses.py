@@ -76,11 +76,16 @@ def _feats_comparisons(name: str, actual: torch.Tensor, expected: torch.Tensor) 
     ]
 
 
+def _sections(fixture: dict) -> tuple[dict, dict, dict, dict]:
+    """The inputs, intermediate values, outputs and gradients of a training-loss fixture."""
+    return fixture["inputs"], fixture["intermediate"], fixture["outputs"], fixture["grads"]
+
+
 def check_circle_loss(fixture: dict) -> list[Comparison]:
     """Pre-processing (lifting, radius matches), the sampled pairs, distances, loss, recall and the
     gradients of the circle loss; the core formula alone on the stored distances too."""
-    pre, inputs, inter = fixture["preprocess"], fixture["inputs"], fixture["intermediate"]
-    out, grads = fixture["outputs"], fixture["grads"]
+    pre = fixture["preprocess"]
+    inputs, inter, out, grads = _sections(fixture)
     results: list[Comparison] = []
     corr = descriptor_correspondences(
         pre["raw_model_points"].numpy(), pre["depth_f64"].numpy(), pre["K"].numpy(), pre["RT"].numpy()
@@ -145,12 +150,7 @@ def check_circle_loss(fixture: dict) -> list[Comparison]:
 
 def check_flow_loss(fixture: dict) -> list[Comparison]:
     """Ground-truth flow and masks, flow loss, reprojection loss, metrics and gradients."""
-    inputs, inter, out, grads = (
-        fixture["inputs"],
-        fixture["intermediate"],
-        fixture["outputs"],
-        fixture["grads"],
-    )
+    inputs, inter, out, grads = _sections(fixture)
     weights = LossWeights()
     K, Ti, T_gt = inputs["K"], inputs["Ti"][:, 0], inputs["T_gt"][:, 0]
     Tij = inputs["Tij"][:, 0].clone().requires_grad_(True)
@@ -187,12 +187,7 @@ def check_flow_loss(fixture: dict) -> list[Comparison]:
 
 def check_align_loss(fixture: dict) -> list[Comparison]:
     """Point alignment loss and its gradients with respect to Tij and the predicted (R, t)."""
-    inputs, inter, out, grads = (
-        fixture["inputs"],
-        fixture["intermediate"],
-        fixture["outputs"],
-        fixture["grads"],
-    )
+    inputs, inter, out, grads = _sections(fixture)
     Ti, T_gt = inputs["Ti"][:, 0], inputs["T_gt"][:, 0]
     Tij = inputs["Tij"][:, 0].clone().requires_grad_(True)
     relative_gt = relative_target(T_gt, Ti)
@@ -215,12 +210,7 @@ def check_align_loss(fixture: dict) -> list[Comparison]:
 
 def check_total_loss(fixture: dict) -> list[Comparison]:
     """Circle + the 12-iteration motion loss, per-iteration terms and all gradients."""
-    inputs, inter, out, grads = (
-        fixture["inputs"],
-        fixture["intermediate"],
-        fixture["outputs"],
-        fixture["grads"],
-    )
+    inputs, inter, out, grads = _sections(fixture)
     weights = LossWeights()
     iterations = len(inputs["Tij"])
     per_render = iterations // len(inputs["Ti"])
