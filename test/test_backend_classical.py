@@ -38,7 +38,9 @@ class OracleBackend(ClassicalBackend):
 
     ground_truth: np.ndarray  # (B, 4, 4)
 
-    def flow_targets(self, crops: CropBatch, flow_input: str = "gray") -> tuple[np.ndarray, np.ndarray]:
+    def flow_targets(
+        self, crops: CropBatch, flow_input: str = "gray", relit_finest_scale: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
         batch, height, width = crops.mask.shape
         targets = np.zeros((batch, height, width, 2), np.float32)
         weights = np.zeros((batch, height, width), np.float32)

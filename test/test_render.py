@@ -188,6 +188,25 @@ def test_textured_duck_renders_colour(renderer):
     assert mean[0] > 0.5 and mean[1] > 0.4 and mean[2] < 0.3  # a yellow duck
 
 
+@pytest.mark.skipif(importlib.util.find_spec("pybullet_data") is None, reason="pybullet_data not installed")
+def test_no_light_renders_black_with_the_same_geometry(renderer):
+    """Lighting with every term 0 (depth and silhouette only, no texture lookups): black colour, and
+    depth, mask, faces and barycentrics as under any other light."""
+    from rnnpose_ros.core.objects import load_pybullet_object
+    from rnnpose_ros.core.render import Lighting
+
+    duck = load_pybullet_object("duck")
+    T = pose(t=-duck.center + np.array([0.0, 0.0, 0.4]))
+    K = intrinsics(fx=572, fy=572, cx=120, cy=120)
+    lit = renderer.render([duck], T, K, (240, 240))
+    dark = renderer.render(
+        [duck], T, K, (240, 240), lighting=Lighting(ambient=0.0, diffuse=0.0, specular=0.0)
+    )
+    assert lit.rgb[0][lit.mask[0]].max() > 0.5 and dark.rgb.max() == 0.0
+    for name in ("depth", "mask", "face_index", "barycentric"):
+        np.testing.assert_array_equal(getattr(dark, name), getattr(lit, name))
+
+
 def test_texture_orientation(renderer):
     """uv v = 1 is the top row of the texture image (OpenGL convention, as trimesh loads OBJ files)."""
     plate = square(0.1)

@@ -157,6 +157,33 @@ def test_foreground_pixels_solve_equals_dense():
     assert torch.equal(sparse.num_valid, dense.num_valid)
 
 
+def test_pixel_stride_solves_on_every_other_row_and_column():
+    """LMConfig.pixel_stride 2: the solve equals the dense one whose weights are zero off the grid of
+    even rows and columns; stride 1 without ``sparse`` keeps the dense solve; stride 0 is refused."""
+    from rnnpose_ros.core.solver import LMConfig, SolverInputError
+
+    gen = torch.Generator().manual_seed(6)
+    depth = _box_depth()
+    K = K_CROP[None].double()
+    T_true = se3_exp(torch.tensor([[0.01, -0.01, 0.02, 0.03, 0.02, -0.02]], dtype=torch.float64))
+    target = _oracle_target(depth, K, T_true) + 0.3 * torch.randn(1, HEIGHT, WIDTH, 2, generator=gen).double()
+    weight = torch.rand(1, HEIGHT, WIDTH, generator=gen, dtype=torch.float64)
+    lm = LMConfig(robust="huber", robust_scale=1.0, pixel_stride=2)
+    pixels = lm.solve_pixels(depth)
+    rows, cols = pixels // WIDTH, pixels % WIDTH
+    assert bool(((rows % 2 == 0) & (cols % 2 == 0)).all())
+    assert len(pixels) == int((depth[0, ::2, ::2] > lm.min_depth).sum())
+    on_grid = torch.zeros_like(weight)
+    on_grid[:, ::2, ::2] = 1.0
+    T0 = torch.eye(4, dtype=torch.float64)[None]
+    strided = solve_lm_step(T0, depth, K, target, weight, pixels=pixels, **lm.solver_options())
+    dense = solve_lm_step(T0, depth, K, target, weight * on_grid, **lm.solver_options())
+    torch.testing.assert_close(strided.pose, dense.pose, atol=1e-12, rtol=1e-12)
+    assert LMConfig().solve_pixels(depth) is None
+    with pytest.raises(SolverInputError, match="pixel_stride"):
+        LMConfig(pixel_stride=0).solve_pixels(depth)
+
+
 def test_render_iteration_with_sparse_solve_equals_dense():
     """LMConfig.sparse: the render iteration picks the foreground once; every inner step is unchanged."""
     from rnnpose_ros.core.loop import Correspondences, run_render_iteration

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from rnnpose_ros.core.depth_term import DepthTermConfig
 from rnnpose_ros.core.geometry import backproject_depth
-from rnnpose_ros.core.solver import LMConfig, LMStep, foreground_pixels, solve_lm_step
+from rnnpose_ros.core.solver import LMConfig, LMStep, solve_lm_step
 
 
 @dataclass
@@ -176,7 +176,7 @@ def run_render_iteration(
         steps (the refiner zeroes the weights of instances that failed).
     """
     points = backproject_depth(depth.to(relative.dtype), K.to(relative.dtype))
-    pixels = foreground_pixels(depth, lm.min_depth) if lm.sparse else None
+    pixels = lm.solve_pixels(depth)
     for k in range(steps):
         relative = relative.detach()
         correspondences = correspond(relative, k)

@@ -60,6 +60,9 @@ class LMConfig:
             (``pixels`` of :func:`solve_lm_step`, chosen by :func:`foreground_pixels`): the same sums
             at a fraction of the cost where most of a crop is background, for one host
             synchronisation per render iteration (host backends; the learned path keeps fixed shapes).
+        pixel_stride: the solve uses the foreground pixels of every ``pixel_stride``-th row and column
+            only (> 1 implies ``sparse``): where the correspondences come from a flow computed at
+            half the crop's resolution, neighbouring pixels repeat nearly the same information.
     """
 
     num_iters: int = 1
@@ -71,10 +74,24 @@ class LMConfig:
     max_step: float = MAX_STEP
     pose_dtype: torch.dtype = torch.float32
     sparse: bool = False
+    pixel_stride: int = 1
 
     def solver_options(self) -> dict:
-        """The keyword arguments of :func:`solve_lm_step` (everything but ``pose_dtype`` and ``sparse``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("pose_dtype", "sparse")}
+        """The keyword arguments of :func:`solve_lm_step` (all but ``pose_dtype``, ``sparse`` and
+        ``pixel_stride``, which choose its ``pixels``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _PIXEL_CHOICE}
+
+    def solve_pixels(self, depth: Tensor) -> Tensor | None:
+        """The ``pixels`` of :func:`solve_lm_step` for a render iteration's reference depth (B, H, W):
+        None (every pixel) unless ``sparse`` or ``pixel_stride`` > 1."""
+        if self.pixel_stride < 1:
+            raise SolverInputError(f"pixel_stride must be ≥ 1, got {self.pixel_stride}")
+        if not self.sparse and self.pixel_stride == 1:
+            return None
+        return foreground_pixels(depth, self.min_depth, self.pixel_stride)
+
+
+_PIXEL_CHOICE = ("pose_dtype", "sparse", "pixel_stride")
 
 
 @dataclass
@@ -285,11 +302,16 @@ def solve_lm_step(
     )
 
 
-def foreground_pixels(depth: Tensor, min_depth: float) -> Tensor:
+def foreground_pixels(depth: Tensor, min_depth: float, stride: int = 1) -> Tensor:
     """(P',) int64 flat indices of the pixels where any instance's depth (B, H, W) exceeds
-    ``min_depth``: the only ones that can contribute to :func:`solve_lm_step` (data-dependent size,
-    a host synchronisation)."""
-    return torch.nonzero((depth.to(torch.float64) > min_depth).any(0).reshape(-1), as_tuple=True)[0]
+    ``min_depth`` — the only ones that can contribute to :func:`solve_lm_step` — in every ``stride``-th
+    row and column (data-dependent size, a host synchronisation)."""
+    foreground = (depth.to(torch.float64) > min_depth).any(0)
+    if stride > 1:
+        on_grid = torch.zeros_like(foreground)
+        on_grid[::stride, ::stride] = True
+        foreground = foreground & on_grid
+    return torch.nonzero(foreground.reshape(-1), as_tuple=True)[0]
 
 
 def _damping(ep_lambda: float, lm_lambda: float, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -9,8 +9,9 @@ Per render iteration, for all B instances of a frame:
 2. render the object (albedo, metric depth, silhouette) at the current pose with K_crop, one batched
    renderer call;
 3. build two single-channel images and compute OpenCV DIS optical flow from the rendering to the
-   observed crop and back (region flow at half the crop resolution, relit flow at full). What the
-   images show depends on the stage's ``flow_input``:
+   observed crop and back (at half the crop resolution; the backward flow only weighs the forward
+   one, and the relit flow of the last two render iterations is computed at full resolution). What
+   the images show depends on the stage's ``flow_input``:
 
    - ``"region"`` (default): the rendered silhouette against the observed crop's object probability,
      P(object | colour) from chromaticity histograms of the observed crop inside the eroded
@@ -38,8 +39,9 @@ The default schedule (12 render iterations × 3 LM steps): 3 iterations in a wid
 the robust median shift of the flow (``motion="translation"``: a large initial error makes the
 dense flow unreliable in its details, and its divergence would otherwise throw the weakly
 constrained depth far off), 2 iterations of full 6-DoF region flow in that crop, then 7 in a tight
-224² crop with region and relit flows. Results scoring below 0.9 (0.85 with depth) are refined
-again from four rotation hypotheses (``restart_below_score``, see :mod:`rnnpose_ros.core.refiner`).
+224² crop with region and relit flows, the last two with the relit flow at full resolution.
+Results scoring below 0.9 (0.85 with depth) are refined again from four rotation hypotheses
+(``restart_below_score``, see :mod:`rnnpose_ros.core.refiner`).
 
 Why not plain grey-level flow: on photographs whose lighting differs from
 the rendering (the synthetic scenes vary light direction, strengths and colour gain, then blur and
@@ -90,6 +92,9 @@ class CropStage:
         margin: window side = (1 + 2·margin) × larger side of the projected model's bounding box.
         flow_input: what the flow compares (see the module docstring): "region", "relit" or "gray".
         motion: "full" (dense flow) or "translation" (its robust median shift only).
+        relit_finest_scale: finest DIS pyramid level of this stage's relit flow (0 = full crop
+            resolution, 1 = half, a quarter of the time): the object's interior texture at full
+            resolution is worth its time in the last render iterations only.
     """
 
     start: int
@@ -97,6 +102,7 @@ class CropStage:
     margin: float
     flow_input: str = "region"
     motion: str = "full"
+    relit_finest_scale: int = 1
 
 
 def _default_stages() -> list[CropStage]:
@@ -104,7 +110,12 @@ def _default_stages() -> list[CropStage]:
         CropStage(start=0, crop_size=160, margin=0.8, motion="translation"),
         CropStage(start=3, crop_size=160, margin=0.8),
         CropStage(start=5, crop_size=224, margin=0.4, flow_input="region+relit"),
+        CropStage(start=10, crop_size=224, margin=0.4, flow_input="region+relit", relit_finest_scale=0),
     ]
+
+
+# Depth and silhouette only: the renderer skips the texture lookups of a black rendering.
+_NO_LIGHT = Lighting(ambient=0.0, diffuse=0.0, specular=0.0)
 
 
 def _flat_lighting() -> Lighting:
@@ -119,15 +130,17 @@ class ClassicalConfig:
     Attributes:
         stages: crop/flow schedule over the render iterations (sorted by ``start``).
         dis_finest_scale: finest DIS pyramid level of the region and grey flows (0 = full crop
-            resolution, 1 = half: a third of the flow's time; the region images are blurred
-            silhouettes).
-        relit_finest_scale: finest DIS pyramid level of the relit flow (None: ``dis_finest_scale``).
-            Full resolution keeps the object's interior texture: on the 160 default-noise duck
-            scenes (seed 0, restarts) ADD(-S)@0.1d 0.875 with every flow at half resolution, 0.887
-            with every flow at full resolution.
+            resolution, 1 = half: a quarter of the flow's time; the region images are blurred
+            silhouettes). The relit flow's level is the stage's (``CropStage.relit_finest_scale``).
+        backward_finest_scale: the backward flows, which only weigh the forward ones (their
+            forward–backward consistency), stop at this level or the forward flow's, whichever is
+            coarser.
         dis_patch_size, dis_patch_stride: DIS patch size / stride, pixels.
         dis_gradient_iterations: DIS inverse-search iterations per patch.
-        dis_variational_iterations: DIS variational refinement iterations per level.
+        dis_variational_iterations: DIS variational refinement iterations per level (relit and grey
+            flows).
+        region_variational_iterations: the same for the region flow, whose blurred silhouettes the
+            variational smoothing does not improve (same recall, half the region flow's time).
         fb_scale_px: Cauchy scale of the forward–backward error, crop pixels (None: no weighting).
         fb_max_px: forward–backward error above which a pixel gets weight 0, crop pixels.
         edge_erosion: rendered-mask erosion (pixels) before correspondences are used.
@@ -141,11 +154,12 @@ class ClassicalConfig:
 
     stages: list[CropStage] = field(default_factory=_default_stages)
     dis_finest_scale: int = 1
-    relit_finest_scale: int | None = 0
+    backward_finest_scale: int = 1
     dis_patch_size: int = 8
     dis_patch_stride: int = 4
     dis_gradient_iterations: int = 16
     dis_variational_iterations: int = 5
+    region_variational_iterations: int = 0
     fb_scale_px: float | None = 1.0
     fb_max_px: float = 3.0
     edge_erosion: int = 1
@@ -175,7 +189,8 @@ class CropBatch:
     Attributes:
         poses: (B, 4, 4) float64 render poses; K: (B, 3, 3) float64 crop intrinsics.
         observed: (B, h, w, 3) uint8 observed crops; rendered: (B, h, w, 3) uint8 rendering (albedo)
-            composited over the observed crop.
+            composited over the observed crop (the object black where the stage's flow compares no
+            colours: "region" looks at the silhouette only).
         depth: (B, h, w) float32 rendered depth, metres, 0 = background; mask: (B, h, w) bool.
         normals: (B, h, w, 3) float32 camera-frame unit surface normals, 0 on background; None where
             the stage's flow does not re-shade (only "relit" uses them).
@@ -230,23 +245,23 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
                     f"stage {stage}: flow_input must be one of {FLOW_INPUTS} and motion one of {MOTIONS}"
                 )
         self._window_vertices = ObjectCache(_window_vertices)
-        # DIS "medium" preset made explicit (finest scale set per flow); mean normalisation of the
-        # patches absorbs brightness offsets between the two images.
+        # DIS "medium" preset made explicit (finest scale and variational iterations set per flow);
+        # mean normalisation of the patches absorbs brightness offsets between the two images.
         self._flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         self._flow.setPatchSize(config.dis_patch_size)
         self._flow.setPatchStride(config.dis_patch_stride)
         self._flow.setGradientDescentIterations(config.dis_gradient_iterations)
-        self._flow.setVariationalRefinementIterations(config.dis_variational_iterations)
         self._flow.setUseMeanNormalization(True)
         self._flow.setUseSpatialPropagation(True)
 
     @staticmethod
     def default_loop() -> RefinerConfig:
-        """12 render iterations × 3 LM steps (three stages, see the module docstring), Huber IRLS at 1
+        """12 render iterations × 3 LM steps (four stages, see the module docstring), Huber IRLS at 1
         crop pixel (flow outliers from occlusion or clutter of the same colour count less), float64
         poses (converged steps below 0.1 mm are not lost to rounding), correspondences from 2 cm depth
-        on (the published 10 cm would ignore close objects), the solve on the weighted pixels only
-        (most of a crop is background, and the flow already synchronised with the host), and restarts
+        on (the published 10 cm would ignore close objects), the solve on the rendered pixels of every
+        second row and column only (most of a crop is background, the flow already synchronised with
+        the host, and the flows are computed at half resolution), and restarts
         below score 0.9 (0.85 with depth): out-of-plane rotation errors above ≈ 25° are beyond
         the flow's basin, and restarting weak results from ±25° hypotheses recovers most of them
         (README, evaluation)."""
@@ -260,6 +275,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
                 min_depth=0.02,
                 pose_dtype=torch.float64,
                 sparse=True,
+                pixel_stride=2,
             ),
             restart_below_score=0.9,
             restart_below_score_with_depth=0.85,
@@ -281,11 +297,12 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         poses_np = poses.detach().cpu().numpy().astype(np.float64)
         crops = self.render_crops(frame, poses_np, stage)
         alternates = []
+        relit_scale = stage.relit_finest_scale
         if stage.flow_input == "region+relit":
             target, weight = self.flow_targets(crops, "region")
-            alternates.append(self.flow_targets(crops, "relit"))
+            alternates.append(self.flow_targets(crops, "relit", relit_scale))
         else:
-            target, weight = self.flow_targets(crops, stage.flow_input)
+            target, weight = self.flow_targets(crops, stage.flow_input, relit_scale)
         if stage.motion == "translation":
             target = _median_shift_targets(target, weight)
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
@@ -356,9 +373,8 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
                     flags=cv2.INTER_NEAREST,
                     borderMode=cv2.BORDER_CONSTANT,
                 )
-        render = self.renderer.render(
-            frame.models, poses, K_crop, (size, size), lighting=self.config.lighting
-        )
+        lighting = _NO_LIGHT if stage.flow_input == "region" else self.config.lighting
+        render = self.renderer.render(frame.models, poses, K_crop, (size, size), lighting=lighting)
         mask = render.mask & (render.depth > 0)
         rendered_rgb = np.round(np.clip(render.rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
         rendered = np.where(mask[..., None], rendered_rgb, observed)
@@ -391,9 +407,18 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
             rendered = _relight(rendered, crops.observed[b], crops.mask[b], crops.normals[b])
         return cv2.cvtColor(rendered, cv2.COLOR_RGB2GRAY), cv2.cvtColor(crops.observed[b], cv2.COLOR_RGB2GRAY)
 
-    def flow_targets(self, crops: CropBatch, flow_input: str = "region") -> tuple[np.ndarray, np.ndarray]:
-        """Targets (B, h, w, 2) float32 and weights (B, h, w) float32 from DIS flow both ways."""
+    def flow_targets(
+        self, crops: CropBatch, flow_input: str = "region", relit_finest_scale: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Targets (B, h, w, 2) float32 and weights (B, h, w) float32 from DIS flow both ways (the relit
+        flow's finest pyramid level ``relit_finest_scale``, the others' ``config.dis_finest_scale``)."""
         config = self.config
+        finest = relit_finest_scale if flow_input == "relit" else config.dis_finest_scale
+        self._flow.setVariationalRefinementIterations(
+            config.region_variational_iterations
+            if flow_input == "region"
+            else config.dis_variational_iterations
+        )
         batch, height, width = crops.mask.shape
         grid = np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1).astype(np.float32)
         targets = np.zeros((batch, height, width, 2), dtype=np.float32)
@@ -406,15 +431,16 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
             if not mask.any():
                 continue
             rendered, observed = self.flow_images(crops, b, flow_input)
-            finest = config.relit_finest_scale if flow_input == "relit" else None
-            self._flow.setFinestScale(config.dis_finest_scale if finest is None else finest)
+            self._flow.setFinestScale(finest)
             forward = self._flow.calc(rendered, observed, None)
+            self._flow.setFinestScale(max(finest, config.backward_finest_scale))
             backward = self._flow.calc(observed, rendered, None)
             target = grid + forward
             back_at_target = cv2.remap(
                 backward, target[..., 0], target[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
             )
-            fb_error = np.linalg.norm(forward + back_at_target, axis=-1)
+            round_trip = forward + back_at_target
+            fb_error = cv2.magnitude(round_trip[..., 0], round_trip[..., 1])
             inside = (
                 (target[..., 0] >= 0)
                 & (target[..., 0] <= width - 1)
@@ -471,7 +497,7 @@ def _colour_bins(image: np.ndarray, bins: int) -> tuple[np.ndarray, int]:
     black/white/grey apart, and nearly black pixels (no reliable chromaticity) get their own bin.
     """
     rgb = image.astype(np.float32)
-    total = rgb.sum(-1)
+    total = rgb[..., 0] + rgb[..., 1] + rgb[..., 2]  # a sum over the short last axis is ~20× slower
     safe = np.maximum(total, 1.0)
     r = np.minimum((rgb[..., 0] / safe * bins).astype(np.int64), bins - 1)
     g = np.minimum((rgb[..., 1] / safe * bins).astype(np.int64), bins - 1)
@@ -544,8 +570,10 @@ def _relight(rendered: np.ndarray, observed: np.ndarray, mask: np.ndarray, norma
         # keeps a channel without albedo (a zero row and column) from making it singular.
         u, v = weight * A * A, weight * A * seen  # (n, 3)
         cross = u.T @ Y  # (3, 8)
-        normal = np.block([[np.diag(u.sum(0)), cross], [cross.T, (Y * u.sum(1)[:, None]).T @ Y]])
-        params = np.linalg.lstsq(normal, np.concatenate((v.sum(0), Y.T @ v.sum(1))), rcond=None)[0]
+        # Channel sums written out: a sum over the short last axis is ~20× slower.
+        u_pixel, v_pixel = u[:, 0] + u[:, 1] + u[:, 2], v[:, 0] + v[:, 1] + v[:, 2]
+        normal = np.block([[np.diag(u.sum(0)), cross], [cross.T, (Y * u_pixel[:, None]).T @ Y]])
+        params = np.linalg.lstsq(normal, np.concatenate((v.sum(0), Y.T @ v_pixel)), rcond=None)[0]
         residual = A * (params[:3] + (Y @ params[3:])[:, None]) - seen
         weight = 0.05 / np.maximum(np.abs(residual), 0.05)
     shading = params[None, :3] + (basis @ params[3:])[:, None]
