@@ -544,8 +544,9 @@ def _shading_basis(normals: np.ndarray) -> np.ndarray:
 def _relight(rendered: np.ndarray, observed: np.ndarray, mask: np.ndarray, normals: np.ndarray) -> np.ndarray:
     """Re-shade the rendered albedo like the observed object: I_c ≈ A_c·(α_c + Y(n)·β), α (3) per-channel
     gain and β (8) spherical-harmonic lighting shared by the channels, fitted by IRLS on the inner object
-    pixels. A shading mismatch at the rim (the observed rim darker or brighter than the rendered one)
-    would move the matched silhouette inwards or outwards, i.e. bias the depth.
+    pixels of every second row and column (11 parameters need far fewer pixels than an object covers;
+    a quarter of the fit's time). A shading mismatch at the rim (the observed rim darker or brighter
+    than the rendered one) would move the matched silhouette inwards or outwards, i.e. bias the depth.
 
     Args:
         rendered: (h, w, 3) uint8 albedo composited over the observed crop; observed: (h, w, 3) uint8.
@@ -554,6 +555,8 @@ def _relight(rendered: np.ndarray, observed: np.ndarray, mask: np.ndarray, norma
         (h, w, 3) uint8; background pixels unchanged.
     """
     inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    inner[1::2] = False
+    inner[:, 1::2] = False
     if inner.sum() < 20:
         return rendered
     # Only the object's pixels change: work on them alone (row-major order, like observed[inner]).
