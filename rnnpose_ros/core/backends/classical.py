@@ -110,7 +110,7 @@ def _default_stages() -> list[CropStage]:
         CropStage(start=0, crop_size=160, margin=0.8, motion="translation"),
         CropStage(start=3, crop_size=160, margin=0.8),
         CropStage(start=5, crop_size=224, margin=0.4, flow_input="region+relit"),
-        CropStage(start=10, crop_size=224, margin=0.4, flow_input="region+relit", relit_finest_scale=0),
+        CropStage(start=11, crop_size=224, margin=0.4, flow_input="region+relit", relit_finest_scale=0),
     ]
 
 
