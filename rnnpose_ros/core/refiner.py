@@ -736,7 +736,8 @@ def _mean_flow(target: Tensor, foreground: Tensor) -> Tensor:
     """(B,) mean ‖x* − x‖ over the foreground pixels of (B, h, w, 2) targets, crop pixels."""
     _, height, width, _ = target.shape
     grid = pixel_grid(height, width, target.dtype, target.device)
-    length = torch.linalg.vector_norm(target - grid, dim=-1)
+    flow = target - grid
+    length = torch.hypot(flow[..., 0], flow[..., 1])  # vector_norm over a last axis of 2 is slower
     return (length * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp_min(1.0)
 
 
