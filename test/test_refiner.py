@@ -316,3 +316,16 @@ def test_converged_instances_stop_early_and_keep_their_pose(registry, renderer):
     noisy_alone = refiner.refine(scene.observation, [noisy])[0]
     np.testing.assert_allclose(together[1].pose, noisy_alone.pose, atol=1e-7)
     np.testing.assert_allclose(together[1].trace[-1].pose, together[1].pose, atol=1e-12)
+
+
+def test_pixel_stride_counts_every_pixel_it_stands_for(registry, renderer, scene):
+    """With the LM on every second row and column, a step's correspondence count (trace, and the
+    too-few-correspondences rule) still counts the crop's pixels, not a quarter of them."""
+    counts = {}
+    for stride in (1, 2):
+        loop = replace(SHORT, lm=replace(SHORT.lm, sparse=True, pixel_stride=stride))
+        refiner = Refiner(registry, config=loop, backend_config=ONE_STAGE, renderer=renderer)
+        result = refiner.refine(scene.observation, [Instance("duck", scene.instances[0].pose_init)])[0]
+        assert result.status is RefineStatus.OK
+        counts[stride] = result.trace[0].num_correspondences
+    assert 0.8 < counts[2] / counts[1] < 1.25

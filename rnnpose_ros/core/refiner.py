@@ -444,7 +444,7 @@ class Refiner:
         batch = _BatchState.start(initial, models, self.device)
         call.check_stop()
         frame = self.backend.prepare_frame(call.observation, models, batch.poses)
-        recorder = _TraceRecorder(config.lm.min_depth)
+        recorder = _TraceRecorder(config.lm.min_depth, config.lm.pixel_stride)
         last: tuple[RenderState, list[Correspondences], Tensor, DepthTerm | None] | None = None
         for outer in range(config.outer_iterations):
             call.check_stop()
@@ -483,7 +483,8 @@ class Refiner:
             ):
                 relative = step.solve.pose
                 batch.fail_where(
-                    step.solve.num_valid < config.min_correspondences, RefineStatus.TOO_FEW_CORRESPONDENCES
+                    recorder.correspondences(step) < config.min_correspondences,
+                    RefineStatus.TOO_FEW_CORRESPONDENCES,
                 )
                 recorder.record(step, view, batch.poses)
                 if call.observer is not None:
@@ -658,8 +659,9 @@ class _TraceRecorder:
     #: Figures per step in :meth:`stacked`: pose (16), mean weight, residual, count, flow.
     WIDTH = 20
 
-    def __init__(self, min_depth: float) -> None:
+    def __init__(self, min_depth: float, pixel_stride: int = 1) -> None:
         self.min_depth = min_depth
+        self.pixel_stride = pixel_stride
         self.poses: list[Tensor] = []
         self.weights: list[Tensor] = []
         self.residuals: list[Tensor] = []
@@ -672,8 +674,13 @@ class _TraceRecorder:
         self.poses.append(step.solve.pose.to(torch.float64) @ poses)
         self.weights.append((corr.weight * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp_min(1.0))
         self.residuals.append(step.solve.residual_rms)
-        self.counts.append(step.solve.num_valid)
+        self.counts.append(self.correspondences(step))
         self.flows.append(_mean_flow(corr.target, foreground))
+
+    def correspondences(self, step: InnerStep) -> Tensor:
+        """(B,) weighted correspondences of an inner step: a solve on every s-th row and column
+        (``LMConfig.pixel_stride``) stands for s² pixels per pixel it used."""
+        return step.solve.num_valid * self.pixel_stride**2
 
     def snapshot(
         self, outer: int, step: InnerStep, view: RenderState, instance_index: list[int]

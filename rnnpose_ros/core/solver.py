@@ -104,7 +104,8 @@ class LMStep:
         deltas: (num_iters, B, 6) increments of every iteration.
         hessian: (B, 6, 6) float64 damped normal matrix of the last iteration.
         gradient: (B, 6) float64 right-hand side b = Σ ω·Jᵀr of the last iteration.
-        num_valid: (B,) number of pixels with non-zero weight ω in the last iteration.
+        num_valid: (B,) number of pixels with non-zero weight ω in the last iteration (of ``pixels``
+            where given).
         residual_rms: (B,) weighted RMS reprojection residual (pixels) before the last update,
             √(Σ ω‖r‖² / Σ ω), 0 where no pixel is valid.
     """
