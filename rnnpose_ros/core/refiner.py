@@ -680,7 +680,8 @@ class _TraceRecorder:
     def correspondences(self, step: InnerStep) -> Tensor:
         """(B,) weighted correspondences of an inner step: a solve on every s-th row and column
         (``LMConfig.pixel_stride``) stands for s² pixels per pixel it used."""
-        return step.solve.num_valid * self.pixel_stride**2
+        count = step.solve.num_valid
+        return count if self.pixel_stride == 1 else count * self.pixel_stride**2
 
     def snapshot(
         self, outer: int, step: InnerStep, view: RenderState, instance_index: list[int]
