@@ -65,7 +65,7 @@ def test_rgb_score_needs_enough_evidence():
     sliver = correspondences(view, 0.0, (31, 33))
     share = float(sliver.weight.sum() / (view.depth > 0).sum())
     assert score(view, [sliver]) == pytest.approx(share / MIN_EVIDENCE_SHARE)
-    assert score(view, [sliver]) < 0.2
+    assert score(view, [sliver]) < 0.25
 
 
 def test_rgb_score_pools_every_inner_step():

@@ -40,7 +40,7 @@ the robust median shift of the flow (``motion="translation"``: a large initial e
 dense flow unreliable in its details, and its divergence would otherwise throw the weakly
 constrained depth far off), 2 iterations of full 6-DoF region flow in that crop, then 7 in a tight
 224² crop with region and relit flows, the last two with the relit flow at full resolution.
-Results scoring below 0.9 (0.8 with depth) are refined again from four rotation hypotheses
+Results scoring below 0.9 (0.85 with depth) are refined again from four rotation hypotheses
 (``restart_below_score``, see :mod:`rnnpose_ros.core.refiner`).
 
 Why not plain grey-level flow: on photographs whose lighting differs from
@@ -262,7 +262,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         on (the published 10 cm would ignore close objects), the solve on the rendered pixels of every
         second row and column only (most of a crop is background, the flow already synchronised with
         the host, and the flows are computed at half resolution), and restarts
-        below score 0.9 (0.8 with depth): out-of-plane rotation errors above ≈ 25° are beyond
+        below score 0.9 (0.85 with depth): out-of-plane rotation errors above ≈ 25° are beyond
         the flow's basin, and restarting weak results from ±25° hypotheses recovers most of them
         (README, evaluation)."""
         return RefinerConfig(
@@ -278,7 +278,7 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
                 pixel_stride=2,
             ),
             restart_below_score=0.9,
-            restart_below_score_with_depth=0.8,
+            restart_below_score_with_depth=0.85,
             # Not before two iterations of the tight-crop stage (the first five are coarse stages).
             convergence=Convergence(min_iterations=7),
         )
