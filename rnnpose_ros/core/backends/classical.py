@@ -10,7 +10,7 @@ Per render iteration, for all B instances of a frame:
    renderer call;
 3. build two single-channel images and compute OpenCV DIS optical flow from the rendering to the
    observed crop and back (at half the crop resolution; the backward flow only weighs the forward
-   one, and the relit flow of the last two render iterations is computed at full resolution). What
+   one, and the relit flow of the last render iteration is computed at full resolution). What
    the images show depends on the stage's ``flow_input``:
 
    - ``"region"`` (default): the rendered silhouette against the observed crop's object probability,
@@ -39,7 +39,7 @@ The default schedule (12 render iterations × 3 LM steps): 3 iterations in a wid
 the robust median shift of the flow (``motion="translation"``: a large initial error makes the
 dense flow unreliable in its details, and its divergence would otherwise throw the weakly
 constrained depth far off), 2 iterations of full 6-DoF region flow in that crop, then 7 in a tight
-224² crop with region and relit flows, the last two with the relit flow at full resolution.
+224² crop with region and relit flows, the last one with the relit flow at full resolution.
 Results scoring below 0.9 (0.85 with depth) are refined again from four rotation hypotheses
 (``restart_below_score``, see :mod:`rnnpose_ros.core.refiner`).
 
