@@ -444,7 +444,7 @@ class Refiner:
         batch = _BatchState.start(initial, models, self.device)
         call.check_stop()
         frame = self.backend.prepare_frame(call.observation, models, batch.poses)
-        recorder = _TraceRecorder(config.lm.min_depth, config.lm.pixel_stride)
+        recorder = _TraceRecorder(config.lm.min_depth)
         last: tuple[RenderState, list[Correspondences], Tensor, DepthTerm | None] | None = None
         for outer in range(config.outer_iterations):
             call.check_stop()
@@ -482,11 +482,9 @@ class Refiner:
                 extra_terms=None if depth_term is None else depth_term.solver_terms,
             ):
                 relative = step.solve.pose
-                batch.fail_where(
-                    recorder.correspondences(step) < config.min_correspondences,
-                    RefineStatus.TOO_FEW_CORRESPONDENCES,
-                )
-                recorder.record(step, view, batch.poses)
+                count = config.lm.correspondence_count(step.solve.num_valid)
+                batch.fail_where(count < config.min_correspondences, RefineStatus.TOO_FEW_CORRESPONDENCES)
+                recorder.record(step, view, batch.poses, count)
                 if call.observer is not None:
                     call.observer(recorder.snapshot(outer, step, view, instance_index))
                 steps.append(step.correspondences)
@@ -659,29 +657,23 @@ class _TraceRecorder:
     #: Figures per step in :meth:`stacked`: pose (16), mean weight, residual, count, flow.
     WIDTH = 20
 
-    def __init__(self, min_depth: float, pixel_stride: int = 1) -> None:
+    def __init__(self, min_depth: float) -> None:
         self.min_depth = min_depth
-        self.pixel_stride = pixel_stride
         self.poses: list[Tensor] = []
         self.weights: list[Tensor] = []
         self.residuals: list[Tensor] = []
         self.counts: list[Tensor] = []
         self.flows: list[Tensor] = []
 
-    def record(self, step: InnerStep, view: RenderState, poses: Tensor) -> None:
+    def record(self, step: InnerStep, view: RenderState, poses: Tensor, count: Tensor) -> None:
+        """Keep the figures of one inner step (``count``: its (B,) weighted correspondences)."""
         corr = step.correspondences
         foreground = (view.depth > self.min_depth).to(corr.weight.dtype)
         self.poses.append(step.solve.pose.to(torch.float64) @ poses)
         self.weights.append((corr.weight * foreground).sum((1, 2)) / foreground.sum((1, 2)).clamp_min(1.0))
         self.residuals.append(step.solve.residual_rms)
-        self.counts.append(self.correspondences(step))
+        self.counts.append(count)
         self.flows.append(_mean_flow(corr.target, foreground))
-
-    def correspondences(self, step: InnerStep) -> Tensor:
-        """(B,) weighted correspondences of an inner step: a solve on every s-th row and column
-        (``LMConfig.pixel_stride``) stands for s² pixels per pixel it used."""
-        count = step.solve.num_valid
-        return count if self.pixel_stride == 1 else count * self.pixel_stride**2
 
     def snapshot(
         self, outer: int, step: InnerStep, view: RenderState, instance_index: list[int]

@@ -41,10 +41,9 @@ from rnnpose_ros.core.geometry import backproject_depth, project_points
 from rnnpose_ros.core.loop import Correspondences
 
 # Share of the rendered silhouette (per inner step) that the confident correspondences must weigh for
-# their agreement to count fully; less confident evidence than that counts as disagreement. A flat,
-# weakly textured face (a box) gives confident flow on 9–25 % of its pixels even at the right pose:
-# with 0.3 its correct poses scored a median 0.49 (no restarts, 16 scenes), with 0.2 0.74, and the
-# score separated passes from failures as well or better (tuning scenes in the README).
+# their agreement to count fully; less confident evidence than that counts as disagreement. It sits
+# low because a flat, weakly textured face (a box) gives confident flow on only 9–25 % of its pixels
+# even at the right pose (README, "RGB-D": how it was chosen).
 MIN_EVIDENCE_SHARE = 0.2
 # Score with depth: the share of the image agreement beside the depth agreement.
 IMAGE_SHARE_WITH_DEPTH = 0.25

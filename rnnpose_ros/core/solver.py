@@ -79,7 +79,7 @@ class LMConfig:
     def solver_options(self) -> dict:
         """The keyword arguments of :func:`solve_lm_step` (all but ``pose_dtype``, ``sparse`` and
         ``pixel_stride``, which choose its ``pixels``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _PIXEL_CHOICE}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SOLVER_OPTIONS}
 
     def solve_pixels(self, depth: Tensor) -> Tensor | None:
         """The ``pixels`` of :func:`solve_lm_step` for a render iteration's reference depth (B, H, W):
@@ -90,8 +90,13 @@ class LMConfig:
             return None
         return foreground_pixels(depth, self.min_depth, self.pixel_stride)
 
+    def correspondence_count(self, num_valid: Tensor) -> Tensor:
+        """The weighted correspondences (B,) that a solve's ``num_valid`` stands for: each pixel of a
+        solve on every s-th row and column (``pixel_stride``) stands for s² pixels."""
+        return num_valid if self.pixel_stride == 1 else num_valid * self.pixel_stride**2
 
-_PIXEL_CHOICE = ("pose_dtype", "sparse", "pixel_stride")
+
+_NOT_SOLVER_OPTIONS = ("pose_dtype", "sparse", "pixel_stride")
 
 
 @dataclass

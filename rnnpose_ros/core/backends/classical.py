@@ -297,12 +297,11 @@ class ClassicalBackend(CorrespondenceBackend[ClassicalFrame, ClassicalView]):
         poses_np = poses.detach().cpu().numpy().astype(np.float64)
         crops = self.render_crops(frame, poses_np, stage)
         alternates = []
-        relit_scale = stage.relit_finest_scale
         if stage.flow_input == "region+relit":
             target, weight = self.flow_targets(crops, "region")
-            alternates.append(self.flow_targets(crops, "relit", relit_scale))
+            alternates.append(self.flow_targets(crops, "relit", stage.relit_finest_scale))
         else:
-            target, weight = self.flow_targets(crops, stage.flow_input, relit_scale)
+            target, weight = self.flow_targets(crops, stage.flow_input, stage.relit_finest_scale)
         if stage.motion == "translation":
             target = _median_shift_targets(target, weight)
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
